@@ -1,0 +1,88 @@
+"""The OTP rules: make a code, keep only its keyed digest, deliver it, check what the user typed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+
+from otp_service.errors import InvalidInput
+from otp_service.phone import parse_phone
+from otp_service.results import SendResult, VerifyResult
+from otp_service.sender import Sender
+from otp_service.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_CODE_FIELD_LENGTH = 10
+# 128 bits of HMAC-SHA256 identify a code; more would only cost Redis memory.
+_DIGEST_HEX_CHARS = 32
+
+
+class OtpService:
+    """Sends and verifies one-time codes; transport-agnostic."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        sender: Sender,
+        secret: bytes,
+        code_length: int,
+        resend_cooldown_seconds: int,
+        send_timeout_seconds: float,
+    ) -> None:
+        self._store = store
+        self._sender = sender
+        self._secret = secret
+        self._code_length = code_length
+        self._resend_cooldown = resend_cooldown_seconds
+        self._send_timeout = send_timeout_seconds
+
+    async def send(self, phone_number: str, *, budget: float | None = None) -> SendResult:
+        """Store a new code for the number and deliver it within ``budget`` seconds.
+
+        Raises InvalidInput, LimitExceeded, DeliveryRefused, DeliveryUnavailable or
+        StoreUnavailable. A code the provider did not accept is removed again.
+        """
+        phone = parse_phone(phone_number)
+        code = "".join(secrets.choice("0123456789") for _ in range(self._code_length))
+        digest = self._digest(phone.e164, code)
+        # Stored before it is sent, so a code is never in a user's hands without being in Redis.
+        expires_at_ms = await self._store.add_code(phone.e164, digest)
+        budget = self._send_timeout if budget is None else min(budget, self._send_timeout)
+        try:
+            delivery = await self._sender.send(phone, code, budget=budget)
+        except BaseException:
+            # Shielded: a caller that cancels must still not leave an undelivered code behind.
+            await asyncio.shield(self._forget(phone.e164, digest))
+            raise
+        return SendResult(
+            expires_at_ms=expires_at_ms,
+            resend_after_seconds=self._resend_cooldown,
+            delivery=delivery,
+        )
+
+    async def verify(self, phone_number: str, otp_code: str) -> VerifyResult:
+        """Check a typed code: one atomic store call, attempt counted before comparing."""
+        phone = parse_phone(phone_number)
+        if not otp_code:
+            raise InvalidInput("otp_code", "is required")
+        if len(otp_code) > MAX_CODE_FIELD_LENGTH or not (otp_code.isascii() and otp_code.isdigit()):
+            raise InvalidInput("otp_code", "must contain only the digits 0-9")
+        if len(otp_code) != self._code_length:
+            raise InvalidInput("otp_code", f"must be exactly {self._code_length} digits")
+        return await self._store.verify(phone.e164, self._digest(phone.e164, otp_code))
+
+    def _digest(self, phone: str, code: str) -> str:
+        # Keyed by the number too, so equal codes of two numbers never share a digest.
+        mac = hmac.new(self._secret, f"{phone}:{code}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:_DIGEST_HEX_CHARS]
+
+    async def _forget(self, phone: str, digest: str) -> None:
+        try:
+            await self._store.cancel_code(phone, digest)
+        except Exception as exc:
+            log.error("could not remove an undelivered code, it expires with its TTL: %r", exc)

@@ -1,0 +1,230 @@
+"""Delivery of codes: Interakt's WhatsApp message API, or the log in development mode."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import aiohttp
+
+from otp_service.errors import DeliveryRefused, DeliveryUnavailable
+from otp_service.phone import PhoneNumber
+from otp_service.results import Channel, Delivery
+
+log = logging.getLogger(__name__)
+
+# Transient upstream trouble (429, 5xx, timeouts) is retried this many times more, with
+# exponential backoff, as long as the caller's deadline leaves room.
+MAX_RETRIES = 2
+BACKOFF_BASE_SECONDS = 0.2
+
+# Interakt's known refusals (shared contract): the substring of its message, and what the caller
+# is told. Matching is on a substring because the template refusal embeds the template's name.
+_NOT_A_CONTACT = "Customer is not available for the organization"
+_OUTSIDE_24H = "Customer has not messaged within last 24 hours"
+_BAD_TOKEN = "Invalid token provided"  # noqa: S105 - an error message, not a token
+_NO_TEMPLATE = "No approved template found"
+_REFUSALS = {
+    _NOT_A_CONTACT: "the number is not a contact of the WhatsApp business account",
+    _OUTSIDE_24H: (
+        "the user has not messaged the business in the last 24 hours and no template is "
+        "configured (set INTERAKT_TEMPLATE_NAME)"
+    ),
+    _BAD_TOKEN: "the message provider rejected the service's credentials (operator: check "
+    "INTERAKT_API_KEY)",
+    _NO_TEMPLATE: "the configured WhatsApp template is not approved or not synced (operator: "
+    "check INTERAKT_TEMPLATE_NAME and INTERAKT_TEMPLATE_LANGUAGE)",
+}
+
+
+class Sender(Protocol):
+    """Hands a code to the user."""
+
+    async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
+        """Deliver ``code`` within ``budget`` seconds, retries included.
+
+        Raises DeliveryRefused or DeliveryUnavailable.
+        """
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class _Refused(Exception):
+    """Interakt answered ``result: false``; carries its message for the fallback decision."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _Transient(Exception):
+    """A failure worth retrying; ``retry_after`` is the upstream's hint, if any."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class InteraktSender:
+    """Sends codes with Interakt's message API over one long-lived aiohttp session."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        brand: str,
+        ttl_seconds: int,
+        template_name: str | None,
+        template_language: str,
+    ) -> None:
+        self._url = f"{base_url}/message/"
+        # The key is already base64 per the contract; it is only ever placed in this header.
+        self._headers = {"Authorization": f"Basic {api_key}", "Content-Type": "application/json"}
+        self._text = (
+            f"Your OTP for {brand} is {{code}}. Valid for {_lifetime(ttl_seconds)}. "
+            "Do not share this code with anyone."
+        )
+        self._template_name = template_name
+        self._template_language = template_language
+        self._session: aiohttp.ClientSession | None = None
+
+    async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        channel = Channel.TEMPLATE if self._template_name else Channel.TEXT
+        try:
+            return await self._send_with_retries(phone, code, channel, deadline)
+        except _Refused as exc:
+            if channel is Channel.TEXT and _OUTSIDE_24H in exc.message and self._template_name:
+                log.info("text outside the 24-hour window, falling back to the template")
+                try:
+                    return await self._send_with_retries(phone, code, Channel.TEMPLATE, deadline)
+                except _Refused as again:
+                    raise _refusal(again) from again
+            raise _refusal(exc) from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _send_with_retries(
+        self, phone: PhoneNumber, code: str, channel: Channel, deadline: float
+    ) -> Delivery:
+        loop = asyncio.get_running_loop()
+        body = self._body(phone, code, channel)
+        for attempt in range(MAX_RETRIES + 1):
+            remaining = deadline - loop.time()
+            try:
+                return Delivery(channel, await self._post(body, remaining))
+            except _Transient as exc:
+                jitter = random.uniform(1, 1.5)  # noqa: S311 - not a secret
+                delay = exc.retry_after or BACKOFF_BASE_SECONDS * 2**attempt * jitter
+                if attempt == MAX_RETRIES or loop.time() + delay >= deadline - 0.05:
+                    raise DeliveryUnavailable(
+                        f"the message provider is unavailable ({exc.reason}), try again shortly",
+                        retry_after=max(delay, 1.0),
+                    ) from exc
+                log.warning("interakt transient failure, retrying", extra={"reason": exc.reason})
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post(self, body: dict[str, Any], seconds: float) -> str:
+        """One request: the message id, or _Refused / _Transient."""
+        if seconds <= 0:
+            raise _Transient("deadline exceeded")
+        with _upstream_errors():
+            async with self._client().post(
+                self._url,
+                json=body,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=seconds),
+            ) as response:
+                if response.status == 429:
+                    raise _Transient("rate limited", _retry_after(response.headers))
+                if response.status >= 500:
+                    raise _Transient(f"HTTP {response.status}")
+                try:
+                    answer = await response.json(content_type=None)
+                except ValueError as exc:
+                    raise _Transient(f"HTTP {response.status}, body not JSON") from exc
+        if not isinstance(answer, dict):
+            raise _Transient(f"HTTP {response.status} with an unexpected body")
+        if answer.get("result") is True and response.status < 300:
+            return str(answer.get("id", ""))
+        raise _Refused(str(answer.get("message", f"HTTP {response.status}")))
+
+    def _body(self, phone: PhoneNumber, code: str, channel: Channel) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "countryCode": phone.country_code,
+            "phoneNumber": phone.national_number,
+        }
+        if channel is Channel.TEMPLATE:
+            body["type"] = "Template"
+            body["template"] = {
+                "name": self._template_name,
+                "languageCode": self._template_language,
+                "bodyValues": [code],
+            }
+        else:
+            body["type"] = "Text"
+            body["data"] = {"message": self._text.format(code=code)}
+        return body
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use so it binds to the running loop; kept for the process' life.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
+            )
+        return self._session
+
+
+class LogSender:
+    """Development mode: writes the code to the log instead of sending it."""
+
+    async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
+        log.warning("DEV MODE, NOT SENT: code for %s is %s", phone.e164, code)
+        return Delivery(Channel.LOG, "")
+
+    async def close(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _upstream_errors() -> Iterator[None]:
+    """Translate transport failures at the I/O edge into _Transient."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise _Transient("timed out") from exc
+    except aiohttp.ClientError as exc:
+        raise _Transient(type(exc).__name__) from exc
+
+
+def _refusal(exc: _Refused) -> DeliveryRefused:
+    upstream = exc.message[:200]
+    for needle, reason in _REFUSALS.items():
+        if needle in upstream:
+            return DeliveryRefused(f"message not sent: {reason} (Interakt: {upstream!r})")
+    return DeliveryRefused(f"message not sent: Interakt refused it ({upstream!r})")
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        return max(float(headers.get("Retry-After", "")), 0.0)
+    except ValueError:
+        return None
+
+
+def _lifetime(ttl_seconds: int) -> str:
+    if ttl_seconds % 60 == 0:
+        minutes = ttl_seconds // 60
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{ttl_seconds} seconds"

@@ -1,0 +1,112 @@
+"""Server assembly: the gRPC server with the OTP, health and reflection services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from otp_service.config import Settings
+from otp_service.otp import OtpService
+from otp_service.sender import InteraktSender, LogSender, Sender
+from otp_service.servicer import OtpServicer
+from otp_service.store import RedisStore, Rules, Store
+
+SERVICE_NAME = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].full_name
+# Requests are two short strings; anything bigger is refused by gRPC before our code runs.
+MAX_MESSAGE_BYTES = 4 * 1024
+
+
+@dataclass(frozen=True)
+class Deps:
+    """The outside world the service talks to."""
+
+    store: Store
+    sender: Sender
+
+    async def close(self) -> None:
+        await self.sender.close()
+        await self.store.close()
+
+
+def build_deps(settings: Settings, redis_url: str) -> Deps:
+    """Redis at ``redis_url``; Interakt, or the log in development mode."""
+    store = RedisStore.from_url(
+        redis_url,
+        Rules(
+            ttl_seconds=settings.ttl_seconds,
+            max_attempts=settings.max_attempts,
+            resend_cooldown_seconds=settings.resend_cooldown_seconds,
+            max_sends_per_hour=settings.max_sends_per_hour,
+        ),
+        timeout=settings.redis_timeout_seconds,
+    )
+    sender: Sender
+    if settings.dev:
+        sender = LogSender()
+    else:
+        sender = InteraktSender(
+            api_key=settings.interakt_api_key,
+            base_url=settings.interakt_base_url,
+            brand=settings.brand,
+            ttl_seconds=settings.ttl_seconds,
+            template_name=settings.template_name,
+            template_language=settings.template_language,
+        )
+    return Deps(store=store, sender=sender)
+
+
+@dataclass(frozen=True)
+class OtpServer:
+    """A built, not yet started, server and the port it is bound to."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace: float) -> None:
+        """Say NOT_SERVING to every health watcher first, then drain in-flight RPCs."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def build_service(settings: Settings, deps: Deps) -> OtpService:
+    """The domain service wired to ``deps`` with the settings' rules."""
+    return OtpService(
+        store=deps.store,
+        sender=deps.sender,
+        secret=settings.otp_secret,
+        code_length=settings.code_length,
+        resend_cooldown_seconds=settings.resend_cooldown_seconds,
+        send_timeout_seconds=settings.interakt_timeout_seconds,
+    )
+
+
+async def create_server(settings: Settings, deps: Deps) -> OtpServer:
+    """Build the gRPC server and bind ``settings.grpc_address`` (port 0 picks a free port)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # gRPC turns SO_REUSEPORT on by default, which would let a second copy bind the same
+            # port silently; a busy port must be an error.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    otp_pb2_grpc.add_OtpServiceServicer_to_server(
+        OtpServicer(build_service(settings, deps)), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.grpc_address)
+    return OtpServer(server=server, port=port, health=health_servicer)

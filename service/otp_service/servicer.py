@@ -1,0 +1,122 @@
+"""The gRPC face of the service: protobuf in, domain call, protobuf out.
+
+Errors become a status in exactly one place, ``status_for``; expected verification results are
+plain responses with status OK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from otp_service.errors import (
+    DeliveryRefused,
+    InvalidInput,
+    LimitExceeded,
+    OtpError,
+    Unavailable,
+)
+from otp_service.otp import OtpService
+from otp_service.results import VerifyOutcome
+
+log = logging.getLogger(__name__)
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+_OUTCOMES = {
+    VerifyOutcome.VERIFIED: otp_pb2.VERIFY_OUTCOME_VERIFIED,
+    VerifyOutcome.WRONG_CODE: otp_pb2.VERIFY_OUTCOME_WRONG_CODE,
+    VerifyOutcome.NO_ACTIVE_CODE: otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE,
+    VerifyOutcome.TOO_MANY_ATTEMPTS: otp_pb2.VERIFY_OUTCOME_TOO_MANY_ATTEMPTS,
+}
+# Responses without a per-call field are immutable in practice; build them once.
+_VERIFY_RESPONSES = {
+    outcome: otp_pb2.VerifyOtpResponse(
+        verified=outcome is VerifyOutcome.VERIFIED, outcome=_OUTCOMES[outcome]
+    )
+    for outcome in VerifyOutcome
+    if outcome is not VerifyOutcome.WRONG_CODE
+}
+
+
+class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
+    """Implements otp.v1.OtpService on top of the domain's OtpService."""
+
+    def __init__(self, service: OtpService) -> None:
+        self._service = service
+
+    async def SendOtp(
+        self, request: otp_pb2.SendOtpRequest, context: _Context
+    ) -> otp_pb2.SendOtpResponse:
+        async with _statuses(context):
+            result = await self._service.send(request.phone_number, budget=context.time_remaining())
+        expires_at = timestamp_pb2.Timestamp()
+        expires_at.FromMilliseconds(result.expires_at_ms)
+        return otp_pb2.SendOtpResponse(
+            expires_at=expires_at,
+            resend_after_seconds=result.resend_after_seconds,
+            channel=result.delivery.channel.value,  # type: ignore[arg-type]
+            message_id=result.delivery.message_id,
+        )
+
+    async def VerifyOtp(
+        self, request: otp_pb2.VerifyOtpRequest, context: _Context
+    ) -> otp_pb2.VerifyOtpResponse:
+        async with _statuses(context):
+            result = await self._service.verify(request.phone_number, request.otp_code)
+        if result.outcome is VerifyOutcome.WRONG_CODE:
+            return otp_pb2.VerifyOtpResponse(
+                verified=False,
+                outcome=otp_pb2.VERIFY_OUTCOME_WRONG_CODE,
+                attempts_remaining=result.attempts_remaining,
+            )
+        return _VERIFY_RESPONSES[result.outcome]
+
+
+def status_for(exc: OtpError) -> status_pb2.Status:
+    """The google.rpc.Status a caller sees for ``exc``, with RetryInfo where waiting helps."""
+    retry_after: float | None = None
+    if isinstance(exc, InvalidInput):
+        code = code_pb2.INVALID_ARGUMENT
+    elif isinstance(exc, LimitExceeded):
+        code, retry_after = code_pb2.RESOURCE_EXHAUSTED, exc.retry_after
+    elif isinstance(exc, DeliveryRefused):
+        code = code_pb2.FAILED_PRECONDITION
+    elif isinstance(exc, Unavailable):
+        code, retry_after = code_pb2.UNAVAILABLE, exc.retry_after
+    else:  # pragma: no cover - every OtpError subclass is mapped above
+        code = code_pb2.INTERNAL
+    status = status_pb2.Status(code=code, message=exc.message)
+    if retry_after is not None:
+        # Whole seconds, rounded up: a caller that waits the hinted time is never refused again.
+        delay = duration_pb2.Duration(seconds=max(1, math.ceil(retry_after)))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+@contextlib.asynccontextmanager
+async def _statuses(context: _Context) -> AsyncIterator[None]:
+    """Abort the RPC with the mapped status for a service error, INTERNAL for a bug."""
+    try:
+        yield
+    except OtpError as exc:
+        await _abort(context, status_for(exc))
+    except Exception:
+        # A bug: full trace in the log, none to the caller.
+        log.exception("unexpected error while handling an RPC")
+        await _abort(context, status_pb2.Status(code=code_pb2.INTERNAL, message="internal error"))
+
+
+async def _abort(context: _Context, status: status_pb2.Status) -> NoReturn:
+    grpc_status = rpc_status.to_status(status)
+    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    raise AssertionError("abort returned")  # pragma: no cover

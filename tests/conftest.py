@@ -1,0 +1,112 @@
+"""Real parts: a private redis-server, the gRPC server on a real port, a fake Interakt."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from otp_service import Settings, build_deps, create_server
+from otp_service.embedded_redis import EmbeddedRedis
+from tests.fake_interakt import API_KEY, FakeInterakt
+
+PHONE = "+917003848501"
+SECRET = b"test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_db(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A plain client to inspect what the service stored; the database starts empty."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+async def fake_interakt() -> AsyncIterator[FakeInterakt]:
+    fake = await FakeInterakt().start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def interakt(fake_interakt: FakeInterakt) -> Iterator[FakeInterakt]:
+    fake_interakt.reset()
+    yield fake_interakt
+    fake_interakt.reset()
+
+
+def settings_for(interakt: FakeInterakt, redis_url: str, **overrides: Any) -> Settings:
+    """Production-mode settings pointing at the fakes, with ``overrides`` applied."""
+    base = Settings(
+        redis_url=redis_url,
+        interakt_api_key=API_KEY,
+        interakt_base_url=interakt.base_url,
+        otp_secret=SECRET,
+        grpc_address="127.0.0.1:0",
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+MakeService = Callable[..., Awaitable[otp_pb2_grpc.OtpServiceStub]]
+
+
+@pytest.fixture
+async def make_service(
+    redis_db: redis.Redis, redis_server: EmbeddedRedis, interakt: FakeInterakt
+) -> AsyncIterator[MakeService]:
+    """Start a real server with settings overrides; returns a stub on a real channel to it."""
+    cleanups: list[Callable[[], Awaitable[Any]]] = []
+
+    async def make(**overrides: Any) -> otp_pb2_grpc.OtpServiceStub:
+        settings = settings_for(interakt, redis_server.url, **overrides)
+        deps = build_deps(settings, settings.redis_url or redis_server.url)
+        server = await create_server(settings, deps)
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        cleanups.extend([channel.close, lambda: server.stop(0), deps.close])
+        return otp_pb2_grpc.OtpServiceStub(channel)
+
+    yield make
+    for cleanup in cleanups:
+        await cleanup()
+
+
+@pytest.fixture
+async def stub(make_service: MakeService) -> otp_pb2_grpc.OtpServiceStub:
+    return await make_service()
+
+
+async def send(stub: otp_pb2_grpc.OtpServiceStub, phone: str = PHONE) -> otp_pb2.SendOtpResponse:
+    return await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=phone), timeout=10)
+
+
+async def verify(
+    stub: otp_pb2_grpc.OtpServiceStub, code: str, phone: str = PHONE
+) -> otp_pb2.VerifyOtpResponse:
+    return await stub.VerifyOtp(
+        otp_pb2.VerifyOtpRequest(phone_number=phone, otp_code=code), timeout=10
+    )
+
+
+def wrong_code(*codes: str) -> str:
+    """A well-formed code of the same length that is none of ``codes``."""
+    length = len(codes[0])
+    return next(d * length for d in "0123456789" if d * length not in codes)
+
+
+def redis_snapshot(db: redis.Redis) -> dict[bytes, bytes | None]:
+    """Every key with its serialized value, to assert that a refused request changed nothing."""
+    return {key: db.dump(key) for key in db.scan_iter()}

@@ -1,0 +1,125 @@
+"""A fake of Interakt's message API on loopback, answering as ../shared/interakt-api.md says.
+
+Tests drive it by queueing answers (``fake.answer(...)``); with none queued it behaves like a
+healthy Interakt: it checks the Basic key, validates the body and queues the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+API_KEY = "ZmFrZS1pbnRlcmFrdC1rZXk="  # base64 of "fake-interakt-key": a test value only
+NOT_A_CONTACT = "Customer is not available for the organization"
+OUTSIDE_24H = "Customer has not messaged within last 24 hours"
+INVALID_TOKEN = "Invalid token provided"
+RATE_LIMITED = "Rate limit exceeded for this resource"
+
+
+def no_template(name: str, language: str) -> str:
+    return f"No approved template found with name '{name}' and language '{language}'"
+
+
+@dataclass
+class Answer:
+    """One scripted answer; ``delay`` seconds before it is sent."""
+
+    status: int = 200
+    body: dict[str, Any] | None = None
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Received:
+    """A request as the fake saw it."""
+
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def code(self) -> str:
+        """The code the message carried, whichever type it was."""
+        if self.body["type"] == "Template":
+            return str(self.body["template"]["bodyValues"][0])
+        found = re.search(r" is (\d+)\. ", self.body["data"]["message"])
+        assert found, self.body
+        return found.group(1)
+
+
+class FakeInterakt:
+    """The fake upstream; ``base_url`` goes into INTERAKT_BASE_URL."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self._answers: deque[Answer] = deque()
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+        # Contacts who wrote within 24 hours; None means everyone did.
+        self.in_window: set[str] | None = None
+        self.approved_templates: set[tuple[str, str]] = {("Auth", "en")}
+
+    def answer(self, *answers: Answer) -> None:
+        """Queue answers for the next requests, in order."""
+        self._answers.extend(answers)
+
+    def reset(self) -> None:
+        self.received.clear()
+        self._answers.clear()
+        self.in_window = None
+        self.approved_templates = {("Auth", "en")}
+
+    async def start(self) -> FakeInterakt:
+        app = web.Application()
+        app.router.add_post("/v1/public/message/", self._message)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}/v1/public"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _message(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.received.append(Received(dict(request.headers), body))
+        if self._answers:
+            scripted = self._answers.popleft()
+            await asyncio.sleep(scripted.delay)
+            return web.json_response(
+                scripted.body, status=scripted.status, headers=scripted.headers
+            )
+        if request.headers.get("Authorization") != f"Basic {API_KEY}":
+            return _refuse(INVALID_TOKEN, status=401)
+        if body.get("type") == "Text":
+            number = body["countryCode"] + body["phoneNumber"]
+            if self.in_window is not None and number not in self.in_window:
+                return _refuse(OUTSIDE_24H)
+        elif body.get("type") == "Template":
+            template = body["template"]
+            if (template["name"], template["languageCode"]) not in self.approved_templates:
+                return _refuse(no_template(template["name"], template["languageCode"]))
+        else:
+            return _refuse("Invalid message type")
+        return web.json_response(
+            {
+                "result": True,
+                "message": "Message queued for sending",
+                "id": f"msg-{next(self._ids)}",
+            }
+        )
+
+
+def _refuse(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"result": False, "message": message}, status=status)

@@ -1,0 +1,14 @@
+"""Per-request context, set by server interceptors and read by logging, metrics and the domain.
+
+ContextVars follow the request's task, including the tasks it awaits, so no function needs
+extra parameters to know who called and which request it serves.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+# The x-request-id of the call (or one made up for it); "-" outside a request.
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+# The authenticated calling service's name; "-" when unknown or not authenticated.
+caller: ContextVar[str] = ContextVar("caller", default="-")

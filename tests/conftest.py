@@ -11,12 +11,16 @@ import pytest
 import redis
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from otp_service import Settings, build_deps, create_server
+from otp_service import OtpServer, Settings, build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis
 from tests.fake_interakt import API_KEY, FakeInterakt
 
 PHONE = "+917003848501"
 SECRET = b"test-secret-0123456789abcdef"
+CALLER = "tests"
+TOKEN = "test-caller-token-0123456789"
+# Every country the tests send to; production allows only OTP_ALLOWED_COUNTRIES (default 91).
+TEST_COUNTRIES = frozenset({"91", "1", "44", "971", "39"})
 
 
 @pytest.fixture(scope="session")
@@ -56,32 +60,70 @@ def settings_for(interakt: FakeInterakt, redis_url: str, **overrides: Any) -> Se
         interakt_base_url=interakt.base_url,
         otp_secret=SECRET,
         grpc_address="127.0.0.1:0",
+        client_tokens=((CALLER, TOKEN),),
+        allowed_countries=TEST_COUNTRIES,
     )
     return dataclasses.replace(base, **overrides)
 
 
+MakeServer = Callable[..., Awaitable[OtpServer]]
 MakeService = Callable[..., Awaitable[otp_pb2_grpc.OtpServiceStub]]
 
 
+class Bearer(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <token>`` to every call that does not carry its own."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        metadata = tuple(client_call_details.metadata or ())
+        if not any(key == "authorization" for key, _ in metadata):
+            client_call_details = client_call_details._replace(metadata=metadata + self._metadata)
+        return await continuation(client_call_details, request)
+
+
 @pytest.fixture
-async def make_service(
+async def make_server(
     redis_db: redis.Redis, redis_server: EmbeddedRedis, interakt: FakeInterakt
-) -> AsyncIterator[MakeService]:
-    """Start a real server with settings overrides; returns a stub on a real channel to it."""
+) -> AsyncIterator[MakeServer]:
+    """Start a real server with settings overrides; returns it (``.port`` is where it listens)."""
     cleanups: list[Callable[[], Awaitable[Any]]] = []
 
-    async def make(**overrides: Any) -> otp_pb2_grpc.OtpServiceStub:
+    async def make(**overrides: Any) -> OtpServer:
         settings = settings_for(interakt, redis_server.url, **overrides)
         deps = build_deps(settings, settings.redis_url or redis_server.url)
         server = await create_server(settings, deps)
         await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        cleanups.extend([channel.close, lambda: server.stop(0), deps.close])
-        return otp_pb2_grpc.OtpServiceStub(channel)
+        cleanups.extend([lambda: server.stop(0), deps.close])
+        return server
 
     yield make
     for cleanup in cleanups:
         await cleanup()
+
+
+@pytest.fixture
+async def make_service(make_server: MakeServer) -> AsyncIterator[MakeService]:
+    """Start a real server with settings overrides; returns a stub on a real channel to it.
+
+    The channel sends the test caller's token unless a call brings its own authorization.
+    """
+    channels: list[grpc.aio.Channel] = []
+
+    async def make(**overrides: Any) -> otp_pb2_grpc.OtpServiceStub:
+        server = await make_server(**overrides)
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.port}", interceptors=[Bearer(TOKEN)]
+        )
+        channels.append(channel)
+        return otp_pb2_grpc.OtpServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        await channel.close()
 
 
 @pytest.fixture

@@ -7,9 +7,13 @@ one line each, so an operator fixes a bad deployment in one pass.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import phonenumbers
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_INTERAKT_BASE_URL = "https://api.interakt.ai/v1/public"
@@ -23,12 +27,23 @@ DEFAULT_MAX_SENDS_PER_HOUR = 5
 DEFAULT_BRAND = "MinServe"
 DEFAULT_INTERAKT_TIMEOUT_SECONDS = 5.0
 DEFAULT_REDIS_TIMEOUT_SECONDS = 1.0
+DEFAULT_CALLER_SENDS_PER_MINUTE = 120
+# Calling codes that codes may be sent to: the market the product serves. Everything else is
+# refused, the standard defence against WhatsApp/SMS pumping to premium or far-away numbers.
+DEFAULT_ALLOWED_COUNTRIES = frozenset({"91"})
+DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR = 10
 
 MIN_CODE_LENGTH = 4
 MAX_CODE_LENGTH = 10
 # A development-only key, so `serve --dev` needs no configuration. Production refuses to start
 # without OTP_SECRET, so this value can never protect real codes.
 DEV_SECRET = "dev-only-otp-secret-not-for-production"  # noqa: S105
+# The caller token `serve --dev` accepts when none is configured, so examples stay copy-pasteable.
+# Production never accepts it: there a token must be configured (or OTP_AUTH=none set).
+DEV_CALLER = "dev"
+DEV_TOKEN = "dev"  # noqa: S105
+MIN_TOKEN_LENGTH = 16
+_CALLER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ConfigError(Exception):
@@ -60,6 +75,18 @@ class Settings:
     resend_cooldown_seconds: int = DEFAULT_RESEND_COOLDOWN_SECONDS
     max_sends_per_hour: int = DEFAULT_MAX_SENDS_PER_HOUR
     brand: str = DEFAULT_BRAND
+    # Caller authentication: (name, token) pairs from OTP_CLIENT_TOKENS, plus the file's, which
+    # is re-read while running. auth_required=False only with OTP_AUTH=none.
+    auth_required: bool = True
+    client_tokens: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+    client_tokens_file: str | None = None
+    reflection: bool = True
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    caller_sends_per_minute: int = DEFAULT_CALLER_SENDS_PER_MINUTE
+    allowed_countries: frozenset[str] = DEFAULT_ALLOWED_COUNTRIES
+    max_failed_verifies_per_hour: int = DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> Settings:
@@ -87,6 +114,31 @@ class Settings:
         cooldown = reader.integer(
             "OTP_RESEND_COOLDOWN_SECONDS", DEFAULT_RESEND_COOLDOWN_SECONDS, low=0, high=3_600
         )
+        auth = (reader.text("OTP_AUTH", "token") or "token").lower()
+        if auth not in ("token", "none"):
+            reader.problems.append(f"OTP_AUTH: must be 'token' or 'none' (got {auth!r})")
+        tokens = _client_tokens(reader)
+        tokens_file = reader.text("OTP_CLIENT_TOKENS_FILE", None)
+        file_tokens: tuple[tuple[str, str], ...] = ()
+        if tokens_file is not None:
+            try:
+                file_tokens = read_client_tokens_file(tokens_file)
+            except ConfigError as exc:
+                reader.problems.extend(f"OTP_CLIENT_TOKENS_FILE: {p}" for p in exc.problems)
+        if auth == "token" and not tokens and not file_tokens:
+            if dev:
+                tokens = ((DEV_CALLER, DEV_TOKEN),)
+            else:
+                reader.problems.append(
+                    "OTP_CLIENT_TOKENS / OTP_CLIENT_TOKENS_FILE: at least one caller token is "
+                    "required in production mode (OTP_AUTH=none turns caller authentication off)"
+                )
+        tls_cert, tls_key = _path(reader, "OTP_TLS_CERT"), _path(reader, "OTP_TLS_KEY")
+        tls_client_ca = _path(reader, "OTP_TLS_CLIENT_CA")
+        if (tls_cert is None) != (tls_key is None):
+            reader.problems.append("OTP_TLS_CERT, OTP_TLS_KEY: set both or neither")
+        if tls_client_ca is not None and tls_cert is None:
+            reader.problems.append("OTP_TLS_CLIENT_CA: needs OTP_TLS_CERT and OTP_TLS_KEY")
         settings = cls(
             dev=dev,
             redis_url=redis_url,
@@ -113,6 +165,23 @@ class Settings:
                 "OTP_MAX_SENDS_PER_HOUR", DEFAULT_MAX_SENDS_PER_HOUR, low=1, high=1_000
             ),
             brand=reader.text("OTP_BRAND", DEFAULT_BRAND) or DEFAULT_BRAND,
+            auth_required=auth != "none",
+            client_tokens=tokens,
+            client_tokens_file=tokens_file,
+            reflection=reader.boolean("OTP_REFLECTION", True),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            caller_sends_per_minute=reader.integer(
+                "OTP_CALLER_SENDS_PER_MINUTE", DEFAULT_CALLER_SENDS_PER_MINUTE, low=1, high=100_000
+            ),
+            allowed_countries=_countries(reader),
+            max_failed_verifies_per_hour=reader.integer(
+                "OTP_MAX_FAILED_VERIFIES_PER_HOUR",
+                DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR,
+                low=1,
+                high=1_000,
+            ),
         )
         if reader.problems:
             raise ConfigError(reader.problems)
@@ -155,6 +224,93 @@ class _Reader:
         if not low <= value <= high:
             self.problems.append(f"{name}: must be between {low} and {high} (got {value})")
         return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name, None)
+        if raw is None:
+            return default
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        self.problems.append(f"{name}: must be true or false (got {raw!r})")
+        return default
+
+
+def parse_client_tokens(lines: list[str]) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """Parse ``name:token`` entries; return them and one problem per bad entry.
+
+    Problems name the entry by position and caller, never by token. Blank entries and ``#``
+    comments are skipped. A name may appear twice (old and new token while rotating); a token
+    may not, or a call could not be told apart.
+    """
+    tokens: list[tuple[str, str]] = []
+    problems: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, sep, token = (part.strip() for part in entry.partition(":"))
+        if not sep or not _CALLER_NAME.fullmatch(name):
+            problems.append(
+                f"entry {number}: expected name:token, the name of letters, digits, '.', '_', '-'"
+            )
+        elif len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+            problems.append(
+                f"entry {number} ({name}): the token must be at least {MIN_TOKEN_LENGTH} "
+                "printable characters without spaces"
+            )
+        elif any(token == known for _, known in tokens):
+            problems.append(f"entry {number} ({name}): the same token is given twice")
+        else:
+            tokens.append((name, token))
+    return tuple(tokens), problems
+
+
+def read_client_tokens_file(path: str) -> tuple[tuple[str, str], ...]:
+    """The entries of a tokens file; raise ConfigError when it cannot be read or has bad entries."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read {path!r}: {type(exc).__name__}"]) from exc
+    tokens, problems = parse_client_tokens(lines)
+    if problems:
+        raise ConfigError(problems)
+    return tokens
+
+
+def _client_tokens(reader: _Reader) -> tuple[tuple[str, str], ...]:
+    raw = reader.text("OTP_CLIENT_TOKENS", None)
+    if raw is None:
+        return ()
+    tokens, problems = parse_client_tokens(raw.split(","))
+    reader.problems.extend(f"OTP_CLIENT_TOKENS: {problem}" for problem in problems)
+    return tokens
+
+
+def _countries(reader: _Reader) -> frozenset[str]:
+    raw = reader.text("OTP_ALLOWED_COUNTRIES", None)
+    if raw is None:
+        return DEFAULT_ALLOWED_COUNTRIES
+    codes = frozenset(code.strip().lstrip("+") for code in raw.split(",") if code.strip())
+    unknown = sorted(
+        c
+        for c in codes
+        if not c.isdigit() or phonenumbers.region_code_for_country_code(int(c)) == "ZZ"
+    )
+    if unknown or not codes:
+        reader.problems.append(
+            f"OTP_ALLOWED_COUNTRIES: expected calling codes such as 91,44 (not ones: {unknown})"
+        )
+    return codes
+
+
+def _path(reader: _Reader, name: str) -> str | None:
+    path = reader.text(name, None)
+    if path is not None and not os.access(path, os.R_OK):
+        reader.problems.append(f"{name}: cannot read {path!r}")
+    return path
 
 
 def _address(reader: _Reader, name: str, default: str) -> str:

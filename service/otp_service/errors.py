@@ -1,10 +1,11 @@
 """The service's own error types. Transports turn each into one status in one place.
 
     OtpError
-    ├── InvalidInput          a request field is malformed            INVALID_ARGUMENT
-    ├── LimitExceeded         a per-number limit; retry_after says    RESOURCE_EXHAUSTED
-    ├── DeliveryRefused       Interakt refused for a lasting reason   FAILED_PRECONDITION
-    └── Unavailable           infrastructure trouble, retry later     UNAVAILABLE
+    ├── InvalidInput          a request field is malformed             INVALID_ARGUMENT
+    ├── LimitExceeded         a number's or caller's limit was hit     RESOURCE_EXHAUSTED
+    ├── NotAllowed            policy forbids it (country not allowed)  PERMISSION_DENIED
+    ├── DeliveryRefused       Interakt refused for a lasting reason    FAILED_PRECONDITION
+    └── Unavailable           infrastructure trouble, retry later      UNAVAILABLE
         ├── StoreUnavailable      Redis unreachable, slow or failing
         └── DeliveryUnavailable   Interakt unreachable, slow, 5xx or rate-limited
 
@@ -37,6 +38,10 @@ class LimitExceeded(OtpError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class NotAllowed(OtpError):
+    """The request is well-formed but policy forbids it (a country outside the allowlist)."""
 
 
 class DeliveryRefused(OtpError):

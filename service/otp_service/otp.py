@@ -8,7 +8,8 @@ import hmac
 import logging
 import secrets
 
-from otp_service.errors import InvalidInput
+from otp_service import context
+from otp_service.errors import InvalidInput, NotAllowed
 from otp_service.phone import parse_phone
 from otp_service.results import SendResult, VerifyResult
 from otp_service.sender import Sender
@@ -33,6 +34,7 @@ class OtpService:
         code_length: int,
         resend_cooldown_seconds: int,
         send_timeout_seconds: float,
+        allowed_countries: frozenset[str],
     ) -> None:
         self._store = store
         self._sender = sender
@@ -40,24 +42,39 @@ class OtpService:
         self._code_length = code_length
         self._resend_cooldown = resend_cooldown_seconds
         self._send_timeout = send_timeout_seconds
+        self._allowed_countries = allowed_countries
 
     async def send(self, phone_number: str, *, budget: float | None = None) -> SendResult:
         """Store a new code for the number and deliver it within ``budget`` seconds.
 
-        Raises InvalidInput, LimitExceeded, DeliveryRefused, DeliveryUnavailable or
+        Raises InvalidInput, NotAllowed, LimitExceeded, DeliveryRefused, DeliveryUnavailable or
         StoreUnavailable. A code the provider did not accept is removed again.
         """
         phone = parse_phone(phone_number)
+        if phone.country_code[1:] not in self._allowed_countries:
+            allowed = ", ".join(f"+{c}" for c in sorted(self._allowed_countries))
+            raise NotAllowed(
+                f"phone_number: codes are not sent to {phone.country_code} numbers "
+                f"(allowed: {allowed})"
+            )
         code = "".join(secrets.choice("0123456789") for _ in range(self._code_length))
         digest = self._digest(phone.e164, code)
-        # Stored before it is sent, so a code is never in a user's hands without being in Redis.
-        expires_at_ms = await self._store.add_code(phone.e164, digest)
+        caller = context.caller.get()
+        ticket = await self._store.count_caller_send(caller)
+        try:
+            # Stored before it is sent, so a code is never in a user's hands without being in
+            # Redis.
+            expires_at_ms = await self._store.add_code(phone.e164, digest)
+        except BaseException:
+            # A send the number's limits refused is no send: the caller's budget gets it back.
+            await asyncio.shield(self._forget(caller, ticket))
+            raise
         budget = self._send_timeout if budget is None else min(budget, self._send_timeout)
         try:
             delivery = await self._sender.send(phone, code, budget=budget)
         except BaseException:
             # Shielded: a caller that cancels must still not leave an undelivered code behind.
-            await asyncio.shield(self._forget(phone.e164, digest))
+            await asyncio.shield(self._forget(caller, ticket, phone.e164, digest))
             raise
         return SendResult(
             expires_at_ms=expires_at_ms,
@@ -81,8 +98,13 @@ class OtpService:
         mac = hmac.new(self._secret, f"{phone}:{code}".encode(), hashlib.sha256)
         return mac.hexdigest()[:_DIGEST_HEX_CHARS]
 
-    async def _forget(self, phone: str, digest: str) -> None:
-        try:
-            await self._store.cancel_code(phone, digest)
-        except Exception as exc:
-            log.error("could not remove an undelivered code, it expires with its TTL: %r", exc)
+    async def _forget(
+        self, caller: str, ticket: int, phone: str | None = None, digest: str | None = None
+    ) -> None:
+        """Undo the counting (and the storing, with ``digest``) of a send that did not happen."""
+        undo = [self._store.uncount_caller_send(caller, ticket)]
+        if phone is not None and digest is not None:
+            undo.append(self._store.cancel_code(phone, digest))
+        for result in await asyncio.gather(*undo, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.error("could not undo an unsent code, it expires with its TTL: %r", result)

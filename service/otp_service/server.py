@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from otp.v1 import otp_pb2, otp_pb2_grpc
+from otp.v1 import otp_pb2
 
+from otp_service.auth import CallerAuth, Callers
 from otp_service.config import Settings
 from otp_service.otp import OtpService
 from otp_service.sender import InteraktSender, LogSender, Sender
-from otp_service.servicer import OtpServicer
+from otp_service.servicer import OtpServicer, add_to_server
 from otp_service.store import RedisStore, Rules, Store
 
 SERVICE_NAME = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].full_name
@@ -41,6 +42,8 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
             max_attempts=settings.max_attempts,
             resend_cooldown_seconds=settings.resend_cooldown_seconds,
             max_sends_per_hour=settings.max_sends_per_hour,
+            max_failed_verifies_per_hour=settings.max_failed_verifies_per_hour,
+            caller_sends_per_minute=settings.caller_sends_per_minute,
         ),
         timeout=settings.redis_timeout_seconds,
     )
@@ -85,12 +88,19 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         code_length=settings.code_length,
         resend_cooldown_seconds=settings.resend_cooldown_seconds,
         send_timeout_seconds=settings.interakt_timeout_seconds,
+        allowed_countries=settings.allowed_countries,
     )
 
 
 async def create_server(settings: Settings, deps: Deps) -> OtpServer:
     """Build the gRPC server and bind ``settings.grpc_address`` (port 0 picks a free port)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.auth_required:
+        interceptors.append(
+            CallerAuth(Callers(settings.client_tokens, settings.client_tokens_file))
+        )
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # gRPC turns SO_REUSEPORT on by default, which would let a second copy bind the same
@@ -98,15 +108,33 @@ async def create_server(settings: Settings, deps: Deps) -> OtpServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    otp_pb2_grpc.add_OtpServiceServicer_to_server(
-        OtpServicer(build_service(settings, deps)), server
-    )
+    add_to_server(OtpServicer(build_service(settings, deps)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(settings.grpc_address)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    credentials = _tls_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.grpc_address)
+    else:
+        port = server.add_secure_port(settings.grpc_address, credentials)
     return OtpServer(server=server, port=port, health=health_servicer)
+
+
+def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is configured; mutual TLS when a client CA is too."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if settings.tls_client_ca is not None:
+        with open(settings.tls_client_ca, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from otp.v1 import otp_pb2, otp_pb2_grpc
@@ -22,6 +23,7 @@ from otp_service.errors import (
     DeliveryRefused,
     InvalidInput,
     LimitExceeded,
+    NotAllowed,
     OtpError,
     Unavailable,
 )
@@ -82,6 +84,40 @@ class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
         return _VERIFY_RESPONSES[result.outcome]
 
 
+def add_to_server(servicer: OtpServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer``; a body that is not the request message gets INVALID_ARGUMENT.
+
+    The generated ``add_OtpServiceServicer_to_server`` lets gRPC parse the body, and gRPC answers
+    a parse failure with UNKNOWN and a stack trace in the log; here the method parses it.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in otp_pb2.DESCRIPTOR.services_by_name["OtpService"].methods:
+        request_type = getattr(otp_pb2, method.input_type.name)
+        response_type = getattr(otp_pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(request_type, getattr(servicer, method.name)),
+            response_serializer=response_type.SerializeToString,
+        )
+    service = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+def _parsing(
+    request_type: type[Message], method: Callable[[Any, _Context], Awaitable[Message]]
+) -> Callable[[bytes, _Context], Awaitable[Message]]:
+    async def handle(body: bytes, context: _Context) -> Message:
+        try:
+            request = request_type.FromString(body)
+        except DecodeError:
+            await _abort(
+                context,
+                status_for(InvalidInput("request", f"is not a valid {request_type.__name__}")),
+            )
+        return await method(request, context)
+
+    return handle
+
+
 def status_for(exc: OtpError) -> status_pb2.Status:
     """The google.rpc.Status a caller sees for ``exc``, with RetryInfo where waiting helps."""
     retry_after: float | None = None
@@ -89,6 +125,8 @@ def status_for(exc: OtpError) -> status_pb2.Status:
         code = code_pb2.INVALID_ARGUMENT
     elif isinstance(exc, LimitExceeded):
         code, retry_after = code_pb2.RESOURCE_EXHAUSTED, exc.retry_after
+    elif isinstance(exc, NotAllowed):
+        code = code_pb2.PERMISSION_DENIED
     elif isinstance(exc, DeliveryRefused):
         code = code_pb2.FAILED_PRECONDITION
     elif isinstance(exc, Unavailable):

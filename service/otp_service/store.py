@@ -10,6 +10,12 @@ Keys for one number:
                                    "n" -> verification attempts used since the last lockout;
                                    expires with the newest code.
     otp:{+917003848501}:s   zset   <digest> scored by send time in ms: the sends of the last hour.
+    otp:{+917003848501}:f   list   times in ms of the latest wrong codes, newest first, at most
+                                   the hourly failed-verify budget of them.
+
+Keys for one calling service (its own hash slot, so a second round trip before a send):
+    otp:caller:{billing}:s  list   times in ms of its latest sends, newest first, at most its
+                                   per-minute budget of them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from otp_service.errors import LimitExceeded, StoreUnavailable
 from otp_service.results import VerifyOutcome, VerifyResult
 
 SEND_WINDOW_MS = 3_600_000
+FAILED_VERIFY_WINDOW_MS = 3_600_000
+CALLER_WINDOW_MS = 60_000
 
 # KEYS[1] codes hash, KEYS[2] sends zset
 # ARGV[1] digest of the new code, ARGV[2] ttl ms, ARGV[3] cooldown ms,
@@ -86,27 +94,60 @@ end
 return 1
 """
 
-# KEYS[1] codes hash
-# ARGV[1] digest of the typed code, ARGV[2] max attempts
-# Returns {outcome, attempts remaining}: 1 verified, 2 wrong code, 3 no active code,
-# 4 too many attempts.
+# KEYS[1] codes hash, KEYS[2] wrong-code times list
+# ARGV[1] digest of the typed code, ARGV[2] max attempts, ARGV[3] max wrong codes per window,
+# ARGV[4] window ms
+# Returns {outcome, n}: 1 verified, 2 wrong code (n = attempts remaining), 3 no active code,
+# 4 too many attempts, 5 too many wrong codes in the window (n = ms until the oldest counted one
+# leaves it).
 # The attempt is counted before the comparison, so concurrent guesses cannot slip past the
 # budget; a match deletes every code of the number, so of concurrent correct calls one wins.
+# The hourly budget is checked first: once spent, even the right code is refused, so resending
+# (which refills the per-code budget) cannot buy more guesses.
 _VERIFY_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap, window = tonumber(ARGV[3]), tonumber(ARGV[4])
+local oldest = redis.call('LINDEX', KEYS[2], cap - 1)
+if oldest and tonumber(oldest) > now - window then
+  return {5, tonumber(oldest) + window - now}
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {3, 0} end
 local max = tonumber(ARGV[2])
 local used = redis.call('HINCRBY', KEYS[1], 'n', 1)
 if used > max then return {4, 0} end
 local expires = redis.call('HGET', KEYS[1], ARGV[1])
-if expires then
-  local t = redis.call('TIME')
-  if tonumber(expires) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
-    redis.call('DEL', KEYS[1])
-    return {1, 0}
-  end
+if expires and tonumber(expires) > now then
+  redis.call('DEL', KEYS[1])
+  return {1, 0}
 end
+redis.call('LPUSH', KEYS[2], now)
+redis.call('LTRIM', KEYS[2], 0, cap - 1)
+redis.call('PEXPIRE', KEYS[2], window)
 return {2, max - used}
 """
+
+# KEYS[1] the caller's send times list
+# ARGV[1] max sends per window, ARGV[2] window ms
+# Returns {0, time ms it counted} when the send is counted, {1, ms until the oldest counted
+# send leaves the window} when the budget is spent. Only the newest `cap` times are kept: the
+# cap-th newest inside the window means the budget is spent, whatever happened before it.
+_CALLER_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local oldest = redis.call('LINDEX', KEYS[1], cap - 1)
+if oldest and tonumber(oldest) > now - window then
+  return {1, tonumber(oldest) + window - now}
+end
+redis.call('LPUSH', KEYS[1], now)
+redis.call('LTRIM', KEYS[1], 0, cap - 1)
+redis.call('PEXPIRE', KEYS[1], window)
+return {0, now}
+"""
+
+
+_OVER_FAILED_VERIFY_BUDGET = 5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +158,8 @@ class Rules:
     max_attempts: int
     resend_cooldown_seconds: int
     max_sends_per_hour: int
+    max_failed_verifies_per_hour: int
+    caller_sends_per_minute: int
 
 
 class Store(Protocol):
@@ -128,11 +171,23 @@ class Store(Protocol):
         Raises LimitExceeded in the cooldown or over the hourly cap, StoreUnavailable on trouble.
         """
 
+    async def count_caller_send(self, caller: str) -> int:
+        """Count one send against the caller's per-minute budget; return a ticket to give it back.
+
+        Raises LimitExceeded when the budget is spent, StoreUnavailable on trouble.
+        """
+
+    async def uncount_caller_send(self, caller: str, ticket: int) -> None:
+        """Give back a send that did not happen (refused, or not delivered)."""
+
     async def cancel_code(self, phone: str, digest: str) -> None:
         """Forget a code that was never delivered, and give its send back."""
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
-        """Count one attempt, compare, and consume the number's codes on a match."""
+        """Count one attempt, compare, and consume the number's codes on a match.
+
+        Raises LimitExceeded while the number is over its hourly budget of wrong codes.
+        """
 
     async def ping(self) -> bool:
         """Whether the store answers now."""
@@ -149,6 +204,14 @@ def _sends_key(phone: str) -> str:
     return f"otp:{{{phone}}}:s"
 
 
+def _failures_key(phone: str) -> str:
+    return f"otp:{{{phone}}}:f"
+
+
+def _caller_key(caller: str) -> str:
+    return f"otp:caller:{{{caller}}}:s"
+
+
 class RedisStore:
     """The Store on Redis (standalone, or Cluster: every script touches one hash slot)."""
 
@@ -158,7 +221,13 @@ class RedisStore:
         self._send = client.register_script(_SEND_SCRIPT)
         self._cancel = client.register_script(_CANCEL_SCRIPT)
         self._verify = client.register_script(_VERIFY_SCRIPT)
-        self._verify_args = (rules.max_attempts,)
+        self._caller = client.register_script(_CALLER_SCRIPT)
+        self._verify_args = (
+            rules.max_attempts,
+            rules.max_failed_verifies_per_hour,
+            FAILED_VERIFY_WINDOW_MS,
+        )
+        self._caller_args = (rules.caller_sends_per_minute, CALLER_WINDOW_MS)
         self._send_args = (
             rules.ttl_seconds * 1000,
             rules.resend_cooldown_seconds * 1000,
@@ -193,14 +262,37 @@ class RedisStore:
             )
         return int(value)
 
+    async def count_caller_send(self, caller: str) -> int:
+        status, value = await self._call(
+            self._caller(keys=[_caller_key(caller)], args=self._caller_args)
+        )
+        if status:
+            raise LimitExceeded(
+                f"caller: at most {self._rules.caller_sends_per_minute} sends a minute",
+                value / 1000,
+            )
+        return int(value)
+
+    async def uncount_caller_send(self, caller: str, ticket: int) -> None:
+        # Any one entry with the same time is as good as ours: the list holds only times.
+        await self._call(self._redis.lrem(_caller_key(caller), 1, ticket))
+
     async def cancel_code(self, phone: str, digest: str) -> None:
         await self._call(self._cancel(keys=[_codes_key(phone), _sends_key(phone)], args=[digest]))
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
-        outcome, remaining = await self._call(
-            self._verify(keys=[_codes_key(phone)], args=[digest, *self._verify_args])
+        outcome, value = await self._call(
+            self._verify(
+                keys=[_codes_key(phone), _failures_key(phone)], args=[digest, *self._verify_args]
+            )
         )
-        return VerifyResult(VerifyOutcome(outcome), remaining)
+        if outcome == _OVER_FAILED_VERIFY_BUDGET:
+            raise LimitExceeded(
+                f"phone_number: {self._rules.max_failed_verifies_per_hour} wrong codes in the last "
+                "hour; verification is paused",
+                value / 1000,
+            )
+        return VerifyResult(VerifyOutcome(outcome), value)
 
     async def ping(self) -> bool:
         try:

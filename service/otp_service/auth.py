@@ -1,0 +1,156 @@
+"""Caller authentication: every OTP call carries ``authorization: Bearer <token>``.
+
+One server interceptor checks the token and puts the caller's name into ``context.caller``;
+health and reflection stay open for probes and grpcurl. Tokens come from the settings and from
+an optional file that is re-read when it changes, so a token is rotated without a restart.
+Only SHA-256 digests of the tokens are kept, compared in constant time, and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
+
+from otp_service import context
+from otp_service.config import ConfigError, read_client_tokens_file
+
+log = logging.getLogger(__name__)
+
+# Services anyone may call: probes need health without a token, grpcurl needs reflection.
+OPEN_SERVICES = (
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+    "grpc.reflection.v1.ServerReflection",
+)
+# A rotated file takes effect within this long; checking its mtime on every call would cost a
+# system call per request for nothing.
+RELOAD_INTERVAL_SECONDS = 1.0
+# The same words for every failure, so a caller cannot tell a wrong token from a malformed one.
+DENIED = "a valid caller token is required: authorization: Bearer <token>"
+
+AUTH_FAILURES = Counter(
+    "otp_auth_failures_total",
+    "Calls refused with UNAUTHENTICATED, by why: missing, malformed or unknown credential",
+    ["reason"],
+)
+
+if TYPE_CHECKING:
+    _Continuation = Callable[
+        [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+    ]
+
+
+def _fingerprint(token: str | bytes) -> bytes:
+    # Comparing fixed-length digests leaks nothing about a token's length or prefix.
+    return hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
+
+
+class Callers:
+    """The known callers: configured tokens plus the tokens file's, looked up in constant time."""
+
+    def __init__(
+        self,
+        tokens: tuple[tuple[str, str], ...],
+        file: str | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._static = tuple((name, _fingerprint(token)) for name, token in tokens)
+        self._file = file
+        self._clock = clock
+        self._from_file: tuple[tuple[str, bytes], ...] = ()
+        self._file_version: tuple[int, int] | None = None
+        self._next_check = 0.0
+        self._reload()
+
+    def lookup(self, token: str | bytes) -> str | None:
+        """The name of the caller whose token this is, or None."""
+        if self._file is not None and self._clock() >= self._next_check:
+            self._reload()
+        presented = _fingerprint(token)
+        found = None
+        # No early exit: the time taken does not depend on which entry, if any, matched.
+        for name, fingerprint in (*self._static, *self._from_file):
+            if hmac.compare_digest(presented, fingerprint):
+                found = name
+        return found
+
+    def _reload(self) -> None:
+        if self._file is None:
+            return
+        self._next_check = self._clock() + RELOAD_INTERVAL_SECONDS
+        try:
+            stat = os.stat(self._file)
+        except OSError as exc:
+            self._keep_previous(f"cannot read it: {type(exc).__name__}")
+            return
+        version = (stat.st_mtime_ns, stat.st_size)
+        if version == self._file_version:
+            return
+        self._file_version = version
+        try:
+            tokens = read_client_tokens_file(self._file)
+        except ConfigError as exc:
+            self._keep_previous("; ".join(exc.problems))
+            return
+        self._from_file = tuple((name, _fingerprint(token)) for name, token in tokens)
+        log.info(
+            "caller tokens loaded from %s: %s",
+            self._file,
+            ", ".join(sorted({name for name, _ in tokens})) or "none",
+        )
+
+    def _keep_previous(self, problem: str) -> None:
+        # A half-written or broken file must not lock every caller out: the last good set stays.
+        log.error(
+            "caller tokens file %s not used, keeping the previous tokens: %s", self._file, problem
+        )
+
+
+class CallerAuth(grpc.aio.ServerInterceptor):
+    """Refuses calls without a known caller token with UNAUTHENTICATED; names the caller."""
+
+    def __init__(self, callers: Callers) -> None:
+        self._callers = callers
+
+    async def intercept_service(
+        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        service = handler_call_details.method.lstrip("/").partition("/")[0]
+        if service in OPEN_SERVICES:
+            return await continuation(handler_call_details)
+        reason, name = self._authenticate(handler_call_details.invocation_metadata or ())
+        if name is None:
+            AUTH_FAILURES.labels(reason).inc()
+            return _DENY
+        context.caller.set(name)
+        return await continuation(handler_call_details)
+
+    def _authenticate(self, metadata: Any) -> tuple[str, str | None]:
+        values = [value for key, value in metadata if key == "authorization"]
+        if not values:
+            return "missing", None
+        scheme, _, token = values[0].partition(" ")
+        if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
+            return "malformed", None
+        name = self._callers.lookup(token.strip())
+        return ("unknown", None) if name is None else ("ok", name)
+
+
+async def _deny(request: object, servicer_context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await servicer_context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+
+
+# Every guarded RPC is unary; the request is never deserialized, so a refused call costs no
+# parsing and cannot fail on a malformed body instead.
+_DENY: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_deny)

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from otp_service.config import ConfigError, Settings
+from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from otp_service.server import build_deps, create_server
 
@@ -73,6 +73,16 @@ async def serve_forever(settings: Settings) -> None:
             log.warning(
                 "DEV MODE: codes are written to this log and NOT sent; never run --dev in "
                 "production"
+            )
+        if not settings.auth_required:
+            log.warning(
+                "OTP_AUTH=none: caller authentication is OFF, anyone who can connect may call"
+            )
+        elif settings.dev and settings.client_tokens == ((DEV_CALLER, DEV_TOKEN),):
+            log.warning(
+                "DEV MODE: no caller token configured, so the fixed dev token is accepted: "
+                "send 'authorization: Bearer %s'",
+                DEV_TOKEN,
             )
 
         stop = asyncio.Event()

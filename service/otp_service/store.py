@@ -275,7 +275,7 @@ class RedisStore:
 
     async def uncount_caller_send(self, caller: str, ticket: int) -> None:
         # Any one entry with the same time is as good as ours: the list holds only times.
-        await self._call(self._redis.lrem(_caller_key(caller), 1, ticket))
+        await self._call(self._redis.lrem(_caller_key(caller), 1, str(ticket)))
 
     async def cancel_code(self, phone: str, digest: str) -> None:
         await self._call(self._cancel(keys=[_codes_key(phone), _sends_key(phone)], args=[digest]))

@@ -1,0 +1,300 @@
+"""Caller authentication through the real server: tokens, rotation, open probes, start-up rules."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from otp.v1 import otp_pb2, otp_pb2_grpc
+from prometheus_client import REGISTRY
+
+from otp_service import ConfigError, Settings
+from otp_service.auth import Callers
+from otp_service.config import DEV_TOKEN
+from tests.conftest import PHONE, TOKEN, MakeServer
+
+OTHER_TOKEN = "another-caller-token-abcdefgh"
+
+
+@pytest.fixture
+async def plain_channel(make_server: MakeServer) -> AsyncIterator[Callable[..., grpc.aio.Channel]]:
+    """Channels without a default token, to servers started with settings overrides."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def open_channel(**overrides: object) -> grpc.aio.Channel:
+        server = await make_server(**overrides)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        channels.append(channel)
+        return channel
+
+    yield open_channel  # type: ignore[misc]
+    for channel in channels:
+        await channel.close()
+
+
+def failures(reason: str) -> float:
+    return REGISTRY.get_sample_value("otp_auth_failures_total", {"reason": reason}) or 0.0
+
+
+async def verify_as(
+    channel: grpc.aio.Channel, authorization: str | None
+) -> otp_pb2.VerifyOtpResponse:
+    metadata = () if authorization is None else (("authorization", authorization),)
+    return await otp_pb2_grpc.OtpServiceStub(channel).VerifyOtp(
+        otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="123456"),
+        metadata=metadata,
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        (None, "missing"),
+        ("", "malformed"),
+        (f"Basic {TOKEN}", "malformed"),
+        ("Bearer ", "malformed"),
+        ("Bearer wrong-token-0123456789", "unknown"),
+        (f"Bearer {TOKEN}x", "unknown"),
+        (f"Bearer {TOKEN[:-1]}", "unknown"),
+    ],
+)
+async def test_calls_without_a_valid_token_are_unauthenticated_and_counted(
+    plain_channel: Callable[..., grpc.aio.Channel],
+    redis_db: redis.Redis,
+    authorization: str | None,
+    reason: str,
+) -> None:
+    channel = await plain_channel()
+    before = failures(reason)
+    for call in (
+        verify_as(channel, authorization),
+        otp_pb2_grpc.OtpServiceStub(channel).SendOtp(
+            otp_pb2.SendOtpRequest(phone_number=PHONE),
+            metadata=() if authorization is None else (("authorization", authorization),),
+            timeout=10,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The same words whatever was wrong: no hint which part to fix.
+        assert refused.value.details() == (
+            "a valid caller token is required: authorization: Bearer <token>"
+        )
+    assert failures(reason) == before + 2
+    assert redis_db.keys() == []
+
+
+async def test_a_valid_token_names_the_caller(
+    plain_channel: Callable[..., grpc.aio.Channel], redis_db: redis.Redis
+) -> None:
+    channel = await plain_channel(client_tokens=(("billing", TOKEN), ("signup", OTHER_TOKEN)))
+    answer = await verify_as(channel, f"Bearer {OTHER_TOKEN}")
+    assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+    await otp_pb2_grpc.OtpServiceStub(channel).SendOtp(
+        otp_pb2.SendOtpRequest(phone_number=PHONE),
+        metadata=(("authorization", f"bearer {OTHER_TOKEN}"),),
+        timeout=10,
+    )
+    # The caller's send budget is kept under the name its token maps to.
+    assert redis_db.exists("otp:caller:{signup}:s")
+    assert not redis_db.exists("otp:caller:{billing}:s")
+
+
+async def test_health_and_reflection_stay_open(
+    plain_channel: Callable[..., grpc.aio.Channel],
+) -> None:
+    channel = await plain_channel()
+    health = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="otp.v1.OtpService"), timeout=10
+    )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    services = await list_services(channel)
+    assert "otp.v1.OtpService" in services
+
+
+async def test_reflection_can_be_switched_off(
+    plain_channel: Callable[..., grpc.aio.Channel],
+) -> None:
+    channel = await plain_channel(reflection=False)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await list_services(channel)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    health = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=10
+    )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def list_services(channel: grpc.aio.Channel) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(timeout=10)
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    await call.done_writing()
+    async for answer in call:
+        return [service.name for service in answer.list_services_response.service]
+    raise AssertionError("no reflection answer")
+
+
+def write_tokens(path: Path, text: str, mtime_ns: int) -> None:
+    path.write_text(text)
+    # An explicit mtime: a rewrite within the file system's timestamp granularity still counts.
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+async def test_a_rotated_token_file_takes_effect_without_a_restart(
+    plain_channel: Callable[..., grpc.aio.Channel],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, f"# one a line\nbilling:{TOKEN}\n", 1_000_000_000_000_000_000)
+    channel = await plain_channel(client_tokens=(), client_tokens_file=str(tokens))
+    await verify_as(channel, f"Bearer {TOKEN}")
+
+    write_tokens(tokens, f"billing:{OTHER_TOKEN}\n", 1_000_000_001_000_000_000)
+    await eventually_accepted(channel, OTHER_TOKEN)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await verify_as(channel, f"Bearer {TOKEN}")
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # A broken file is not used: the last good tokens stay, so a bad edit locks no one out.
+    caplog.set_level(logging.ERROR, logger="otp_service.auth")
+    write_tokens(tokens, "billing without a colon\n", 1_000_000_002_000_000_000)
+    for _ in range(100):
+        if "not used" in caplog.text:
+            break
+        await verify_as(channel, f"Bearer {OTHER_TOKEN}")
+        await asyncio.sleep(0.05)
+    assert "tokens file" in caplog.text
+    assert "entry 1: expected name:token" in caplog.text
+    await verify_as(channel, f"Bearer {OTHER_TOKEN}")
+
+
+async def eventually_accepted(channel: grpc.aio.Channel, token: str) -> None:
+    for _ in range(100):
+        try:
+            await verify_as(channel, f"Bearer {token}")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            await asyncio.sleep(0.05)
+        else:
+            return
+    raise AssertionError("the rotated token was never accepted")
+
+
+def test_the_token_file_is_looked_at_no_more_than_once_a_second(tmp_path: Path) -> None:
+    now = [100.0]
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
+    callers = Callers((("static", OTHER_TOKEN),), str(tokens), clock=lambda: now[0])
+    assert callers.lookup(TOKEN) == "billing"
+    assert callers.lookup(OTHER_TOKEN) == "static"
+    assert callers.lookup("x" * 20) is None
+
+    write_tokens(tokens, "signup:a-brand-new-token-0123\n", 1_000_000_001_000_000_000)
+    now[0] += 0.5
+    assert callers.lookup(TOKEN) == "billing"
+    now[0] += 0.5
+    assert callers.lookup(TOKEN) is None
+    assert callers.lookup("a-brand-new-token-0123") == "signup"
+
+
+def test_production_needs_a_caller_token_unless_auth_is_off() -> None:
+    env = {"INTERAKT_API_KEY": "k", "OTP_SECRET": "s" * 16}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    assert any("at least one caller token" in p for p in refused.value.problems)
+
+    assert not Settings.from_env({**env, "OTP_AUTH": "none"}).auth_required
+    configured = Settings.from_env(
+        {**env, "OTP_CLIENT_TOKENS": f"billing:{TOKEN},signup:{OTHER_TOKEN}"}
+    )
+    assert configured.client_tokens == (("billing", TOKEN), ("signup", OTHER_TOKEN))
+    assert TOKEN not in repr(configured)
+    # Development mode accepts the fixed dev token when none is configured.
+    assert Settings.from_env({}, dev=True).client_tokens == (("dev", DEV_TOKEN),)
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"OTP_CLIENT_TOKENS": "billing"}, "OTP_CLIENT_TOKENS: entry 1: expected name:token"),
+        ({"OTP_CLIENT_TOKENS": "billing:short"}, "OTP_CLIENT_TOKENS: entry 1 (billing): the token"),
+        (
+            {"OTP_CLIENT_TOKENS": f"a:{TOKEN},b:{TOKEN}"},
+            "OTP_CLIENT_TOKENS: entry 2 (b): the same token is given twice",
+        ),
+        ({"OTP_CLIENT_TOKENS_FILE": "/nonexistent"}, "OTP_CLIENT_TOKENS_FILE: cannot read"),
+        ({"OTP_AUTH": "maybe"}, "OTP_AUTH: must be 'token' or 'none'"),
+        ({"OTP_REFLECTION": "perhaps"}, "OTP_REFLECTION: must be true or false"),
+        ({"OTP_TLS_CERT": "/etc/hostname"}, "OTP_TLS_CERT, OTP_TLS_KEY: set both or neither"),
+        ({"OTP_TLS_KEY": "/nonexistent"}, "OTP_TLS_KEY: cannot read '/nonexistent'"),
+        ({"OTP_TLS_CLIENT_CA": "/etc/hostname"}, "OTP_TLS_CLIENT_CA: needs OTP_TLS_CERT"),
+        ({"OTP_ALLOWED_COUNTRIES": "91,999"}, "OTP_ALLOWED_COUNTRIES: expected calling codes"),
+    ],
+)
+def test_bad_security_settings_are_named(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"OTP_CLIENT_TOKENS": f"billing:{TOKEN}", **env}, dev=True)
+    assert any(p.startswith(problem) for p in refused.value.problems), refused.value.problems
+    # A problem names the entry, never the token.
+    assert TOKEN not in str(refused.value)
+
+
+def test_production_without_tokens_exits_2() -> None:
+    env = {"PATH": os.environ["PATH"], "INTERAKT_API_KEY": "k", "OTP_SECRET": "s" * 16}
+    done = subprocess.run(
+        [sys.executable, "-m", "otp_service", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "at least one caller token is required" in done.stderr
+
+
+def test_auth_none_warns_at_start(redis_server: object) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "INTERAKT_API_KEY": "k",
+        "OTP_SECRET": "s" * 16,
+        "OTP_AUTH": "none",
+        "OTP_GRPC_ADDRESS": "127.0.0.1:0",
+        "REDIS_URL": redis_server.url,  # type: ignore[attr-defined]
+    }
+    with subprocess.Popen(
+        [sys.executable, "-m", "otp_service", "serve"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stderr is not None
+        # Stops a server that never logs the warning, so the test fails instead of hanging.
+        watchdog = threading.Timer(30, process.kill)
+        watchdog.start()
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "OTP_AUTH=none" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        watchdog.cancel()
+    assert any("WARNING" in line and "caller authentication is OFF" in line for line in lines)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -27,9 +27,11 @@ from tests.conftest import PHONE, TOKEN, MakeServer
 
 OTHER_TOKEN = "another-caller-token-abcdefgh"
 
+OpenChannel = Callable[..., Awaitable[grpc.aio.Channel]]
+
 
 @pytest.fixture
-async def plain_channel(make_server: MakeServer) -> AsyncIterator[Callable[..., grpc.aio.Channel]]:
+async def plain_channel(make_server: MakeServer) -> AsyncIterator[OpenChannel]:
     """Channels without a default token, to servers started with settings overrides."""
     channels: list[grpc.aio.Channel] = []
 
@@ -39,7 +41,7 @@ async def plain_channel(make_server: MakeServer) -> AsyncIterator[Callable[..., 
         channels.append(channel)
         return channel
 
-    yield open_channel  # type: ignore[misc]
+    yield open_channel
     for channel in channels:
         await channel.close()
 
@@ -72,7 +74,7 @@ async def verify_as(
     ],
 )
 async def test_calls_without_a_valid_token_are_unauthenticated_and_counted(
-    plain_channel: Callable[..., grpc.aio.Channel],
+    plain_channel: OpenChannel,
     redis_db: redis.Redis,
     authorization: str | None,
     reason: str,
@@ -99,7 +101,7 @@ async def test_calls_without_a_valid_token_are_unauthenticated_and_counted(
 
 
 async def test_a_valid_token_names_the_caller(
-    plain_channel: Callable[..., grpc.aio.Channel], redis_db: redis.Redis
+    plain_channel: OpenChannel, redis_db: redis.Redis
 ) -> None:
     channel = await plain_channel(client_tokens=(("billing", TOKEN), ("signup", OTHER_TOKEN)))
     answer = await verify_as(channel, f"Bearer {OTHER_TOKEN}")
@@ -115,7 +117,7 @@ async def test_a_valid_token_names_the_caller(
 
 
 async def test_health_and_reflection_stay_open(
-    plain_channel: Callable[..., grpc.aio.Channel],
+    plain_channel: OpenChannel,
 ) -> None:
     channel = await plain_channel()
     health = await health_pb2_grpc.HealthStub(channel).Check(
@@ -127,7 +129,7 @@ async def test_health_and_reflection_stay_open(
 
 
 async def test_reflection_can_be_switched_off(
-    plain_channel: Callable[..., grpc.aio.Channel],
+    plain_channel: OpenChannel,
 ) -> None:
     channel = await plain_channel(reflection=False)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -156,7 +158,7 @@ def write_tokens(path: Path, text: str, mtime_ns: int) -> None:
 
 
 async def test_a_rotated_token_file_takes_effect_without_a_restart(
-    plain_channel: Callable[..., grpc.aio.Channel],
+    plain_channel: OpenChannel,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

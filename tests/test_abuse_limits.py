@@ -1,0 +1,216 @@
+"""Abuse limits through the real server: country allowlist, caller budget, wrong-code budget."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import redis
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from tests.conftest import (
+    PHONE,
+    MakeServer,
+    MakeService,
+    redis_snapshot,
+    send,
+    verify,
+    wrong_code,
+)
+from tests.fake_interakt import Answer, FakeInterakt
+from tests.test_otp_rules import retry_delay
+
+OTHER_PHONES = ["+917003848502", "+917003848503", "+917003848504", "+917003848505"]
+
+
+# What the Lua scripts run inside Redis; Redis counts those calls too.
+SCRIPT_COMMANDS = {
+    "time", "zremrangebyscore", "zrange", "zcard", "zadd", "pexpire", "pexpireat", "hget",
+    "hgetall", "hdel", "hset", "hincrby", "exists", "del", "lindex", "lpush", "ltrim",
+}  # fmt: skip
+
+
+def redis_calls(db: redis.Redis) -> dict[str, int]:
+    """Commands the server has run so far, by name (the inspecting INFO itself left out)."""
+    stats = db.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): value["calls"]
+        for name, value in stats.items()
+        if name != "cmdstat_info"
+    }
+
+
+def round_trips_since(db: redis.Redis, before: dict[str, int]) -> dict[str, int]:
+    """Commands sent to Redis since ``before``, not counting those scripts ran inside it."""
+    after = redis_calls(db)
+    return {
+        name: n - before.get(name, 0)
+        for name, n in after.items()
+        if n != before.get(name, 0) and name not in SCRIPT_COMMANDS
+    }
+
+
+async def test_numbers_outside_the_allowed_countries_are_refused_before_anything_happens(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(allowed_countries=frozenset({"91", "44"}))
+    for phone, country in (("+14155552671", "+1"), ("+97143020000", "+971")):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await send(stub, phone)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert refused.value.details() == (
+            f"phone_number: codes are not sent to {country} numbers (allowed: +44, +91)"
+        )
+    assert interakt.received == []
+    assert redis_db.keys() == []
+    await send(stub, "+442071838750")
+    await send(stub, PHONE)
+    assert len(interakt.received) == 2
+
+
+async def test_the_default_allowlist_is_india_only(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    stub = await make_service(allowed_countries=frozenset({"91"}))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send(stub, "+442071838750")
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "allowed: +91)" in (refused.value.details() or "")
+
+
+async def test_a_caller_over_its_rate_is_refused_across_replicas(
+    make_server: MakeServer,
+    make_service: MakeService,
+    interakt: FakeInterakt,
+    redis_db: redis.Redis,
+) -> None:
+    # Two replicas on one Redis: the caller's budget is shared, not per process.
+    first = await make_service(caller_sends_per_minute=3)
+    second = await make_service(caller_sends_per_minute=3)
+    await send(first, OTHER_PHONES[0])
+    await send(second, OTHER_PHONES[1])
+    await send(first, OTHER_PHONES[2])
+    before = redis_snapshot(redis_db)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send(second, OTHER_PHONES[3])
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == "caller: at most 3 sends a minute"
+    assert 1 <= retry_delay(refused.value) <= 60
+    assert redis_snapshot(redis_db) == before
+    assert len(interakt.received) == 3
+    # Verification is not a send: it stays open to the caller.
+    answer = await verify(second, "123456", OTHER_PHONES[3])
+    assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+
+
+async def test_each_caller_has_its_own_budget(
+    make_server: MakeServer, interakt: FakeInterakt
+) -> None:
+    server = await make_server(
+        caller_sends_per_minute=1,
+        client_tokens=(("billing", "billing-token-0123456789"), ("signup", "signup-token-0123456")),
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = otp_pb2_grpc.OtpServiceStub(channel)
+
+        async def send_as(token: str, phone: str) -> None:
+            await stub.SendOtp(
+                otp_pb2.SendOtpRequest(phone_number=phone),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=10,
+            )
+
+        await send_as("billing-token-0123456789", OTHER_PHONES[0])
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await send_as("billing-token-0123456789", OTHER_PHONES[1])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await send_as("signup-token-0123456", OTHER_PHONES[1])
+    assert len(interakt.received) == 2
+
+
+async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(caller_sends_per_minute=2)
+    await send(stub, PHONE)
+    # Refused by the number's cooldown, then by Interakt: neither is a send.
+    with pytest.raises(grpc.aio.AioRpcError) as cooldown:
+        await send(stub, PHONE)
+    assert cooldown.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    interakt.answer(Answer(400, {"result": False, "message": "Invalid token provided"}))
+    with pytest.raises(grpc.aio.AioRpcError) as upstream:
+        await send(stub, OTHER_PHONES[0])
+    assert upstream.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await send(stub, OTHER_PHONES[1])
+    assert redis_db.llen("otp:caller:{tests}:s") == 2
+
+
+async def test_a_phone_over_its_wrong_code_budget_is_refused_even_with_the_right_code(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(
+        max_failed_verifies_per_hour=3, max_attempts=2, resend_cooldown_seconds=0
+    )
+    await send(stub)
+    first = interakt.received[-1].code
+    for _ in range(2):
+        answer = await verify(stub, wrong_code(first))
+        assert answer.outcome == otp_pb2.VERIFY_OUTCOME_WRONG_CODE
+    # A resend refills the per-code budget, but not the number's hourly one.
+    await send(stub)
+    second = interakt.received[-1].code
+    answer = await verify(stub, wrong_code(first, second))
+    assert answer.outcome == otp_pb2.VERIFY_OUTCOME_WRONG_CODE
+    assert answer.attempts_remaining == 1
+
+    for code in (second, wrong_code(second)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await verify(stub, code)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == (
+            "phone_number: 3 wrong codes in the last hour; verification is paused"
+        )
+        assert 3_590 <= retry_delay(refused.value) <= 3_600
+    await send(stub)
+    with pytest.raises(grpc.aio.AioRpcError) as still:
+        await verify(stub, interakt.received[-1].code)
+    assert still.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The budget belongs to the number and lives beside its codes, in the same hash slot.
+    assert redis_db.llen(f"otp:{{{PHONE}}}:f") == 3
+    await send(stub, OTHER_PHONES[0])
+    answer = await verify(stub, interakt.received[-1].code, OTHER_PHONES[0])
+    assert answer.verified
+
+
+async def test_the_wrong_code_budget_forgets_failures_older_than_an_hour(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(max_failed_verifies_per_hour=2)
+    await send(stub)
+    code = interakt.received[-1].code
+    await verify(stub, wrong_code(code))
+    await verify(stub, wrong_code(code))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await verify(stub, code)
+    # Move the counted failures an hour and a second into the past, as the window moving would.
+    key = f"otp:{{{PHONE}}}:f"
+    old = [int(t) - 3_601_000 for t in redis_db.lrange(key, 0, -1)]
+    redis_db.delete(key)
+    redis_db.rpush(key, *old)
+    assert (await verify(stub, code)).verified
+
+
+async def test_verify_is_one_redis_round_trip_and_send_two(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service()
+    # Warm up: the first use of each script loads it.
+    await send(stub, OTHER_PHONES[0])
+    await verify(stub, "123456", OTHER_PHONES[0])
+
+    before = redis_calls(redis_db)
+    await send(stub)
+    assert round_trips_since(redis_db, before) == {"evalsha": 2}
+    before = redis_calls(redis_db)
+    answer = await verify(stub, wrong_code(interakt.received[-1].code))
+    assert answer.outcome == otp_pb2.VERIFY_OUTCOME_WRONG_CODE
+    assert round_trips_since(redis_db, before) == {"evalsha": 1}

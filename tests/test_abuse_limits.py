@@ -7,6 +7,7 @@ import pytest
 import redis
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
+from otp_service import Settings
 from tests.conftest import (
     PHONE,
     MakeServer,
@@ -70,7 +71,8 @@ async def test_numbers_outside_the_allowed_countries_are_refused_before_anything
 async def test_the_default_allowlist_is_india_only(
     make_service: MakeService, interakt: FakeInterakt
 ) -> None:
-    stub = await make_service(allowed_countries=frozenset({"91"}))
+    assert Settings().allowed_countries == frozenset({"91"})
+    stub = await make_service(allowed_countries=Settings().allowed_countries)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await send(stub, "+442071838750")
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

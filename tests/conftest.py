@@ -70,7 +70,7 @@ MakeServer = Callable[..., Awaitable[OtpServer]]
 MakeService = Callable[..., Awaitable[otp_pb2_grpc.OtpServiceStub]]
 
 
-class Bearer(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class Bearer(grpc.aio.UnaryUnaryClientInterceptor):
     """Adds ``authorization: Bearer <token>`` to every call that does not carry its own."""
 
     def __init__(self, token: str) -> None:

@@ -26,7 +26,9 @@ from otp_service.config import ConfigError, read_client_tokens_file
 
 log = logging.getLogger(__name__)
 
-# Services anyone may call: probes need health without a token, grpcurl needs reflection.
+# Services anyone may call: probes need health without a token, grpcurl needs reflection. The v1
+# reflection name is open too although only v1alpha is served: grpcurl asks v1 first and falls
+# back to v1alpha only on UNIMPLEMENTED, not on UNAUTHENTICATED.
 OPEN_SERVICES = (
     health.SERVICE_NAME,
     reflection.SERVICE_NAME,

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -87,32 +88,49 @@ class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
 def add_to_server(servicer: OtpServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer``; a body that is not the request message gets INVALID_ARGUMENT.
 
-    The generated ``add_OtpServiceServicer_to_server`` lets gRPC parse the body, and gRPC answers
-    a parse failure with UNKNOWN and a stack trace in the log; here the method parses it.
+    With the generated ``add_OtpServiceServicer_to_server`` a body that does not parse makes gRPC
+    answer UNKNOWN and log a stack trace. Here parsing cannot fail: such a body reaches the
+    handler (and any interceptor) as an ``Undecodable``, which the method refuses.
     """
+    service = otp_pb2.DESCRIPTOR.services_by_name["OtpService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in otp_pb2.DESCRIPTOR.services_by_name["OtpService"].methods:
+    for method in service.methods:
         request_type = getattr(otp_pb2, method.input_type.name)
         response_type = getattr(otp_pb2, method.output_type.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _parsing(request_type, getattr(servicer, method.name)),
+            _refusing_undecodable(getattr(servicer, method.name)),
+            request_deserializer=_tolerant(request_type),
             response_serializer=response_type.SerializeToString,
         )
-    service = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
 
 
-def _parsing(
-    request_type: type[Message], method: Callable[[Any, _Context], Awaitable[Message]]
-) -> Callable[[bytes, _Context], Awaitable[Message]]:
-    async def handle(body: bytes, context: _Context) -> Message:
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """Stands in for a request body that is not a valid ``expected`` message."""
+
+    expected: str
+
+
+def _tolerant(request_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(body: bytes) -> Message | Undecodable:
         try:
-            request = request_type.FromString(body)
+            return request_type.FromString(body)
         except DecodeError:
-            await _abort(
-                context,
-                status_for(InvalidInput("request", f"is not a valid {request_type.__name__}")),
-            )
+            return Undecodable(request_type.__name__)
+
+    return parse
+
+
+def _refusing_undecodable(
+    method: Callable[[Any, _Context], Awaitable[Message]],
+) -> Callable[[Message | Undecodable, _Context], Awaitable[Message]]:
+    async def handle(request: Message | Undecodable, context: _Context) -> Message:
+        if isinstance(request, Undecodable):
+            invalid = InvalidInput("request", f"is not a valid {request.expected}")
+            await _abort(context, status_for(invalid))
         return await method(request, context)
 
     return handle

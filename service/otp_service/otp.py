@@ -62,8 +62,7 @@ class OtpService:
         caller = context.caller.get()
         ticket = await self._store.count_caller_send(caller)
         try:
-            # Stored before it is sent, so a code is never in a user's hands without being in
-            # Redis.
+            # Stored before it is sent, so a code is never in a user's hands without being in Redis.
             expires_at_ms = await self._store.add_code(phone.e164, digest)
         except BaseException:
             # A send the number's limits refused is no send: the caller's budget gets it back.

@@ -102,9 +102,8 @@ def add_to_server(servicer: OtpServicer, server: grpc.aio.Server) -> None:
             request_deserializer=_tolerant(request_type),
             response_serializer=response_type.SerializeToString,
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
+    # Registered (not generic) handlers: gRPC then finds the method without a per-call lookup.
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ from otp_service.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_CODE_FIELD_LENGTH = 10
 # 128 bits of HMAC-SHA256 identify a code; more would only cost Redis memory.
 _DIGEST_HEX_CHARS = 32
 
@@ -70,7 +69,7 @@ class OtpService:
         phone = parse_phone(phone_number)
         if not otp_code:
             raise InvalidInput("otp_code", "is required")
-        if len(otp_code) > MAX_CODE_FIELD_LENGTH or not (otp_code.isascii() and otp_code.isdigit()):
+        if not (otp_code.isascii() and otp_code.isdigit()):
             raise InvalidInput("otp_code", "must contain only the digits 0-9")
         if len(otp_code) != self._code_length:
             raise InvalidInput("otp_code", f"must be exactly {self._code_length} digits")

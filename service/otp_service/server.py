@@ -108,5 +108,9 @@ async def create_server(settings: Settings, deps: Deps) -> OtpServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.grpc_address)
+    try:
+        port = server.add_insecure_port(settings.grpc_address)
+    except RuntimeError as exc:
+        # grpcio reports a busy or unusable address as RuntimeError; callers handle OSError.
+        raise OSError(str(exc)) from exc
     return OtpServer(server=server, port=port, health=health_servicer)

@@ -30,14 +30,12 @@ class OtpService:
         sender: Sender,
         secret: bytes,
         code_length: int,
-        resend_cooldown_seconds: int,
         send_timeout_seconds: float,
     ) -> None:
         self._store = store
         self._sender = sender
         self._secret = secret
         self._code_length = code_length
-        self._resend_cooldown = resend_cooldown_seconds
         self._send_timeout = send_timeout_seconds
 
     async def send(self, phone_number: str, *, budget: float | None = None) -> SendResult:
@@ -50,7 +48,7 @@ class OtpService:
         code = "".join(secrets.choice("0123456789") for _ in range(self._code_length))
         digest = self._digest(phone.e164, code)
         # Stored before it is sent, so a code is never in a user's hands without being in Redis.
-        expires_at_ms = await self._store.add_code(phone.e164, digest)
+        expires_at_ms, resend_after_ms = await self._store.add_code(phone.e164, digest)
         budget = self._send_timeout if budget is None else min(budget, self._send_timeout)
         try:
             delivery = await self._sender.send(phone, code, budget=budget)
@@ -60,7 +58,8 @@ class OtpService:
             raise
         return SendResult(
             expires_at_ms=expires_at_ms,
-            resend_after_seconds=self._resend_cooldown,
+            # Whole seconds, rounded up: a resend after this many seconds is not refused.
+            resend_after_seconds=-(-resend_after_ms // 1000),
             delivery=delivery,
         )
 

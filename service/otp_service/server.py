@@ -83,7 +83,6 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         sender=deps.sender,
         secret=settings.otp_secret,
         code_length=settings.code_length,
-        resend_cooldown_seconds=settings.resend_cooldown_seconds,
         send_timeout_seconds=settings.interakt_timeout_seconds,
     )
 

@@ -93,8 +93,9 @@ async def make_server(
     cleanups: list[Callable[[], Awaitable[Any]]] = []
 
     async def make(**overrides: Any) -> OtpServer:
-        settings = settings_for(interakt, redis_server.url, **overrides)
-        deps = build_deps(settings, settings.redis_url or redis_server.url)
+        redis_url = overrides.pop("redis_url", redis_server.url)
+        settings = settings_for(interakt, redis_url, **overrides)
+        deps = build_deps(settings, redis_url)
         server = await create_server(settings, deps)
         await server.start()
         cleanups.extend([lambda: server.stop(0), deps.close])

@@ -72,6 +72,7 @@ class FakeInterakt:
 
     def reset(self) -> None:
         self.received.clear()
+        self._ids = itertools.count(1)
         self._answers.clear()
         self._ids = itertools.count(1)
         self.in_window = None

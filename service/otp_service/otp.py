@@ -17,7 +17,6 @@ from otp_service.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_CODE_FIELD_LENGTH = 10
 # 128 bits of HMAC-SHA256 identify a code; more would only cost Redis memory.
 _DIGEST_HEX_CHARS = 32
 
@@ -32,7 +31,6 @@ class OtpService:
         sender: Sender,
         secret: bytes,
         code_length: int,
-        resend_cooldown_seconds: int,
         send_timeout_seconds: float,
         allowed_countries: frozenset[str],
     ) -> None:
@@ -40,7 +38,6 @@ class OtpService:
         self._sender = sender
         self._secret = secret
         self._code_length = code_length
-        self._resend_cooldown = resend_cooldown_seconds
         self._send_timeout = send_timeout_seconds
         self._allowed_countries = allowed_countries
 
@@ -59,25 +56,24 @@ class OtpService:
             )
         code = "".join(secrets.choice("0123456789") for _ in range(self._code_length))
         digest = self._digest(phone.e164, code)
+        # Stored before it is sent, so a code is never in a user's hands without being in Redis.
+        # The number's limits are checked first: they refuse far more often than the caller's
+        # budget, and then nothing needs undoing.
+        expires_at_ms, resend_after_ms = await self._store.add_code(phone.e164, digest)
         caller = context.caller.get()
-        ticket = await self._store.count_caller_send(caller)
-        try:
-            # Stored before it is sent, so a code is never in a user's hands without being in Redis.
-            expires_at_ms = await self._store.add_code(phone.e164, digest)
-        except BaseException:
-            # A send the number's limits refused is no send: the caller's budget gets it back.
-            await asyncio.shield(self._forget(caller, ticket))
-            raise
+        ticket: int | None = None
         budget = self._send_timeout if budget is None else min(budget, self._send_timeout)
         try:
+            ticket = await self._store.count_caller_send(caller)
             delivery = await self._sender.send(phone, code, budget=budget)
         except BaseException:
             # Shielded: a caller that cancels must still not leave an undelivered code behind.
-            await asyncio.shield(self._forget(caller, ticket, phone.e164, digest))
+            await asyncio.shield(self._forget(phone.e164, digest, caller, ticket))
             raise
         return SendResult(
             expires_at_ms=expires_at_ms,
-            resend_after_seconds=self._resend_cooldown,
+            # Whole seconds, rounded up: a resend after this many seconds is not refused.
+            resend_after_seconds=-(-resend_after_ms // 1000),
             delivery=delivery,
         )
 
@@ -86,7 +82,7 @@ class OtpService:
         phone = parse_phone(phone_number)
         if not otp_code:
             raise InvalidInput("otp_code", "is required")
-        if len(otp_code) > MAX_CODE_FIELD_LENGTH or not (otp_code.isascii() and otp_code.isdigit()):
+        if not (otp_code.isascii() and otp_code.isdigit()):
             raise InvalidInput("otp_code", "must contain only the digits 0-9")
         if len(otp_code) != self._code_length:
             raise InvalidInput("otp_code", f"must be exactly {self._code_length} digits")
@@ -97,13 +93,11 @@ class OtpService:
         mac = hmac.new(self._secret, f"{phone}:{code}".encode(), hashlib.sha256)
         return mac.hexdigest()[:_DIGEST_HEX_CHARS]
 
-    async def _forget(
-        self, caller: str, ticket: int, phone: str | None = None, digest: str | None = None
-    ) -> None:
-        """Undo the counting (and the storing, with ``digest``) of a send that did not happen."""
-        undo = [self._store.uncount_caller_send(caller, ticket)]
-        if phone is not None and digest is not None:
-            undo.append(self._store.cancel_code(phone, digest))
+    async def _forget(self, phone: str, digest: str, caller: str, ticket: int | None) -> None:
+        """Undo the storing (and the counting, with ``ticket``) of a send that did not happen."""
+        undo = [self._store.cancel_code(phone, digest)]
+        if ticket is not None:
+            undo.append(self._store.uncount_caller_send(caller, ticket))
         for result in await asyncio.gather(*undo, return_exceptions=True):
             if isinstance(result, BaseException):
                 log.error("could not undo an unsent code, it expires with its TTL: %r", result)

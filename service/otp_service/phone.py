@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import phonenumbers
@@ -11,6 +12,10 @@ from otp_service.errors import InvalidInput
 
 MAX_PHONE_LENGTH = 32
 _FIELD = "phone_number"
+# What the contract accepts: a plus, then ASCII digits with optional spaces and dashes. Checked
+# before phonenumbers, which would otherwise read letters as keypad digits, drop extensions and
+# trailing junk, and accept other scripts' digits: all numbers the caller did not write.
+_E164_LIKE = re.compile(r"\+[0-9][0-9 -]*[0-9]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +45,10 @@ def parse_phone(raw: str) -> PhoneNumber:
 # Parsing costs tens of microseconds and every verify needs it; the same numbers recur.
 @functools.lru_cache(maxsize=8192)
 def _parse(raw: str) -> PhoneNumber:
-    if not raw.startswith("+"):
-        raise InvalidInput(_FIELD, "must be in E.164 form with a leading + and country code")
+    if not _E164_LIKE.fullmatch(raw):
+        raise InvalidInput(
+            _FIELD, "must be in E.164 form: a leading + and country code, then digits"
+        )
     try:
         parsed = phonenumbers.parse(raw, None)
     except phonenumbers.NumberParseException as exc:

@@ -87,9 +87,10 @@ class InteraktSender:
         self._url = f"{base_url}/message/"
         # The key is already base64 per the contract; it is only ever placed in this header.
         self._headers = {"Authorization": f"Basic {api_key}", "Content-Type": "application/json"}
-        self._text = (
-            f"Your OTP for {brand} is {{code}}. Valid for {_lifetime(ttl_seconds)}. "
-            "Do not share this code with anyone."
+        # Split around the code rather than a format string: a brand with braces stays text.
+        self._text_before = f"Your OTP for {brand} is "
+        self._text_after = (
+            f". Valid for {_lifetime(ttl_seconds)}. Do not share this code with anyone."
         )
         self._template_name = template_name
         self._template_language = template_language
@@ -174,7 +175,7 @@ class InteraktSender:
             }
         else:
             body["type"] = "Text"
-            body["data"] = {"message": self._text.format(code=code)}
+            body["data"] = {"message": f"{self._text_before}{code}{self._text_after}"}
         return body
 
     def _client(self) -> aiohttp.ClientSession:

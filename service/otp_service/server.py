@@ -86,7 +86,6 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         sender=deps.sender,
         secret=settings.otp_secret,
         code_length=settings.code_length,
-        resend_cooldown_seconds=settings.resend_cooldown_seconds,
         send_timeout_seconds=settings.interakt_timeout_seconds,
         allowed_countries=settings.allowed_countries,
     )
@@ -118,10 +117,14 @@ async def create_server(settings: Settings, deps: Deps) -> OtpServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     credentials = _tls_credentials(settings)
-    if credentials is None:
-        port = server.add_insecure_port(settings.grpc_address)
-    else:
-        port = server.add_secure_port(settings.grpc_address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.grpc_address)
+        else:
+            port = server.add_secure_port(settings.grpc_address, credentials)
+    except RuntimeError as exc:
+        # grpcio reports a busy or unusable address as RuntimeError; callers handle OSError.
+        raise OSError(str(exc)) from exc
     return OtpServer(server=server, port=port, health=health_servicer)
 
 

@@ -38,8 +38,8 @@ CALLER_WINDOW_MS = 60_000
 # KEYS[1] codes hash, KEYS[2] sends zset
 # ARGV[1] digest of the new code, ARGV[2] ttl ms, ARGV[3] cooldown ms,
 # ARGV[4] max sends per window, ARGV[5] window ms, ARGV[6] max attempts
-# Returns {0, expiry ms} when the code is stored, {1, wait ms} in the cooldown,
-# {2, wait ms} over the hourly cap.
+# Returns {0, expiry ms, wait ms until the next send} when the code is stored, {1, wait ms} in
+# the cooldown, {2, wait ms} over the hourly cap.
 _SEND_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -71,7 +71,14 @@ for i = 1, #fields, 2 do
 end
 redis.call('HSET', KEYS[1], ARGV[1], now + ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {0, now + ttl}
+-- The caller is told when a resend will be accepted: after the cooldown, or after the hour
+-- when this send used up the cap.
+local wait = cooldown
+if redis.call('ZCARD', KEYS[2]) >= cap then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  wait = math.max(wait, tonumber(oldest[2]) + window - now)
+end
+return {0, now + ttl, wait}
 """
 
 # KEYS[1] codes hash, KEYS[2] sends zset
@@ -165,8 +172,10 @@ class Rules:
 class Store(Protocol):
     """What the domain needs from storage. Every method is atomic."""
 
-    async def add_code(self, phone: str, digest: str) -> int:
-        """Store a new code's digest if the send limits allow; return its expiry in epoch ms.
+    async def add_code(self, phone: str, digest: str) -> tuple[int, int]:
+        """Store a new code's digest if the send limits allow.
+
+        Returns the code's expiry in epoch ms and the ms until the number's next send is allowed.
 
         Raises LimitExceeded in the cooldown or over the hourly cap, StoreUnavailable on trouble.
         """
@@ -249,10 +258,11 @@ class RedisStore:
         )
         return cls(client, rules)
 
-    async def add_code(self, phone: str, digest: str) -> int:
-        status, value = await self._call(
+    async def add_code(self, phone: str, digest: str) -> tuple[int, int]:
+        reply = await self._call(
             self._send(keys=[_codes_key(phone), _sends_key(phone)], args=[digest, *self._send_args])
         )
+        status, value = reply[0], reply[1]
         if status == 1:
             raise LimitExceeded("phone_number: a code was sent moments ago", value / 1000)
         if status == 2:
@@ -260,7 +270,7 @@ class RedisStore:
                 f"phone_number: at most {self._rules.max_sends_per_hour} codes an hour",
                 value / 1000,
             )
-        return int(value)
+        return int(value), int(reply[2])
 
     async def count_caller_send(self, caller: str) -> int:
         status, value = await self._call(

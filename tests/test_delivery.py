@@ -1,0 +1,200 @@
+"""Interakt delivery: every answer of the shared contract becomes a clear status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+import redis
+from otp.v1 import otp_pb2
+
+from otp_service.embedded_redis import free_port
+from tests.conftest import PHONE, SECRET, MakeService, send, verify
+from tests.fake_interakt import (
+    API_KEY,
+    INVALID_TOKEN,
+    NOT_A_CONTACT,
+    OUTSIDE_24H,
+    RATE_LIMITED,
+    Answer,
+    FakeInterakt,
+    no_template,
+)
+from tests.test_otp_rules import retry_delay
+
+
+def refusal(message: str, status: int = 400) -> Answer:
+    return Answer(status, {"result": False, "message": message})
+
+
+async def send_fails(stub: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await send(stub)  # type: ignore[arg-type]
+    assert failed.value.code() == code, failed.value.details()
+    return failed.value
+
+
+def assert_no_code_left(redis_db: redis.Redis) -> None:
+    assert redis_db.keys("otp:*:c") == []
+    assert redis_db.zcard(f"otp:{{{PHONE}}}:s") == 0
+
+
+async def test_request_follows_the_contract(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    stub = await make_service(brand="Acme {Pay}", ttl_seconds=300)
+    await send(stub)
+    [message] = interakt.received
+    assert message.headers["Authorization"] == f"Basic {API_KEY}"
+    assert message.headers["Content-Type"].startswith("application/json")
+    assert message.body["data"]["message"] == (
+        f"Your OTP for Acme {{Pay}} is {message.code}. Valid for 5 minutes. "
+        "Do not share this code with anyone."
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "overrides", "says"),
+    [
+        pytest.param(refusal(NOT_A_CONTACT), {}, "not a contact", id="not-a-contact"),
+        pytest.param(refusal(OUTSIDE_24H), {}, "INTERAKT_TEMPLATE_NAME", id="outside-24h"),
+        pytest.param(refusal(INVALID_TOKEN, 401), {}, "INTERAKT_API_KEY", id="invalid-token"),
+        pytest.param(
+            refusal(no_template("Auth", "hi")),
+            {"template_name": "Auth", "template_language": "hi"},
+            "INTERAKT_TEMPLATE_NAME",
+            id="no-template",
+        ),
+        pytest.param(refusal("Something new"), {}, "Something new", id="unknown-refusal"),
+    ],
+)
+async def test_refusals_are_failed_precondition_with_the_reason(
+    make_service: MakeService,
+    interakt: FakeInterakt,
+    redis_db: redis.Redis,
+    answer: Answer,
+    overrides: dict[str, str],
+    says: str,
+) -> None:
+    stub = await make_service(**overrides)
+    interakt.answer(answer)
+    failed = await send_fails(stub, grpc.StatusCode.FAILED_PRECONDITION)
+    details = failed.details() or ""
+    assert says in details
+    assert "Interakt" in details
+    # A refusal is not retried: retrying will not change Interakt's mind.
+    assert len(interakt.received) == 1
+    assert_no_code_left(redis_db)
+
+
+async def test_the_fake_itself_refuses_what_interakt_would(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    """Not scripted: the fake judges the key, the 24-hour window and the template."""
+    bad_key = await make_service(interakt_api_key="bm90LXRoZS1rZXk=")
+    assert "INTERAKT_API_KEY" in (
+        (await send_fails(bad_key, grpc.StatusCode.FAILED_PRECONDITION)).details() or ""
+    )
+    interakt.in_window = set()
+    text = await make_service()
+    assert "24 hours" in (
+        (await send_fails(text, grpc.StatusCode.FAILED_PRECONDITION)).details() or ""
+    )
+    template = await make_service(template_name="Auth")
+    assert (await send(template)).channel == otp_pb2.CHANNEL_TEMPLATE
+    assert (await verify(template, interakt.received[-1].code)).verified
+
+
+@pytest.mark.parametrize(
+    "transient",
+    [
+        pytest.param(Answer(429, {"result": False, "message": RATE_LIMITED}), id="429"),
+        pytest.param(Answer(500, {"result": False, "message": "oops"}), id="500"),
+        pytest.param(Answer(503, None), id="503-no-body"),
+        pytest.param(Answer(502, None, headers={"Content-Type": "text/html"}), id="502-html"),
+    ],
+)
+async def test_transient_failures_are_retried(
+    make_service: MakeService, interakt: FakeInterakt, transient: Answer
+) -> None:
+    stub = await make_service()
+    interakt.answer(transient, transient)
+    sent = await send(stub)
+    assert sent.message_id
+    assert len(interakt.received) == 3
+    # All three requests carried the same code, and it verifies.
+    assert len({message.code for message in interakt.received}) == 1
+    assert (await verify(stub, interakt.received[-1].code)).verified
+
+
+async def test_persistent_rate_limit_is_unavailable_with_retry_info(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service()
+    limited = Answer(429, {"result": False, "message": RATE_LIMITED}, headers={"Retry-After": "7"})
+    interakt.answer(limited, *[limited] * 3)
+    failed = await send_fails(stub, grpc.StatusCode.UNAVAILABLE)
+    assert "rate limited" in (failed.details() or "")
+    assert retry_delay(failed) == 7
+    assert_no_code_left(redis_db)
+
+
+async def test_slow_upstream_is_unavailable_within_the_time_budget(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(interakt_timeout_seconds=0.3)
+    interakt.answer(*[Answer(delay=3, body={"result": True, "id": "late"})] * 3)
+    failed = await send_fails(stub, grpc.StatusCode.UNAVAILABLE)
+    assert "timed out" in (failed.details() or "")
+    assert_no_code_left(redis_db)
+
+
+async def test_unreachable_upstream_is_unavailable(
+    make_service: MakeService, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(interakt_base_url=f"http://127.0.0.1:{free_port()}/v1/public")
+    await send_fails(stub, grpc.StatusCode.UNAVAILABLE)
+    assert_no_code_left(redis_db)
+
+
+async def test_caller_giving_up_leaves_no_usable_code(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service()
+    interakt.answer(Answer(delay=3, body={"result": True, "id": "late"}))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=0.3)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The server cleans up on its own schedule; wait for it, without asserting how fast.
+    for _ in range(100):
+        if not redis_db.keys("otp:*:c"):
+            break
+        await asyncio.sleep(0.05)
+    assert_no_code_left(redis_db)
+
+
+async def test_a_call_without_a_deadline_is_served(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    stub = await make_service()
+    await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE))
+    assert len(interakt.received) == 1
+
+
+async def test_secrets_never_reach_logs_or_errors(
+    make_service: MakeService, interakt: FakeInterakt, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    stub = await make_service(max_attempts=2, resend_cooldown_seconds=0)
+    await send(stub)
+    interakt.answer(Answer(500, None), refusal(INVALID_TOKEN, 401))
+    errors = [(await send_fails(stub, grpc.StatusCode.FAILED_PRECONDITION)).details() or ""]
+    interakt.answer(*[Answer(503, None)] * 3)
+    errors.append((await send_fails(stub, grpc.StatusCode.UNAVAILABLE)).details() or "")
+    codes = {message.code for message in interakt.received}
+    await verify(stub, "000000" if "000000" not in codes else "111111")
+    seen = caplog.text + "".join(errors)
+    for secret in [API_KEY, SECRET.decode(), *codes]:
+        assert secret not in seen

@@ -1,0 +1,125 @@
+"""Infrastructure faults and operator surfaces: Redis trouble, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from otp.v1 import otp_pb2
+
+from otp_service import build_deps, create_server
+from otp_service.embedded_redis import EmbeddedRedis, free_port
+from tests.conftest import CALLER, PHONE, MakeService, send, settings_for, verify
+from tests.fake_interakt import FakeInterakt
+
+
+async def assert_unavailable(call: object) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call  # type: ignore[misc]
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = failed.value.details() or ""
+    assert "storage is unavailable" in details
+    assert "Traceback" not in details
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[str]:
+    """A TCP server that accepts connections and never answers: a hung Redis."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"redis://127.0.0.1:{port}/0"
+    for writer in writers:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_redis_down_is_unavailable(make_service: MakeService, interakt: FakeInterakt) -> None:
+    stub = await make_service(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    await assert_unavailable(send(stub))
+    await assert_unavailable(verify(stub, "123456"))
+    assert interakt.received == []
+
+
+async def test_hung_redis_is_unavailable_before_the_callers_deadline(
+    make_service: MakeService, interakt: FakeInterakt, silent_redis: str
+) -> None:
+    stub = await make_service(redis_url=silent_redis, redis_timeout_seconds=0.2)
+    # The caller allows 10 s; the service answers UNAVAILABLE itself instead of running it out.
+    await assert_unavailable(send(stub))
+    await assert_unavailable(verify(stub, "123456"))
+    assert interakt.received == []
+
+
+async def test_service_recovers_when_redis_comes_back(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    with EmbeddedRedis() as private:
+        stub = await make_service(redis_url=private.url)
+        await send(stub)
+        private.stop()
+        await assert_unavailable(verify(stub, interakt.received[0].code))
+        private.start()
+        # The restart lost the code (no persistence), but the pooled connections recover.
+        result = await verify(stub, interakt.received[0].code)
+        assert result.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+        await send(stub)
+        assert (await verify(stub, interakt.received[1].code)).verified
+
+
+async def test_scripts_reload_after_script_flush(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(resend_cooldown_seconds=0)
+    await send(stub)
+    redis_db.script_flush()
+    await send(stub)
+    redis_db.script_flush()
+    assert (await verify(stub, interakt.received[0].code)).verified
+
+
+async def test_keys_share_a_hash_tag_and_expire(
+    make_service: MakeService, redis_db: redis.Redis
+) -> None:
+    stub = await make_service()
+    await send(stub)
+    keys = sorted(key.decode() for key in redis_db.scan_iter("otp:{*"))
+    assert keys == [f"otp:{{{PHONE}}}:c", f"otp:{{{PHONE}}}:s"]
+    # The caller's budget is its own key: it cannot share a hash slot with every number.
+    keys.append(f"otp:caller:{{{CALLER}}}:s")
+    for key in keys:
+        assert redis_db.pttl(key) > 0
+
+
+async def test_health_and_reflection(redis_server: EmbeddedRedis, interakt: FakeInterakt) -> None:
+    """What grpcurl and orchestrators need, with no proto files at hand."""
+    settings = settings_for(interakt, redis_server.url)
+    deps = build_deps(settings, redis_server.url)
+    server = await create_server(settings, deps)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "otp.v1.OtpService"):
+                request = health_pb2.HealthCheckRequest(service=service)
+                answer = await health.Check(request, timeout=5)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            names: set[str] = set()
+            async for response in reflection.ServerReflectionInfo(iter([request])):
+                names |= {s.name for s in response.list_services_response.service}
+            assert {"otp.v1.OtpService", "grpc.health.v1.Health"} <= names
+    finally:
+        await server.stop(0)
+        await deps.close()

@@ -28,10 +28,12 @@ def no_template(name: str, language: str) -> str:
 
 @dataclass
 class Answer:
-    """One scripted answer; ``delay`` seconds before it is sent."""
+    """One scripted answer; ``delay`` seconds before it is sent. ``html`` replaces the JSON body,
+    as a proxy or a wrong base URL would answer."""
 
     status: int = 200
     body: dict[str, Any] | None = None
+    html: str | None = None
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -99,6 +101,10 @@ class FakeInterakt:
         if self._answers:
             scripted = self._answers.popleft()
             await asyncio.sleep(scripted.delay)
+            if scripted.html is not None:
+                return web.Response(
+                    text=scripted.html, status=scripted.status, content_type="text/html"
+                )
             return web.json_response(
                 scripted.body, status=scripted.status, headers=scripted.headers
             )

@@ -151,6 +151,22 @@ async def test_slow_upstream_is_unavailable_within_the_time_budget(
     assert_no_code_left(redis_db)
 
 
+async def test_a_page_that_is_not_interakt_is_refused_or_retried_by_status(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service()
+    # A 404 page (a wrong INTERAKT_BASE_URL) will not get better: no retry.
+    interakt.answer(Answer(404, html="<html>Not Found</html>"))
+    failed = await send_fails(stub, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "HTTP 404" in (failed.details() or "")
+    assert len(interakt.received) == 1
+    # A proxy's 502 page is transient: retried, then UNAVAILABLE.
+    interakt.answer(*[Answer(502, html="<html>Bad Gateway</html>")] * 3)
+    await send_fails(stub, grpc.StatusCode.UNAVAILABLE)
+    assert len(interakt.received) == 4
+    assert_no_code_left(redis_db)
+
+
 async def test_unreachable_upstream_is_unavailable(
     make_service: MakeService, redis_db: redis.Redis
 ) -> None:

@@ -99,16 +99,13 @@ class InteraktSender:
     async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
+        # A template whenever one is configured: it reaches every user, while Text reaches only
+        # users inside WhatsApp's 24-hour window. So a Text refused for that window never has a
+        # template to fall back to; the refusal tells the operator to configure one.
         channel = Channel.TEMPLATE if self._template_name else Channel.TEXT
         try:
             return await self._send_with_retries(phone, code, channel, deadline)
         except _Refused as exc:
-            if channel is Channel.TEXT and _OUTSIDE_24H in exc.message and self._template_name:
-                log.info("text outside the 24-hour window, falling back to the template")
-                try:
-                    return await self._send_with_retries(phone, code, Channel.TEMPLATE, deadline)
-                except _Refused as again:
-                    raise _refusal(again) from again
             raise _refusal(exc) from exc
 
     async def close(self) -> None:
@@ -154,6 +151,10 @@ class InteraktSender:
                 try:
                     answer = await response.json(content_type=None)
                 except ValueError as exc:
+                    # A 4xx page that is not Interakt's JSON (a wrong INTERAKT_BASE_URL, say)
+                    # will not get better by retrying; the contract lists only 429 and 5xx.
+                    if response.status >= 400:
+                        raise _Refused(f"HTTP {response.status}, body not JSON") from exc
                     raise _Transient(f"HTTP {response.status}, body not JSON") from exc
         if not isinstance(answer, dict):
             raise _Transient(f"HTTP {response.status} with an unexpected body")

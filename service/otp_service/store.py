@@ -35,14 +35,20 @@ SEND_WINDOW_MS = 3_600_000
 FAILED_VERIFY_WINDOW_MS = 3_600_000
 CALLER_WINDOW_MS = 60_000
 
-# KEYS[1] codes hash, KEYS[2] sends zset
+# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] wrong-code times list
 # ARGV[1] digest of the new code, ARGV[2] ttl ms, ARGV[3] cooldown ms,
-# ARGV[4] max sends per window, ARGV[5] window ms, ARGV[6] max attempts
+# ARGV[4] max sends per window, ARGV[5] window ms, ARGV[6] max attempts,
+# ARGV[7] max wrong codes per failed-verify window, ARGV[8] that window in ms
 # Returns {0, expiry ms, wait ms until the next send} when the code is stored, {1, wait ms} in
-# the cooldown, {2, wait ms} over the hourly cap.
+# the cooldown, {2, wait ms} over the hourly cap, {3, wait ms} while the number is over its
+# wrong-code budget (no code could verify before then, so sending one would only cost money).
 _SEND_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local failed = redis.call('LINDEX', KEYS[3], tonumber(ARGV[7]) - 1)
+if failed and tonumber(failed) > now - tonumber(ARGV[8]) then
+  return {3, tonumber(failed) + tonumber(ARGV[8]) - now}
+end
 local ttl, cooldown = tonumber(ARGV[2]), tonumber(ARGV[3])
 local cap, window = tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
@@ -243,6 +249,8 @@ class RedisStore:
             rules.max_sends_per_hour,
             SEND_WINDOW_MS,
             rules.max_attempts,
+            rules.max_failed_verifies_per_hour,
+            FAILED_VERIFY_WINDOW_MS,
         )
 
     @classmethod
@@ -260,7 +268,10 @@ class RedisStore:
 
     async def add_code(self, phone: str, digest: str) -> tuple[int, int]:
         reply = await self._call(
-            self._send(keys=[_codes_key(phone), _sends_key(phone)], args=[digest, *self._send_args])
+            self._send(
+                keys=[_codes_key(phone), _sends_key(phone), _failures_key(phone)],
+                args=[digest, *self._send_args],
+            )
         )
         status, value = reply[0], reply[1]
         if status == 1:
@@ -270,6 +281,8 @@ class RedisStore:
                 f"phone_number: at most {self._rules.max_sends_per_hour} codes an hour",
                 value / 1000,
             )
+        if status == 3:
+            raise self._paused(value)
         return int(value), int(reply[2])
 
     async def count_caller_send(self, caller: str) -> int:
@@ -297,12 +310,15 @@ class RedisStore:
             )
         )
         if outcome == _OVER_FAILED_VERIFY_BUDGET:
-            raise LimitExceeded(
-                f"phone_number: {self._rules.max_failed_verifies_per_hour} wrong codes in the last "
-                "hour; verification is paused",
-                value / 1000,
-            )
+            raise self._paused(value)
         return VerifyResult(VerifyOutcome(outcome), value)
+
+    def _paused(self, wait_ms: int) -> LimitExceeded:
+        return LimitExceeded(
+            f"phone_number: {self._rules.max_failed_verifies_per_hour} wrong codes in the last "
+            "hour; verification is paused",
+            wait_ms / 1000,
+        )
 
     async def ping(self) -> bool:
         try:

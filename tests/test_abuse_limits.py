@@ -104,6 +104,39 @@ async def test_a_caller_over_its_rate_is_refused_across_replicas(
     assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
 
 
+async def test_the_interakt_account_budget_is_shared_by_every_replica_and_caller(
+    make_server: MakeServer, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    tokens = (("billing", "billing-token-0123456789"), ("signup", "signup-token-0123456"))
+    replicas = [await make_server(interakt_sends_per_minute=2, client_tokens=tokens) for _ in "ab"]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{r.port}") for r in replicas]
+    stubs = [otp_pb2_grpc.OtpServiceStub(channel) for channel in channels]
+
+    async def send_as(stub: otp_pb2_grpc.OtpServiceStub, token: str, phone: str) -> None:
+        await stub.SendOtp(
+            otp_pb2.SendOtpRequest(phone_number=phone),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
+
+    try:
+        await send_as(stubs[0], "billing-token-0123456789", OTHER_PHONES[0])
+        await send_as(stubs[1], "signup-token-0123456", OTHER_PHONES[1])
+        before = redis_snapshot(redis_db)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await send_as(stubs[0], "signup-token-0123456", OTHER_PHONES[2])
+    finally:
+        for channel in channels:
+            await channel.close()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == (
+        "the service's WhatsApp budget of 2 messages a minute is spent"
+    )
+    assert 1 <= retry_delay(refused.value) <= 60
+    assert redis_snapshot(redis_db) == before
+    assert len(interakt.received) == 2
+
+
 async def test_each_caller_has_its_own_budget(
     make_server: MakeServer, interakt: FakeInterakt
 ) -> None:
@@ -143,7 +176,7 @@ async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(
         await send(stub, OTHER_PHONES[0])
     assert upstream.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await send(stub, OTHER_PHONES[1])
-    assert redis_db.llen("otp:caller:{tests}:s") == 2
+    assert redis_db.llen("otp:{senders}:caller:tests") == 2
 
 
 async def test_a_phone_over_its_wrong_code_budget_is_refused_even_with_the_right_code(

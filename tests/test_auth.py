@@ -112,8 +112,8 @@ async def test_a_valid_token_names_the_caller(
         timeout=10,
     )
     # The caller's send budget is kept under the name its token maps to.
-    assert redis_db.exists("otp:caller:{signup}:s")
-    assert not redis_db.exists("otp:caller:{billing}:s")
+    assert redis_db.exists("otp:{senders}:caller:signup")
+    assert not redis_db.exists("otp:{senders}:caller:billing")
 
 
 async def test_health_and_reflection_stay_open(

@@ -28,6 +28,8 @@ DEFAULT_BRAND = "MinServe"
 DEFAULT_INTERAKT_TIMEOUT_SECONDS = 5.0
 DEFAULT_REDIS_TIMEOUT_SECONDS = 1.0
 DEFAULT_CALLER_SENDS_PER_MINUTE = 120
+# Interakt's Growth plan allows 300 requests a minute per account, shared by every replica.
+DEFAULT_INTERAKT_SENDS_PER_MINUTE = 300
 # Calling codes that codes may be sent to: the market the product serves. Everything else is
 # refused, the standard defence against WhatsApp/SMS pumping to premium or far-away numbers.
 DEFAULT_ALLOWED_COUNTRIES = frozenset({"91"})
@@ -85,6 +87,7 @@ class Settings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     caller_sends_per_minute: int = DEFAULT_CALLER_SENDS_PER_MINUTE
+    interakt_sends_per_minute: int = DEFAULT_INTERAKT_SENDS_PER_MINUTE
     allowed_countries: frozenset[str] = DEFAULT_ALLOWED_COUNTRIES
     max_failed_verifies_per_hour: int = DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR
 
@@ -174,6 +177,12 @@ class Settings:
             tls_client_ca=tls_client_ca,
             caller_sends_per_minute=reader.integer(
                 "OTP_CALLER_SENDS_PER_MINUTE", DEFAULT_CALLER_SENDS_PER_MINUTE, low=1, high=100_000
+            ),
+            interakt_sends_per_minute=reader.integer(
+                "INTERAKT_SENDS_PER_MINUTE",
+                DEFAULT_INTERAKT_SENDS_PER_MINUTE,
+                low=1,
+                high=100_000,
             ),
             allowed_countries=_countries(reader),
             max_failed_verifies_per_hour=reader.integer(

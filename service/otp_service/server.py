@@ -44,6 +44,7 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
             max_sends_per_hour=settings.max_sends_per_hour,
             max_failed_verifies_per_hour=settings.max_failed_verifies_per_hour,
             caller_sends_per_minute=settings.caller_sends_per_minute,
+            account_sends_per_minute=settings.interakt_sends_per_minute,
         ),
         timeout=settings.redis_timeout_seconds,
     )

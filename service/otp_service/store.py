@@ -13,9 +13,12 @@ Keys for one number:
     otp:{+917003848501}:f   list   times in ms of the latest wrong codes, newest first, at most
                                    the hourly failed-verify budget of them.
 
-Keys for one calling service (its own hash slot, so a second round trip before a send):
-    otp:caller:{billing}:s  list   times in ms of its latest sends, newest first, at most its
-                                   per-minute budget of them.
+Send budgets shared by every number (one hash slot of their own, so a second round trip before
+a send):
+    otp:{senders}:caller:billing  list  times in ms of a calling service's latest sends, newest
+                                        first, at most its per-minute budget of them.
+    otp:{senders}:interakt        list  the same for the whole Interakt account, whose rate limit
+                                        every replica shares.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from otp_service.results import VerifyOutcome, VerifyResult
 
 SEND_WINDOW_MS = 3_600_000
 FAILED_VERIFY_WINDOW_MS = 3_600_000
-CALLER_WINDOW_MS = 60_000
+SEND_BUDGET_WINDOW_MS = 60_000
 
 # KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] wrong-code times list
 # ARGV[1] digest of the new code, ARGV[2] ttl ms, ARGV[3] cooldown ms,
@@ -140,23 +143,38 @@ redis.call('PEXPIRE', KEYS[2], window)
 return {2, max - used}
 """
 
-# KEYS[1] the caller's send times list
-# ARGV[1] max sends per window, ARGV[2] window ms
-# Returns {0, time ms it counted} when the send is counted, {1, ms until the oldest counted
-# send leaves the window} when the budget is spent. Only the newest `cap` times are kept: the
-# cap-th newest inside the window means the budget is spent, whatever happened before it.
-_CALLER_SCRIPT = """
+# KEYS[1] the caller's send times list, KEYS[2] the Interakt account's send times list
+# ARGV[1] the caller's max sends per window, ARGV[2] the account's, ARGV[3] window ms
+# Returns {0, time ms it counted} when the send is counted in both, {1, ms until the caller's
+# oldest counted send leaves the window} or {2, the same for the account} when a budget is spent.
+# Only the newest `cap` times are kept: the cap-th newest inside the window means the budget is
+# spent, whatever happened before it.
+_BUDGET_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cap, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local oldest = redis.call('LINDEX', KEYS[1], cap - 1)
-if oldest and tonumber(oldest) > now - window then
-  return {1, tonumber(oldest) + window - now}
+local window = tonumber(ARGV[3])
+for i = 1, 2 do
+  local oldest = redis.call('LINDEX', KEYS[i], tonumber(ARGV[i]) - 1)
+  if oldest and tonumber(oldest) > now - window then
+    return {i, tonumber(oldest) + window - now}
+  end
 end
-redis.call('LPUSH', KEYS[1], now)
-redis.call('LTRIM', KEYS[1], 0, cap - 1)
-redis.call('PEXPIRE', KEYS[1], window)
+for i = 1, 2 do
+  redis.call('LPUSH', KEYS[i], now)
+  redis.call('LTRIM', KEYS[i], 0, tonumber(ARGV[i]) - 1)
+  redis.call('PEXPIRE', KEYS[i], window)
+end
 return {0, now}
+"""
+
+# KEYS[1] the caller's send times list, KEYS[2] the account's
+# ARGV[1] the time a send was counted at
+# Returns 1. Gives back a send that did not happen; any entry with the same time is as good as
+# the one counted, since the lists hold only times.
+_UNBUDGET_SCRIPT = """
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+return 1
 """
 
 
@@ -173,6 +191,7 @@ class Rules:
     max_sends_per_hour: int
     max_failed_verifies_per_hour: int
     caller_sends_per_minute: int
+    account_sends_per_minute: int
 
 
 class Store(Protocol):
@@ -187,9 +206,10 @@ class Store(Protocol):
         """
 
     async def count_caller_send(self, caller: str) -> int:
-        """Count one send against the caller's per-minute budget; return a ticket to give it back.
+        """Count one send against the caller's and the Interakt account's per-minute budgets.
 
-        Raises LimitExceeded when the budget is spent, StoreUnavailable on trouble.
+        Returns a ticket to give it back. Raises LimitExceeded when a budget is spent,
+        StoreUnavailable on trouble.
         """
 
     async def uncount_caller_send(self, caller: str, ticket: int) -> None:
@@ -223,8 +243,8 @@ def _failures_key(phone: str) -> str:
     return f"otp:{{{phone}}}:f"
 
 
-def _caller_key(caller: str) -> str:
-    return f"otp:caller:{{{caller}}}:s"
+def _budget_keys(caller: str) -> list[str]:
+    return [f"otp:{{senders}}:caller:{caller}", "otp:{senders}:interakt"]
 
 
 class RedisStore:
@@ -236,13 +256,18 @@ class RedisStore:
         self._send = client.register_script(_SEND_SCRIPT)
         self._cancel = client.register_script(_CANCEL_SCRIPT)
         self._verify = client.register_script(_VERIFY_SCRIPT)
-        self._caller = client.register_script(_CALLER_SCRIPT)
+        self._budget = client.register_script(_BUDGET_SCRIPT)
+        self._unbudget = client.register_script(_UNBUDGET_SCRIPT)
         self._verify_args = (
             rules.max_attempts,
             rules.max_failed_verifies_per_hour,
             FAILED_VERIFY_WINDOW_MS,
         )
-        self._caller_args = (rules.caller_sends_per_minute, CALLER_WINDOW_MS)
+        self._budget_args = (
+            rules.caller_sends_per_minute,
+            rules.account_sends_per_minute,
+            SEND_BUDGET_WINDOW_MS,
+        )
         self._send_args = (
             rules.ttl_seconds * 1000,
             rules.resend_cooldown_seconds * 1000,
@@ -287,18 +312,23 @@ class RedisStore:
 
     async def count_caller_send(self, caller: str) -> int:
         status, value = await self._call(
-            self._caller(keys=[_caller_key(caller)], args=self._caller_args)
+            self._budget(keys=_budget_keys(caller), args=self._budget_args)
         )
-        if status:
+        if status == 1:
             raise LimitExceeded(
                 f"caller: at most {self._rules.caller_sends_per_minute} sends a minute",
+                value / 1000,
+            )
+        if status == 2:
+            raise LimitExceeded(
+                f"the service's WhatsApp budget of {self._rules.account_sends_per_minute} "
+                "messages a minute is spent",
                 value / 1000,
             )
         return int(value)
 
     async def uncount_caller_send(self, caller: str, ticket: int) -> None:
-        # Any one entry with the same time is as good as ours: the list holds only times.
-        await self._call(self._redis.lrem(_caller_key(caller), 1, str(ticket)))
+        await self._call(self._unbudget(keys=_budget_keys(caller), args=[ticket]))
 
     async def cancel_code(self, phone: str, digest: str) -> None:
         await self._call(self._cancel(keys=[_codes_key(phone), _sends_key(phone)], args=[digest]))

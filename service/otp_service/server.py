@@ -88,14 +88,17 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
     )
 
 
-async def create_server(settings: Settings, deps: Deps) -> OtpServer:
-    """Build the gRPC server and bind ``settings.grpc_address`` (port 0 picks a free port)."""
+async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = False) -> OtpServer:
+    """Build the gRPC server and bind ``settings.grpc_address`` (port 0 picks a free port).
+
+    ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port.
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # gRPC turns SO_REUSEPORT on by default, which would let a second copy bind the same
-            # port silently; a busy port must be an error.
-            ("grpc.so_reuseport", 0),
+            # port silently; a busy port must be an error unless we fork the workers ourselves.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     otp_pb2_grpc.add_OtpServiceServicer_to_server(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import socket
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import redis
@@ -30,11 +32,13 @@ from bench import load, report
 from bench.ceilings import GRPC_METHOD, HTTP_PATH
 from bench.load import Sample, Target
 from otp_service.embedded_redis import EmbeddedRedis, free_port
+from tests.fake_interakt import API_KEY
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a benchmark-only caller token
 SECRET = "bench-otp-secret-0123456789"  # noqa: S105 - a benchmark-only HMAC key
 PHONE = "+917003848501"
+INTERAKT_KEY = API_KEY
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 FULL_IN_FLIGHT = 64
 LIGHT_IN_FLIGHT = 1
@@ -217,7 +221,7 @@ def services(workdir: Path) -> Iterator[dict[str, int]]:
             env = {
                 **os.environ,
                 "REDIS_URL": redis_server.url,
-                "INTERAKT_API_KEY": "ZmFrZS1pbnRlcmFrdC1rZXk=",
+                "INTERAKT_API_KEY": INTERAKT_KEY,
                 "INTERAKT_BASE_URL": base_url,
                 "OTP_SECRET": SECRET,
                 "OTP_GRPC_ADDRESS": f"127.0.0.1:{ports['service']}",
@@ -237,6 +241,8 @@ def services(workdir: Path) -> Iterator[dict[str, int]]:
             for port in ports.values():
                 wait_listening(port)
             yield {
+                "upstream_port": urlsplit(base_url).port or 80,
+                "upstream_pid": upstream.pid,
                 **{f"{k}_port": v for k, v in ports.items()},
                 **{f"{k}_pid": v for k, v in pids.items()},
                 "redis_port": redis_server.port,
@@ -346,7 +352,33 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             svc_pid,
             db,
         )
-        half.note = "own time p99 = p99 - 50 ms upstream"
+        # The fake Interakt alone, at the same rate: what of SendOtp's latency is upstream's.
+        upstream = Target(
+            env["upstream_port"],
+            "/v1/public/message/",
+            grpc=False,
+            headers=(("Authorization", f"Basic {INTERAKT_KEY}"),),
+        )
+        upstream_body = json.dumps(
+            {
+                "countryCode": "+91",
+                "phoneNumber": "7003848501",
+                "type": "Text",
+                "data": {"message": "Your OTP for MinServe is 123456. "},
+            }
+        ).encode()
+        alone = measure(
+            Figure("fake Interakt alone", "half", f"{half_rate:.0f}/s"),
+            sizes.rounds,
+            lambda: load.python_client(
+                upstream,
+                [upstream_body],
+                requests=sizes.send_full // 2,
+                in_flight=FULL_IN_FLIGHT,
+                rate=half_rate,
+            ),
+            env["upstream_pid"],
+        )
         light = measure(
             Figure("SendOtp", "light", str(LIGHT_IN_FLIGHT)),
             sizes.rounds,
@@ -359,7 +391,7 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             svc_pid,
             db,
         )
-        figures += [full, half, light]
+        figures += [full, half, light, alone]
         checks["SendOtp"] = check_answers(svc, send.path, send_bodies(5))
         fresh = phone(999_999)
         check_answers(

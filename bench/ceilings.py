@@ -1,19 +1,19 @@
 """The ceilings: servers that do nothing, run the way the service runs.
 
 ``python -m bench.ceilings grpc PORT``: an empty ``grpc.aio`` unary handler (bytes in, nothing
-out), on the same event loop and with the same server options as otp-service.
+out), on the same event loop (uvloop) and with the same server options as otp-service.
 ``python -m bench.ceilings http PORT``: an empty aiohttp JSON handler.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
 import grpc
 from aiohttp import web
 
+from otp_service.cli import run_event_loop
 from otp_service.server import MAX_MESSAGE_BYTES
 
 GRPC_METHOD = "/bench.Empty/Call"
@@ -52,7 +52,6 @@ def serve_http(port: int) -> None:
 if __name__ == "__main__":
     kind, port = sys.argv[1], int(sys.argv[2])
     if kind == "grpc":
-        # The same loop otp-service runs on: ``otp-service serve`` uses asyncio.run.
-        asyncio.run(serve_grpc(port))
+        run_event_loop(serve_grpc(port))  # the loop otp-service runs on
     else:
         serve_http(port)

@@ -10,7 +10,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import uvloop
 
 from otp_service.config import ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         if args.workers == 1:
-            asyncio.run(serve_forever(settings))
+            run_event_loop(serve_forever(settings))
         else:
             return _run_workers(settings, args.workers)
     except EmbeddedRedisError as exc:
@@ -62,6 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"otp-service: cannot listen on {settings.grpc_address}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to completion on uvloop, the event loop every server process uses.
+
+    Measured against the stock loop in the same run: about 10% more VerifyOtp throughput and
+    less CPU per call (bench/README.md).
+    """
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _positive(raw: str) -> int:
@@ -89,7 +102,7 @@ def _run_workers(settings: Settings, workers: int) -> int:
             if pid == 0:
                 code = 0
                 try:
-                    asyncio.run(serve_forever(settings, reuse_port=True))
+                    run_event_loop(serve_forever(settings, reuse_port=True))
                 except OSError as exc:
                     print(f"otp-service: worker cannot listen: {exc}", file=sys.stderr)
                     code = 1

@@ -89,9 +89,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     lines += [
         "- VerifyOtp sends one number with a wrong code, so each call runs the verify script's "
         "attempt counting; one EVALSHA either way.",
-        "- Redis round trips count top-level commands (EVALSHA, and the connection set-up "
-        "commands of new pooled connections); the commands in brackets include those our Lua "
-        "scripts run inside Redis.",
+        "- Redis round trips count top-level commands (EVALSHA, SCRIPT LOAD, connection "
+        "set-up); the commands in brackets also count those our Lua scripts run inside Redis.",
         "- REST verify: the JSON gateway is built on another branch; its row is a slot until "
         "it is merged.",
         "",

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import pytest
 import redis
+from otp.v1 import otp_pb2, otp_pb2_grpc
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from otp_service import build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis
 from otp_service.pipelined_redis import PipelinedRedis
+from tests.conftest import settings_for, verify
+from tests.fake_interakt import FakeInterakt
 
 TIMEOUT = 0.3
 SCRIPT = "return {KEYS[1], ARGV[1]}"
@@ -114,3 +119,46 @@ async def _ping_ok(client: PipelinedRedis) -> bool:
         return await client.ping()
     except RedisConnectionError:
         return False
+
+
+async def test_callers_waiting_on_a_silent_server_fail_together_within_the_timeout() -> None:
+    """A server that accepts and never answers: N callers must not queue N connect attempts."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # hold the connection, answer nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=TIMEOUT)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    results = await asyncio.gather(
+        *(client.execute_command("PING") for _ in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(r, RedisTimeoutError) for r in results), results
+    assert loop.time() - started < TIMEOUT * 5  # one shared attempt, not twenty in a row
+    await client.aclose()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_service_answers_right_after_a_redis_restart(
+    own_redis: EmbeddedRedis, interakt: FakeInterakt
+) -> None:
+    settings = settings_for(interakt, own_redis.url)
+    deps = build_deps(settings, own_redis.url)
+    server = await create_server(settings, deps)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = otp_pb2_grpc.OtpServiceStub(channel)
+            before = await verify(stub, "123456")  # loads the verify script, opens the connection
+            assert before.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+            own_redis.stop()
+            own_redis.start()  # the same port, empty: the scripts are gone too
+            answer = await verify(stub, "123456")
+            assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+    finally:
+        await server.stop(0)
+        await deps.close()

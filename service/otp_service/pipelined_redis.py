@@ -64,7 +64,7 @@ class PipelinedRedis:
         self._reader: asyncio.Task[None] | None = None
         self._pending: deque[_Pending] = deque()
         self._outbox: list[bytes] = []
-        self._connecting = asyncio.Lock()
+        self._opening: asyncio.Task[AbstractConnection] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
@@ -110,22 +110,33 @@ class PipelinedRedis:
     # -- the connection ------------------------------------------------------------------
 
     async def _connect(self) -> AbstractConnection:
-        async with self._connecting:
-            if self._connection is None:
-                connection = self._factory.make_connection()  # type: ignore[no-untyped-call]
-                try:
-                    # connect() also runs AUTH/SELECT, which must not wait forever either.
-                    async with asyncio.timeout(self._timeout):
-                        await connection.connect()
-                except TimeoutError as exc:
-                    await connection.disconnect(nowait=True)
-                    raise RedisTimeoutError("timed out connecting to Redis") from exc
-                except BaseException:
-                    await connection.disconnect(nowait=True)
-                    raise
-                self._connection = connection
-                self._reader = asyncio.get_running_loop().create_task(self._read(connection))
-            return self._connection
+        """The connection, opened by one attempt that every caller arriving meanwhile shares.
+
+        Shared, so that with Redis unreachable N waiting callers fail together within one
+        timeout instead of queueing for N attempts; shielded, so that one caller giving up does
+        not abort the attempt for the others.
+        """
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.get_running_loop().create_task(self._open())
+            # Retrieved here too, so a failure nobody waited for is not reported as lost.
+            self._opening.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return await asyncio.shield(self._opening)
+
+    async def _open(self) -> AbstractConnection:
+        connection: AbstractConnection = self._factory.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            # connect() also runs AUTH/SELECT/CLIENT SETINFO, which must not wait forever.
+            async with asyncio.timeout(self._timeout):
+                await connection.connect()  # type: ignore[no-untyped-call]
+        except TimeoutError as exc:
+            await connection.disconnect(nowait=True)
+            raise RedisTimeoutError("timed out connecting to Redis") from exc
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        self._connection = connection
+        self._reader = asyncio.get_running_loop().create_task(self._read(connection))
+        return connection
 
     def _flush(self, connection: AbstractConnection) -> None:
         if connection is not self._connection or not self._outbox:

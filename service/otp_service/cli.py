@@ -88,7 +88,7 @@ def _run_workers(settings: Settings, workers: int) -> int:
     """Fork ``workers`` servers sharing the port; stop them all on a signal or when one dies.
 
     The fork happens before any gRPC object exists: gRPC's threads and polling state do not
-    survive a fork, so each child builds its own server, Redis pool and HTTP session.
+    survive a fork, so each child builds its own server, Redis connection and HTTP session.
     """
     with contextlib.ExitStack() as stack:
         if settings.redis_url is None:
@@ -97,9 +97,19 @@ def _run_workers(settings: Settings, workers: int) -> int:
             log.warning("DEV MODE: started a private redis-server at %s", embedded.url)
             settings = dataclasses.replace(settings, redis_url=embedded.url)
         children: list[int] = []
+
+        def stop_children(signum: int, _frame: object) -> None:
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop_children)
         for _ in range(workers):
             pid = os.fork()
             if pid == 0:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, signal.SIG_DFL)  # until the worker's loop takes over
                 code = 0
                 try:
                     run_event_loop(serve_forever(settings, reuse_port=True))
@@ -112,17 +122,11 @@ def _run_workers(settings: Settings, workers: int) -> int:
                 os._exit(code)
             children.append(pid)
         log.info("started %d workers: %s", workers, " ".join(map(str, children)))
-
-        def stop_children(signum: int, _frame: object) -> None:
-            for child in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signum)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, stop_children)
         status = 0
         while children:
             pid, wait_status = os.wait()
+            if pid not in children:
+                continue  # the dev-mode redis-server, also our child
             children.remove(pid)
             if os.waitstatus_to_exitcode(wait_status) != 0 and status == 0:
                 # A worker that dies takes the others down too, so the supervisor restarts

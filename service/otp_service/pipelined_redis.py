@@ -96,6 +96,8 @@ class PipelinedRedis:
     async def execute_command(self, *args: Any) -> Any:
         """Send one command and wait for its reply; raise its error reply or a fault."""
         connection = self._connection or await self._connect()
+        if connection is not self._connection:
+            raise RedisConnectionError("lost the connection to Redis right after opening it")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Pending(future, loop.time() + self._timeout))
@@ -180,14 +182,14 @@ class PipelinedRedis:
     def _watch(self) -> None:
         """Drop the connection when its oldest command has waited longer than the timeout."""
         self._watchdog = None
-        if not self._pending or self._connection is None:
+        if not self._pending:
             return
         loop = asyncio.get_running_loop()
         if self._pending[0].deadline <= loop.time():
-            self._drop(
-                self._connection,
-                RedisTimeoutError(f"Redis did not answer within {self._timeout}s"),
-            )
+            error = RedisTimeoutError(f"Redis did not answer within {self._timeout}s")
+            if self._connection is not None:
+                self._drop(self._connection, error)
+            self._fail_pending(error)
         else:
             self._watchdog = loop.call_later(self._timeout / 4, self._watch)
 
@@ -204,11 +206,14 @@ class PipelinedRedis:
             error: Exception = cause
         else:
             error = RedisConnectionError(f"lost the connection to Redis: {cause!r}")
-        pending, self._pending = self._pending, deque()
-        for waiting in pending:
-            if not waiting.future.done():
-                waiting.future.set_exception(error)
+        self._fail_pending(error)
         with contextlib.suppress(RuntimeError):
             closing = asyncio.get_running_loop().create_task(connection.disconnect(nowait=True))
             self._writes.add(closing)
             closing.add_done_callback(self._writes.discard)
+
+    def _fail_pending(self, error: Exception) -> None:
+        pending, self._pending = self._pending, deque()
+        for waiting in pending:
+            if not waiting.future.done():
+                waiting.future.set_exception(error)

@@ -37,8 +37,8 @@ proto-check: install
 	       echo "generated stubs are stale: run 'make proto' and commit"; exit 1; fi
 
 lint: install
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy service
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
@@ -46,7 +46,13 @@ lint: install
 test: install lint proto-check
 	$(BIN)/python -m pytest
 
+# The benchmark (bench/README.md). h2load comes from apt when it is missing; without it the
+# bench falls back to its Python load client.
 bench: install
+	@command -v h2load >/dev/null || apt-get install -y -qq nghttp2-client >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nghttp2-client >/dev/null 2>&1; } || \
+	  echo "h2load could not be installed: using the Python load client"
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
 
 clean:

@@ -1,15 +1,19 @@
-"""The ``otp-service`` command: ``otp-service serve [--dev]``."""
+"""The ``otp-service`` command: ``otp-service serve [--dev] [--workers N]``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import uvloop
 
 from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
@@ -31,6 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="development mode: no configuration needed; starts a private redis-server when "
         "REDIS_URL is unset and writes codes to the log instead of sending them",
     )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="serve from N processes sharing the port (SO_REUSEPORT); default 1",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -43,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"otp-service: configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        asyncio.run(serve_forever(settings))
+        if args.workers == 1:
+            run_event_loop(serve_forever(settings))
+        else:
+            return _run_workers(settings, args.workers)
     except EmbeddedRedisError as exc:
         print(f"otp-service: {exc}", file=sys.stderr)
         return 1
@@ -53,7 +67,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def serve_forever(settings: Settings) -> None:
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to completion on uvloop, the event loop every server process uses.
+
+    Measured against the stock loop in the same run: about 10% more VerifyOtp throughput and
+    less CPU per call (bench/README.md).
+    """
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _run_workers(settings: Settings, workers: int) -> int:
+    """Fork ``workers`` servers sharing the port; stop them all on a signal or when one dies.
+
+    The fork happens before any gRPC object exists: gRPC's threads and polling state do not
+    survive a fork, so each child builds its own server, Redis connection and HTTP session.
+    """
+    with contextlib.ExitStack() as stack:
+        if settings.redis_url is None:
+            # One private Redis for all workers, or each would enforce its own limits.
+            embedded = stack.enter_context(EmbeddedRedis())
+            log.warning("DEV MODE: started a private redis-server at %s", embedded.url)
+            settings = dataclasses.replace(settings, redis_url=embedded.url)
+        children: list[int] = []
+
+        def stop_children(signum: int, _frame: object) -> None:
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop_children)
+        for _ in range(workers):
+            pid = os.fork()
+            if pid == 0:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, signal.SIG_DFL)  # until the worker's loop takes over
+                code = 0
+                try:
+                    run_event_loop(serve_forever(settings, reuse_port=True))
+                except OSError as exc:
+                    print(f"otp-service: worker cannot listen: {exc}", file=sys.stderr)
+                    code = 1
+                except BaseException:
+                    log.exception("worker failed")
+                    code = 1
+                os._exit(code)
+            children.append(pid)
+        log.info("started %d workers: %s", workers, " ".join(map(str, children)))
+        status = 0
+        while children:
+            pid, wait_status = os.wait()
+            if pid not in children:
+                continue  # the dev-mode redis-server, also our child
+            children.remove(pid)
+            if os.waitstatus_to_exitcode(wait_status) != 0 and status == 0:
+                # A worker that dies takes the others down too, so the supervisor restarts
+                # the whole service instead of running it short-handed.
+                status = 1
+                stop_children(signal.SIGTERM, None)
+        return status
+
+
+async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight RPCs and release everything."""
     async with contextlib.AsyncExitStack() as stack:
         redis_url = settings.redis_url
@@ -64,7 +147,7 @@ async def serve_forever(settings: Settings) -> None:
         deps = build_deps(settings, redis_url)
         stack.push_async_callback(deps.close)
 
-        server = await create_server(settings, deps)
+        server = await create_server(settings, deps, reuse_port=reuse_port)
         if server.port == 0:
             raise OSError("the address is in use or not available")
         await server.start()

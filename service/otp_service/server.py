@@ -92,8 +92,11 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
     )
 
 
-async def create_server(settings: Settings, deps: Deps) -> OtpServer:
-    """Build the gRPC server and bind ``settings.grpc_address`` (port 0 picks a free port)."""
+async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = False) -> OtpServer:
+    """Build the gRPC server and bind ``settings.grpc_address`` (port 0 picks a free port).
+
+    ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port.
+    """
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_required:
         interceptors.append(
@@ -104,8 +107,8 @@ async def create_server(settings: Settings, deps: Deps) -> OtpServer:
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # gRPC turns SO_REUSEPORT on by default, which would let a second copy bind the same
-            # port silently; a busy port must be an error.
-            ("grpc.so_reuseport", 0),
+            # port silently; a busy port must be an error unless we fork the workers ourselves.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     add_to_server(OtpServicer(build_service(settings, deps)), server)

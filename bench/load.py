@@ -1,0 +1,191 @@
+"""Load generators: h2load (preferred: not Python, not the code under test) and a fallback
+multi-process Python client. Both run a fixed number of requests at a fixed concurrency and
+return every request's latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one request looks like: a gRPC method or an HTTP/1.1 JSON route on loopback."""
+
+    port: int
+    path: str
+    grpc: bool
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+
+@dataclass
+class Sample:
+    """One round as the client saw it."""
+
+    requests: int
+    seconds: float
+    latencies_us: list[int]  # sorted
+    failed: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A unary gRPC request body: uncompressed flag, big-endian length, the message."""
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+def have_h2load() -> bool:
+    return shutil.which("h2load") is not None
+
+
+_FINISHED = re.compile(r"finished in ([\d.]+)(us|ms|s), ([\d.]+) req/s")
+_SUCCEEDED = re.compile(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout")
+
+
+def h2load(target: Target, body: bytes, *, requests: int, in_flight: int) -> Sample:
+    """One h2load round; gRPC multiplexes up to 16 streams per connection, HTTP/1.1 one."""
+    if target.grpc:
+        connections = max(1, in_flight // 16)
+        streams = max(1, in_flight // connections)
+        protocol = ["-m", str(streams)]
+        headers = [("content-type", "application/grpc"), ("te", "trailers")]
+    else:
+        connections, protocol = in_flight, ["--h1"]
+        headers = [("content-type", "application/json")]
+    connections = min(connections, requests)  # h2load refuses more clients than requests
+    with tempfile.TemporaryDirectory(prefix="otp-bench-") as tmp:
+        body_file, log_file = Path(tmp, "body"), Path(tmp, "log")
+        body_file.write_bytes(grpc_frame(body) if target.grpc else body)
+        command = [
+            "h2load", "-n", str(requests), "-c", str(connections), "-t", "1", *protocol,
+            "-d", str(body_file), "--log-file", str(log_file),
+        ]  # fmt: skip
+        for name, value in (*headers, *target.headers):
+            command += ["-H", f"{name}: {value}"]
+        out = subprocess.run(  # noqa: S603
+            [*command, target.url], capture_output=True, text=True, check=True
+        ).stdout
+        finished, succeeded = _FINISHED.search(out), _SUCCEEDED.search(out)
+        if not finished or not succeeded:
+            raise RuntimeError(f"cannot read h2load's output:\n{out}")
+        # h2load logs "start µs <TAB> HTTP status <TAB> duration µs" per request.
+        latencies = sorted(
+            int(line.split("\t")[2]) for line in log_file.read_text().splitlines() if line
+        )
+    number, unit = float(finished.group(1)), finished.group(2)
+    seconds = number / {"us": 1e6, "ms": 1e3, "s": 1}[unit]
+    ok = int(succeeded.group(1))
+    return Sample(requests=requests, seconds=seconds, latencies_us=latencies, failed=requests - ok)
+
+
+def python_client(
+    target: Target,
+    bodies: list[bytes],
+    *,
+    requests: int,
+    in_flight: int,
+    rate: float | None = None,
+    processes: int = 1,
+) -> Sample:
+    """One round from ``processes`` Python processes; request i carries ``bodies[i % len]``.
+
+    With ``rate`` the requests start at that many per second regardless of answers (open
+    loop), so latency is measured at a chosen load rather than at whatever load results.
+    """
+    jobs = [
+        (
+            target,
+            bodies[k::processes] if len(bodies) >= processes else bodies,
+            requests // processes + (k < requests % processes),
+            max(1, in_flight // processes),
+            rate / processes if rate else None,
+        )
+        for k in range(processes)
+    ]
+    # spawn: a forked child would inherit gRPC state of the parent, which gRPC forbids.
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        parts = pool.starmap(_client_process, jobs)
+    latencies = sorted(lat for part in parts for lat in part[2])
+    start, end = min(p[0] for p in parts), max(p[1] for p in parts)
+    return Sample(
+        requests=requests,
+        seconds=end - start,
+        latencies_us=latencies,
+        failed=sum(p[3] for p in parts),
+    )
+
+
+def _client_process(
+    target: Target, bodies: list[bytes], requests: int, in_flight: int, rate: float | None
+) -> tuple[float, float, list[int], int]:
+    return asyncio.run(_client(target, bodies, requests, in_flight, rate))
+
+
+async def _client(
+    target: Target, bodies: list[bytes], requests: int, in_flight: int, rate: float | None
+) -> tuple[float, float, list[int], int]:
+    import aiohttp
+    import grpc
+
+    latencies: list[int] = []
+    failed = 0
+    if target.grpc:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{target.port}")
+        call = channel.unary_unary(target.path)
+        metadata = target.headers
+    else:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight))
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        body = bodies[i % len(bodies)]
+        started = time.perf_counter()
+        try:
+            if target.grpc:
+                await call(body, metadata=metadata, timeout=30)
+            else:
+                async with session.post(target.url, data=body, headers=dict(target.headers)) as r:
+                    await r.read()
+                    if r.status != 200:
+                        failed += 1
+        except (grpc.RpcError, aiohttp.ClientError):
+            failed += 1
+        latencies.append(int((time.perf_counter() - started) * 1e6))
+
+    begin = time.time()
+    if rate:
+        tasks = []
+        for i in range(requests):
+            await asyncio.sleep(max(0.0, begin + i / rate - time.time()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    else:
+        counter = iter(range(requests))
+
+        async def worker() -> None:
+            for i in counter:
+                await one(i)
+
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+    end = time.time()
+    if target.grpc:
+        await channel.close()
+    else:
+        await session.close()
+    return begin, end, latencies, failed

@@ -10,7 +10,9 @@ from grpc_reflection.v1alpha import reflection
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service.config import Settings
+from otp_service.observability import ObservabilityInterceptor
 from otp_service.otp import OtpService
+from otp_service.readiness import RedisWatcher
 from otp_service.sender import InteraktSender, LogSender, Sender
 from otp_service.servicer import OtpServicer
 from otp_service.store import RedisStore, Rules, Store
@@ -66,12 +68,16 @@ class OtpServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    redis_watcher: RedisWatcher
 
     async def start(self) -> None:
         await self.server.start()
+        self.redis_watcher.start()
 
     async def stop(self, grace: float) -> None:
         """Say NOT_SERVING to every health watcher first, then drain in-flight RPCs."""
+        # Stopped first, so it cannot turn the status back to SERVING during the drain.
+        await self.redis_watcher.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -97,6 +103,8 @@ async def create_server(settings: Settings, deps: Deps) -> OtpServer:
             # port silently; a busy port must be an error.
             ("grpc.so_reuseport", 0),
         ],
+        # Observability first: it sets the request id and sees every call, refused ones too.
+        interceptors=[ObservabilityInterceptor(SERVICE_NAME)],
     )
     otp_pb2_grpc.add_OtpServiceServicer_to_server(
         OtpServicer(build_service(settings, deps)), server
@@ -109,4 +117,5 @@ async def create_server(settings: Settings, deps: Deps) -> OtpServer:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(settings.grpc_address)
-    return OtpServer(server=server, port=port, health=health_servicer)
+    watcher = RedisWatcher(deps.store, health_servicer, ("", SERVICE_NAME))
+    return OtpServer(server=server, port=port, health=health_servicer, redis_watcher=watcher)

@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from otp_service import metrics
 from otp_service.errors import LimitExceeded, StoreUnavailable
 from otp_service.results import VerifyOutcome, VerifyResult
 
@@ -185,8 +186,10 @@ class RedisStore:
             self._send(keys=[_codes_key(phone), _sends_key(phone)], args=[digest, *self._send_args])
         )
         if status == 1:
+            metrics.count_limit_refusal("cooldown")
             raise LimitExceeded("phone_number: a code was sent moments ago", value / 1000)
         if status == 2:
+            metrics.count_limit_refusal("hourly")
             raise LimitExceeded(
                 f"phone_number: at most {self._rules.max_sends_per_hour} codes an hour",
                 value / 1000,
@@ -217,4 +220,5 @@ class RedisStore:
         try:
             return await pending
         except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.inc()
             raise StoreUnavailable("storage is unavailable, try again shortly") from exc

@@ -28,12 +28,13 @@ def no_template(name: str, language: str) -> str:
 
 @dataclass
 class Answer:
-    """One scripted answer; ``delay`` seconds before it is sent."""
+    """One scripted answer; ``delay`` seconds before it is sent, after ``hold`` is set if given."""
 
     status: int = 200
     body: dict[str, Any] | None = None
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    hold: asyncio.Event | None = None
 
 
 @dataclass
@@ -96,6 +97,8 @@ class FakeInterakt:
         self.received.append(Received(dict(request.headers), body))
         if self._answers:
             scripted = self._answers.popleft()
+            if scripted.hold is not None:
+                await scripted.hold.wait()
             await asyncio.sleep(scripted.delay)
             return web.json_response(
                 scripted.body, status=scripted.status, headers=scripted.headers

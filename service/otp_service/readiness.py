@@ -37,12 +37,16 @@ class RedisWatcher:
         self._services = services
         self._interval = interval
         self._serving = True
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="redis-watcher")
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: redis-py can swallow a cancellation that arrives while
+        # it sets up a connection, and the watcher must stop all the same.
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -50,7 +54,7 @@ class RedisWatcher:
             self._task = None
 
     async def _watch(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             # Bounded by the interval too: a Redis that hangs must not freeze the status.
             try:
                 async with asyncio.timeout(self._interval):
@@ -65,4 +69,6 @@ class RedisWatcher:
                     log.error("redis is unreachable: NOT_SERVING until it answers")
                 for service in self._services:
                     await self._health.set(service, _SERVING if serving else _NOT_SERVING)
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._stopping.wait()

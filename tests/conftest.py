@@ -111,8 +111,9 @@ async def make_gateway(
     cleanups: list[Callable[[], Awaitable[Any]]] = []
 
     async def make(**overrides: Any) -> Gateway:
-        settings = settings_for(interakt, redis_server.url, **overrides)
-        deps = build_deps(settings, settings.redis_url or redis_server.url)
+        redis_url = overrides.pop("redis_url", redis_server.url)
+        settings = settings_for(interakt, redis_url, **overrides)
+        deps = build_deps(settings, redis_url)
         server = await create_server(settings, deps)
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

@@ -73,6 +73,7 @@ class FakeInterakt:
 
     def reset(self) -> None:
         self.received.clear()
+        self._ids = itertools.count(1)
         self._answers.clear()
         self.in_window = None
         self.approved_templates = {("Auth", "en")}

@@ -217,7 +217,7 @@ def services(workdir: Path) -> Iterator[dict[str, int]]:
             processes._children.append(upstream)
             assert upstream.stdout is not None
             base_url = upstream.stdout.readline().decode().strip()
-            ports = {name: free_port() for name in ("service", "grpc", "http")}
+            ports = {name: free_port() for name in ("service", "gateway", "grpc", "http")}
             env = {
                 **os.environ,
                 "REDIS_URL": redis_server.url,
@@ -225,6 +225,7 @@ def services(workdir: Path) -> Iterator[dict[str, int]]:
                 "INTERAKT_BASE_URL": base_url,
                 "OTP_SECRET": SECRET,
                 "OTP_GRPC_ADDRESS": f"127.0.0.1:{ports['service']}",
+                "OTP_HTTP_ADDRESS": f"127.0.0.1:{ports['gateway']}",
                 "OTP_CLIENT_TOKENS": f"bench:{TOKEN}",
             }
             pids = {
@@ -399,16 +400,10 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
         )
         code_bytes = sum(db.memory_usage(k) or 0 for k in db.keys(f"otp:{{{fresh}}}:*"))
 
-        # REST verify: the JSON gateway is not on this branch yet.
-        figures.append(
-            Figure(
-                "REST verify",
-                "full",
-                str(FULL_IN_FLIGHT),
-                ceiling="empty aiohttp",
-                note="SLOT: gateway not on this branch; not measured",
-            )
-        )
+        # REST verify: the legacy JSON route, through the gateway inside the same process.
+        rest = Target(env["gateway_port"], "/api/v1/auth/verify-otp", grpc=False, headers=AUTH)
+        rest_body = json.dumps({"phone_number": PHONE, "otp_code": "000000"}).encode()
+        fast_route("REST verify", rest, rest_body, svc_pid, "empty aiohttp", counted=True)
 
         # The ceilings.
         empty_grpc = Target(env["grpc_port"], GRPC_METHOD, grpc=True, headers=AUTH)

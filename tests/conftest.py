@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import redis
@@ -13,6 +14,7 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service import OtpServer, Settings, build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis
+from otp_service.gateway import HttpServer
 from tests.fake_interakt import API_KEY, FakeInterakt
 
 PHONE = "+917003848501"
@@ -130,6 +132,55 @@ async def make_service(make_server: MakeServer) -> AsyncIterator[MakeService]:
 @pytest.fixture
 async def stub(make_service: MakeService) -> otp_pb2_grpc.OtpServiceStub:
     return await make_service()
+
+
+@dataclasses.dataclass(frozen=True)
+class Gateway:
+    """A running server with its HTTP server (JSON gateway, /metrics, health) in front."""
+
+    url: str  # the HTTP server's base URL
+    grpc_port: int
+    stub: otp_pb2_grpc.OtpServiceStub
+
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(
+    redis_db: redis.Redis, redis_server: EmbeddedRedis, interakt: FakeInterakt
+) -> AsyncIterator[MakeGateway]:
+    """Start a real server and its HTTP server, wired as ``otp-service serve`` wires them."""
+    cleanups: list[Callable[[], Awaitable[Any]]] = []
+
+    async def make(**overrides: Any) -> Gateway:
+        redis_url = overrides.pop("redis_url", redis_server.url)
+        settings = settings_for(interakt, redis_url, **overrides)
+        deps = build_deps(settings, redis_url)
+        server = await create_server(settings, deps)
+        await server.start()
+        # The gateway's channel carries no credential of its own: it forwards the caller's.
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        http = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1)
+        stub_channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.port}", interceptors=[Bearer(TOKEN)]
+        )
+        cleanups.extend(
+            [http.close, channel.close, stub_channel.close, lambda: server.stop(0), deps.close]
+        )
+        stub = otp_pb2_grpc.OtpServiceStub(stub_channel)
+        return Gateway(f"http://127.0.0.1:{http.port}", server.port, stub)
+
+    yield make
+    for cleanup in cleanups:
+        await cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client that sends the test caller's token unless a request sets its own."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        yield session
 
 
 async def send(stub: otp_pb2_grpc.OtpServiceStub, phone: str = PHONE) -> otp_pb2.SendOtpResponse:

@@ -28,14 +28,15 @@ def no_template(name: str, language: str) -> str:
 
 @dataclass
 class Answer:
-    """One scripted answer; ``delay`` seconds before it is sent. ``html`` replaces the JSON body,
-    as a proxy or a wrong base URL would answer."""
+    """One scripted answer; ``delay`` seconds before it is sent, after ``hold`` is set if given.
+    ``html`` replaces the JSON body, as a proxy or a wrong base URL would answer."""
 
     status: int = 200
     body: dict[str, Any] | None = None
     html: str | None = None
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    hold: asyncio.Event | None = None
 
 
 @dataclass
@@ -100,6 +101,8 @@ class FakeInterakt:
         self.received.append(Received(dict(request.headers), body))
         if self._answers:
             scripted = self._answers.popleft()
+            if scripted.hold is not None:
+                await scripted.hold.wait()
             await asyncio.sleep(scripted.delay)
             if scripted.html is not None:
                 return web.Response(

@@ -279,20 +279,21 @@ def test_auth_none_warns_at_start(redis_server: object) -> None:
         "OTP_SECRET": "s" * 16,
         "OTP_AUTH": "none",
         "OTP_GRPC_ADDRESS": "127.0.0.1:0",
+        "OTP_HTTP_ADDRESS": "",
         "REDIS_URL": redis_server.url,  # type: ignore[attr-defined]
     }
     with subprocess.Popen(
         [sys.executable, "-m", "otp_service", "serve"],
         env=env,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
     ) as process:
-        assert process.stderr is not None
+        assert process.stdout is not None
         # Stops a server that never logs the warning, so the test fails instead of hanging.
         watchdog = threading.Timer(30, process.kill)
         watchdog.start()
         lines = []
-        for line in process.stderr:
+        for line in process.stdout:
             lines.append(line)
             if "OTP_AUTH=none" in line:
                 break

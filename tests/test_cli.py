@@ -101,7 +101,7 @@ def test_busy_port_is_one_clear_line() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        finished = run({**VALID, "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}"})
+        finished = run({**VALID, "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}", "OTP_HTTP_ADDRESS": ""})
     assert finished.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in finished.stderr
     assert "Traceback" not in finished.stderr
@@ -113,23 +113,27 @@ def dev_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = free_port()
     process = subprocess.Popen(
         [OTP_SERVICE, "serve", "--dev"],
-        env={**CLEAN_ENV, "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}"},
-        stderr=subprocess.PIPE,
+        env={
+            **CLEAN_ENV,
+            "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}",
+            "OTP_HTTP_ADDRESS": "127.0.0.1:0",
+        },
+        stdout=subprocess.PIPE,
         text=True,
     )
     yield port, process
     if process.poll() is None:
         process.kill()
         process.wait()
-    assert process.stderr is not None
-    process.stderr.close()
+    assert process.stdout is not None
+    process.stdout.close()
 
 
 def read_until(process: subprocess.Popen[str], pattern: str) -> re.Match[str]:
-    assert process.stderr is not None
+    assert process.stdout is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        line = process.stderr.readline()
+        line = process.stdout.readline()
         if not line:
             break
         found = re.search(pattern, line)

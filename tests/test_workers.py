@@ -65,6 +65,8 @@ def two_workers(redis_server: EmbeddedRedis) -> Iterator[tuple[subprocess.Popen[
         "OTP_SECRET": SECRET.decode(),
         "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}",
         "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
+        # Both workers serve HTTP on one port too.
+        "OTP_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
     }
     command = [sys.executable, "-m", "otp_service", "serve", "--workers", "2"]
     process = subprocess.Popen(command, env=env)

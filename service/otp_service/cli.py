@@ -1,4 +1,4 @@
-"""The ``otp-service`` command: ``otp-service serve [--dev] [--workers N]``."""
+"""The ``otp-service`` command: ``serve [--dev] [--workers N]`` and ``gateway --target``."""
 
 from __future__ import annotations
 
@@ -13,27 +13,32 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import grpc
 import uvloop
 
 from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from otp_service.gateway import HttpServer
+from otp_service.observability import configure_logging
 from otp_service.server import build_deps, create_server
 
 log = logging.getLogger("otp_service")
 
 EXIT_CONFIG = 2
-SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otp-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve = commands.add_parser(
+        "serve", help="run the gRPC server, and the JSON gateway on OTP_HTTP_ADDRESS"
+    )
     serve.add_argument(
         "--dev",
         action="store_true",
         help="development mode: no configuration needed; starts a private redis-server when "
-        "REDIS_URL is unset and writes codes to the log instead of sending them",
+        "REDIS_URL is unset, writes codes to the log instead of sending them, and logs "
+        "readable text instead of JSON",
     )
     serve.add_argument(
         "--workers",
@@ -42,19 +47,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="serve from N processes sharing the port (SO_REUSEPORT); default 1",
     )
+    gateway = commands.add_parser(
+        "gateway", help="run only the JSON gateway (on OTP_HTTP_ADDRESS) for a remote gRPC server"
+    )
+    gateway.add_argument("--target", required=True, help="the gRPC server's host:port")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    dev = args.command == "serve" and args.dev
+    configure_logging(dev=dev)
     try:
-        settings = Settings.from_env(os.environ, dev=args.dev)
+        settings = Settings.from_env(os.environ, dev=dev, gateway_only=args.command == "gateway")
+        if args.command == "gateway" and not settings.http_address:
+            raise ConfigError(["OTP_HTTP_ADDRESS: the gateway needs an address to listen on"])
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"otp-service: configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        if args.workers == 1:
+        if args.command == "gateway":
+            run_event_loop(gateway_forever(settings, args.target))
+        elif args.workers == 1:
             run_event_loop(serve_forever(settings))
         else:
             return _run_workers(settings, args.workers)
@@ -62,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"otp-service: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"otp-service: cannot listen on {settings.grpc_address}: {exc}", file=sys.stderr)
+        print(f"otp-service: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -147,11 +159,19 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
         deps = build_deps(settings, redis_url)
         stack.push_async_callback(deps.close)
 
-        server = await create_server(settings, deps, reuse_port=reuse_port)
-        if server.port == 0:
-            raise OSError("the address is in use or not available")
+        try:
+            server = await create_server(settings, deps, reuse_port=reuse_port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {settings.grpc_address} (gRPC): {exc}") from exc
+        if settings.http_address:
+            # The gateway calls this server's own port, so its calls pass the same interceptors.
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.local_port}")
+            stack.push_async_callback(channel.close)
+            http = await _start_http(settings, channel, reuse_port=reuse_port)
+            stack.push_async_callback(http.close)
         await server.start()
-        log.info("listening on %s (gRPC)", settings.grpc_address)
+        host = settings.grpc_address.rpartition(":")[0]
+        log.info("listening on %s:%d (gRPC)", host, server.port)
         if settings.dev:
             log.warning(
                 "DEV MODE: codes are written to this log and NOT sent; never run --dev in "
@@ -168,11 +188,44 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
                 DEV_TOKEN,
             )
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        log.info("shutting down: draining in-flight RPCs for up to %ss", SHUTDOWN_GRACE_SECONDS)
-        await server.stop(SHUTDOWN_GRACE_SECONDS)
+        await _until_signal()
+        log.info(
+            "shutting down: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds
+        )
+        await server.stop(settings.shutdown_grace_seconds)
     log.info("stopped")
+
+
+async def gateway_forever(settings: Settings, target: str) -> None:
+    """Serve the JSON gateway for the gRPC server at ``target`` until SIGTERM or SIGINT."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        http = await _start_http(settings, channel)
+        log.info("forwarding to %s (gRPC)", target)
+        await _until_signal()
+        log.info("shutting down: finishing requests in progress")
+        await http.close()
+    log.info("stopped")
+
+
+async def _start_http(
+    settings: Settings, channel: grpc.aio.Channel, *, reuse_port: bool = False
+) -> HttpServer:
+    try:
+        http = await HttpServer.start(
+            settings.http_address,
+            channel,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+            reuse_port=reuse_port,
+        )
+    except OSError as exc:
+        raise OSError(f"cannot listen on {settings.http_address} (HTTP): {exc}") from exc
+    log.info("listening on %s (HTTP: JSON gateway, /metrics, /healthz, /readyz)", http.address)
+    return http
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()

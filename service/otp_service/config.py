@@ -19,6 +19,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_INTERAKT_BASE_URL = "https://api.interakt.ai/v1/public"
 DEFAULT_TEMPLATE_LANGUAGE = "en"
 DEFAULT_GRPC_ADDRESS = "0.0.0.0:50051"
+DEFAULT_HTTP_ADDRESS = "0.0.0.0:8080"
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
 DEFAULT_CODE_LENGTH = 6
 DEFAULT_TTL_SECONDS = 600
 DEFAULT_MAX_ATTEMPTS = 5
@@ -71,6 +73,9 @@ class Settings:
     template_language: str = DEFAULT_TEMPLATE_LANGUAGE
     otp_secret: bytes = dataclasses.field(default=b"", repr=False)
     grpc_address: str = DEFAULT_GRPC_ADDRESS
+    # The JSON gateway, /metrics and the health endpoints; "" runs no HTTP server.
+    http_address: str = DEFAULT_HTTP_ADDRESS
+    shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
     code_length: int = DEFAULT_CODE_LENGTH
     ttl_seconds: int = DEFAULT_TTL_SECONDS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -92,8 +97,13 @@ class Settings:
     max_failed_verifies_per_hour: int = DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> Settings:
-        """Build settings from environment variables; raise ConfigError listing every problem."""
+    def from_env(
+        cls, env: Mapping[str, str], *, dev: bool = False, gateway_only: bool = False
+    ) -> Settings:
+        """Build settings from environment variables; raise ConfigError listing every problem.
+
+        ``gateway_only``: for ``otp-service gateway``, which holds no secrets, so none is required.
+        """
         reader = _Reader(env)
         redis_url = reader.text("REDIS_URL", None if dev else DEFAULT_REDIS_URL)
         if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -103,7 +113,7 @@ class Settings:
             )
         api_key = reader.text("INTERAKT_API_KEY", None)
         secret = reader.text("OTP_SECRET", None)
-        if not dev:
+        if not dev and not gateway_only:
             if not api_key:
                 reader.problems.append("INTERAKT_API_KEY: required in production mode")
             if not secret:
@@ -131,7 +141,7 @@ class Settings:
         if auth == "token" and not tokens and not file_tokens:
             if dev:
                 tokens = ((DEV_CALLER, DEV_TOKEN),)
-            else:
+            elif not gateway_only:  # the gateway forwards callers' tokens; it checks none
                 reader.problems.append(
                     "OTP_CLIENT_TOKENS / OTP_CLIENT_TOKENS_FILE: at least one caller token is "
                     "required in production mode (OTP_AUTH=none turns caller authentication off)"
@@ -158,6 +168,13 @@ class Settings:
             or DEFAULT_TEMPLATE_LANGUAGE,
             otp_secret=(secret or (DEV_SECRET if dev else "")).encode(),
             grpc_address=_address(reader, "OTP_GRPC_ADDRESS", DEFAULT_GRPC_ADDRESS),
+            # Set but empty means "no HTTP server", unlike the other settings, where empty is unset.
+            http_address=""
+            if env.get("OTP_HTTP_ADDRESS", "x").strip() == ""
+            else _address(reader, "OTP_HTTP_ADDRESS", DEFAULT_HTTP_ADDRESS),
+            shutdown_grace_seconds=reader.number(
+                "OTP_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE_SECONDS, low=0, high=300
+            ),
             code_length=reader.integer(
                 "OTP_CODE_LENGTH", DEFAULT_CODE_LENGTH, low=MIN_CODE_LENGTH, high=MAX_CODE_LENGTH
             ),

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from otp_service import metrics
 from otp_service.errors import DeliveryRefused, DeliveryUnavailable
 from otp_service.phone import PhoneNumber
 from otp_service.results import Channel, Delivery
@@ -63,10 +64,14 @@ class _Refused(Exception):
 
 
 class _Transient(Exception):
-    """A failure worth retrying; ``retry_after`` is the upstream's hint, if any."""
+    """A failure worth retrying; ``retry_after`` is the upstream's hint, if any.
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    ``result`` is the metrics label: one of a few fixed words, unlike ``reason``.
+    """
+
+    def __init__(self, result: str, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
+        self.result = result
         self.reason = reason
         self.retry_after = retry_after
 
@@ -117,11 +122,18 @@ class InteraktSender:
     ) -> Delivery:
         loop = asyncio.get_running_loop()
         body = self._body(phone, code, channel)
+        label = channel.name.lower()
         for attempt in range(MAX_RETRIES + 1):
-            remaining = deadline - loop.time()
+            started = loop.time()
             try:
-                return Delivery(channel, await self._post(body, remaining))
+                message_id = await self._post(body, deadline - started)
+                metrics.count_send(label, "accepted", loop.time() - started)
+                return Delivery(channel, message_id)
+            except _Refused:
+                metrics.count_send(label, "refused", loop.time() - started)
+                raise
             except _Transient as exc:
+                metrics.count_send(label, exc.result, loop.time() - started)
                 jitter = random.uniform(1, 1.5)  # noqa: S311 - not a secret
                 delay = exc.retry_after or BACKOFF_BASE_SECONDS * 2**attempt * jitter
                 if attempt == MAX_RETRIES or loop.time() + delay >= deadline - 0.05:
@@ -136,7 +148,7 @@ class InteraktSender:
     async def _post(self, body: dict[str, Any], seconds: float) -> str:
         """One request: the message id, or _Refused / _Transient."""
         if seconds <= 0:
-            raise _Transient("deadline exceeded")
+            raise _Transient("timeout", "deadline exceeded")
         with _upstream_errors():
             async with self._client().post(
                 self._url,
@@ -145,9 +157,9 @@ class InteraktSender:
                 timeout=aiohttp.ClientTimeout(total=seconds),
             ) as response:
                 if response.status == 429:
-                    raise _Transient("rate limited", _retry_after(response.headers))
+                    raise _Transient("rate_limited", "rate limited", _retry_after(response.headers))
                 if response.status >= 500:
-                    raise _Transient(f"HTTP {response.status}")
+                    raise _Transient("server_error", f"HTTP {response.status}")
                 try:
                     answer = await response.json(content_type=None)
                 except ValueError as exc:
@@ -155,9 +167,11 @@ class InteraktSender:
                     # will not get better by retrying; the contract lists only 429 and 5xx.
                     if response.status >= 400:
                         raise _Refused(f"HTTP {response.status}, body not JSON") from exc
-                    raise _Transient(f"HTTP {response.status}, body not JSON") from exc
+                    raise _Transient(
+                        "bad_answer", f"HTTP {response.status}, body not JSON"
+                    ) from exc
         if not isinstance(answer, dict):
-            raise _Transient(f"HTTP {response.status} with an unexpected body")
+            raise _Transient("bad_answer", f"HTTP {response.status} with an unexpected body")
         if answer.get("result") is True and response.status < 300:
             return str(answer.get("id", ""))
         raise _Refused(str(answer.get("message", f"HTTP {response.status}")))
@@ -193,6 +207,7 @@ class LogSender:
 
     async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
         log.warning("DEV MODE, NOT SENT: code for %s is %s", phone.e164, code)
+        metrics.count_send("log", "accepted")
         return Delivery(Channel.LOG, "")
 
     async def close(self) -> None:
@@ -205,9 +220,9 @@ def _upstream_errors() -> Iterator[None]:
     try:
         yield
     except TimeoutError as exc:
-        raise _Transient("timed out") from exc
+        raise _Transient("timeout", "timed out") from exc
     except aiohttp.ClientError as exc:
-        raise _Transient(type(exc).__name__) from exc
+        raise _Transient("connection_error", type(exc).__name__) from exc
 
 
 def _refusal(exc: _Refused) -> DeliveryRefused:

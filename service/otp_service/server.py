@@ -11,7 +11,9 @@ from otp.v1 import otp_pb2
 
 from otp_service.auth import CallerAuth, Callers
 from otp_service.config import Settings
+from otp_service.observability import ObservabilityInterceptor
 from otp_service.otp import OtpService
+from otp_service.readiness import RedisWatcher
 from otp_service.sender import InteraktSender, LogSender, Sender
 from otp_service.servicer import OtpServicer, add_to_server
 from otp_service.store import RedisStore, Rules, Store
@@ -69,13 +71,20 @@ class OtpServer:
 
     server: grpc.aio.Server
     port: int
+    # Where the in-process JSON gateway calls: ``port`` itself, or a loopback-only plaintext
+    # port when ``port`` speaks TLS.
+    local_port: int
     health: health.aio.HealthServicer
+    redis_watcher: RedisWatcher
 
     async def start(self) -> None:
         await self.server.start()
+        self.redis_watcher.start()
 
     async def stop(self, grace: float) -> None:
         """Say NOT_SERVING to every health watcher first, then drain in-flight RPCs."""
+        # Stopped first, so it cannot turn the status back to SERVING during the drain.
+        await self.redis_watcher.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -97,7 +106,8 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
 
     ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port.
     """
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    # Observability first: it sets the request id and sees every call, refused ones too.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(SERVICE_NAME)]
     if settings.auth_required:
         interceptors.append(
             CallerAuth(Callers(settings.client_tokens, settings.client_tokens_file))
@@ -123,13 +133,23 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     credentials = _tls_credentials(settings)
     try:
         if credentials is None:
-            port = server.add_insecure_port(settings.grpc_address)
+            port = local_port = server.add_insecure_port(settings.grpc_address)
         else:
             port = server.add_secure_port(settings.grpc_address, credentials)
+            # The in-process JSON gateway reaches the server on loopback only, in plaintext:
+            # TLS guards the network, and every call still needs its caller token.
+            local_port = server.add_insecure_port("127.0.0.1:0") if settings.http_address else 0
     except RuntimeError as exc:
         # grpcio reports a busy or unusable address as RuntimeError; callers handle OSError.
         raise OSError(str(exc)) from exc
-    return OtpServer(server=server, port=port, health=health_servicer)
+    watcher = RedisWatcher(deps.store, health_servicer, ("", SERVICE_NAME))
+    return OtpServer(
+        server=server,
+        port=port,
+        local_port=local_port,
+        health=health_servicer,
+        redis_watcher=watcher,
+    )
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from otp_service import metrics
 from otp_service.errors import LimitExceeded, StoreUnavailable
 from otp_service.pipelined_redis import PipelinedRedis
 from otp_service.results import VerifyOutcome, VerifyResult
@@ -295,8 +296,10 @@ class RedisStore:
         )
         status, value = reply[0], reply[1]
         if status == 1:
+            metrics.count_limit_refusal("cooldown")
             raise LimitExceeded("phone_number: a code was sent moments ago", value / 1000)
         if status == 2:
+            metrics.count_limit_refusal("hourly")
             raise LimitExceeded(
                 f"phone_number: at most {self._rules.max_sends_per_hour} codes an hour",
                 value / 1000,
@@ -360,4 +363,5 @@ class RedisStore:
         try:
             return await pending
         except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.inc()
             raise StoreUnavailable("storage is unavailable, try again shortly") from exc

@@ -1,0 +1,281 @@
+"""The HTTP face: the legacy JSON routes as a gateway to the gRPC service, and the ops endpoints.
+
+Each JSON route is one RPC over a gRPC channel (to the server's own port inside ``serve``, to a
+remote server in ``otp-service gateway``), so caller auth, request logs and RPC metrics happen in
+the gRPC server's interceptors and nowhere else. Bodies and answers use the protobuf JSON mapping
+(proto field names, enums by name): a field added to the proto appears here with no new code.
+Errors are grpc-gateway's: the HTTP status from the gRPC code, and a JSON body
+``{"code", "message", "details"}``. Every bad request gets such a body, never HTML.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import prometheus_client
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from otp_service.observability import MAX_REQUEST_ID_LENGTH, REQUEST_ID_KEY, new_request_id
+from otp_service.server import SERVICE_NAME
+
+log = logging.getLogger(__name__)
+
+# The requests are two short strings; a few KiB leaves room for new fields.
+MAX_BODY_BYTES = 4 * 1024
+# Safety net only: the service bounds its own work (Redis and Interakt timeouts) well below this.
+RPC_DEADLINE_SECONDS = 30.0
+READY_CHECK_SECONDS = 1.0
+
+# grpc-gateway's runtime.HTTPStatusFromCode.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+# The gRPC code reported for errors the gateway itself answers (the reverse of the table).
+_CODE_FOR_HTTP = {
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One legacy JSON path and the RPC it stands for."""
+
+    path: str
+    rpc: str
+    request_type: type[Message]
+
+
+ROUTES = (
+    Route("/api/v1/auth/send-otp", "SendOtp", otp_pb2.SendOtpRequest),
+    Route("/api/v1/auth/verify-otp", "VerifyOtp", otp_pb2.VerifyOtpRequest),
+)
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(channel: grpc.aio.Channel) -> web.Application:
+    """The HTTP application, calling the service over ``channel``."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
+    stub = otp_pb2_grpc.OtpServiceStub(channel)
+    for route in ROUTES:
+        app.router.add_post(route.path, _gateway_handler(route, getattr(stub, route.rpc)))
+    openapi = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
+    health_stub: Any = health_pb2_grpc.HealthStub(channel)  # its typing stub lacks the methods
+
+    async def readyz(request: web.Request) -> web.Response:
+        # The gRPC health status is the one truth: it follows Redis, and goes NOT_SERVING first
+        # on shutdown; asking over the channel also proves the gRPC server answers at all.
+        try:
+            answer = await health_stub.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=READY_CHECK_SECONDS
+            )
+            ready = answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            ready = False
+        return web.json_response(
+            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
+        )
+
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def _gateway_handler(route: Route, call: Any) -> _Handler:
+    async def handle(request: web.Request) -> web.Response:
+        request_id = request.headers.get(REQUEST_ID_KEY, "")
+        if not _metadata_safe(request_id) or len(request_id) > MAX_REQUEST_ID_LENGTH:
+            request_id = new_request_id()
+        headers = {"X-Request-Id": request_id}
+        if request.content_type != "application/json":
+            got = request.headers.get("Content-Type")
+            return _error(
+                415,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Content-Type must be application/json, not {got!r}"
+                if got
+                else "Content-Type must be application/json, and it is missing",
+                headers=headers,
+            )
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            return _invalid("the body is not valid JSON", headers)
+        if not isinstance(data, dict):
+            return _invalid("the body must be a JSON object", headers)
+        try:
+            message = json_format.ParseDict(data, route.request_type())
+        except json_format.ParseError as exc:
+            return _invalid(str(exc).split("\n", 1)[0], headers)
+
+        metadata = [(REQUEST_ID_KEY, request_id)]
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            if not _metadata_safe(authorization):
+                return _invalid("the Authorization header must be printable ASCII", headers)
+            metadata.append(("authorization", authorization))
+        try:
+            response = await call(message, metadata=metadata, timeout=RPC_DEADLINE_SECONDS)
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_error(exc, headers)
+        return web.json_response(
+            json_format.MessageToDict(
+                response,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            ),
+            headers=headers,
+        )
+
+    return handle
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, headers: dict[str, str]) -> web.Response:
+    """The gRPC status as grpc-gateway writes it, with Retry-After from a RetryInfo detail."""
+    details: list[dict[str, Any]] = []
+    for key, value in exc.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            retry = error_details_pb2.RetryInfo()
+            if detail.Unpack(retry):
+                delay = retry.retry_delay
+                headers["Retry-After"] = str(max(0, math.ceil(delay.seconds + delay.nanos / 1e9)))
+            try:
+                details.append(json_format.MessageToDict(detail, preserving_proto_field_name=True))
+            except TypeError:  # a detail type this process does not know: say which it was
+                details.append({"@type": detail.type_url})
+    code = exc.code()
+    return _error(HTTP_STATUS.get(code, 500), code, exc.details() or "", details, headers)
+
+
+def _error(
+    status: int,
+    code: grpc.StatusCode,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"code": code.value[0], "message": message, "details": details or []}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _invalid(message: str, headers: dict[str, str]) -> web.Response:
+    return _error(400, grpc.StatusCode.INVALID_ARGUMENT, message, headers=headers)
+
+
+def _metadata_safe(value: str) -> bool:
+    """Whether gRPC metadata can carry ``value`` (printable ASCII)."""
+    return bool(value) and value.isascii() and value.isprintable()
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404, 405, 413) and any bug as JSON errors instead of text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            message = f"{request.method} is not allowed on {request.path}; use {headers['Allow']}"
+        elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+            message = f"the body must be at most {MAX_BODY_BYTES} bytes"
+        elif isinstance(exc, web.HTTPNotFound):
+            message = f"no such path: {request.path}"
+        else:
+            message = exc.reason
+        code = _CODE_FOR_HTTP.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
+        return _error(exc.status, code, message, headers=headers)
+    except Exception:
+        log.exception("unexpected error in the HTTP gateway")
+        return _error(500, grpc.StatusCode.INTERNAL, "internal error")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=prometheus_client.generate_latest(),
+        headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
+    )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+class HttpServer:
+    """The HTTP application listening on an address; ``port`` is the one it bound."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        self.port = port
+        self.address = f"{host}:{port}"
+
+    @classmethod
+    async def start(
+        cls,
+        address: str,
+        channel: grpc.aio.Channel,
+        *,
+        shutdown_timeout: float,
+        reuse_port: bool = False,
+    ) -> HttpServer:
+        """Listen on ``address`` ("host:port"; port 0 picks a free one).
+
+        ``reuse_port`` lets the worker processes of ``serve --workers N`` share the port.
+        """
+        host, _, port = address.rpartition(":")
+        runner = web.AppRunner(
+            create_app(channel), access_log=None, shutdown_timeout=shutdown_timeout
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=reuse_port or None)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return cls(runner, host, runner.addresses[0][1])
+
+    async def close(self) -> None:
+        """Stop listening and finish the requests in progress (up to the shutdown timeout)."""
+        await self._runner.cleanup()

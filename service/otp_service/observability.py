@@ -1,0 +1,262 @@
+"""What operators see of each RPC: one log line and a few metric updates, and the log format.
+
+``ObservabilityInterceptor`` is the first server interceptor, so it sees every OtpService call,
+including those that later interceptors (caller auth) refuse. It sets the request id for the
+call's whole task, so every log line written while serving it (the Interakt sender's too) carries
+that id. This runs on every login: per call it does a few attribute reads, a dict lookup per
+metric, and builds one small ``RequestLine``; the JSON is made only by the log handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import logging
+import secrets
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, TypeAlias
+
+import grpc
+from otp.v1 import otp_pb2
+
+from otp_service import context, metrics
+from otp_service.errors import InvalidInput
+from otp_service.phone import parse_phone
+
+REQUEST_ID_KEY = "x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+REQUEST_LOGGER = "otp_service.requests"
+
+_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["_Handler | None"]]
+
+# Made-up request ids: a random per-process prefix and a counter, unique without a syscall.
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
+_ERROR_CODES = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS"})
+_OUTCOME_PREFIX = "VERIFY_OUTCOME_"
+
+_requests_log = logging.getLogger(REQUEST_LOGGER)
+
+
+class RequestLine(NamedTuple):
+    """The fields of one request's log line; the formatters render it."""
+
+    rpc: str
+    caller: str
+    phone: str
+    status: str
+    duration_ms: float
+    request_id: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rpc} {self.status} {self.duration_ms}ms phone={self.phone} "
+            f"caller={self.caller} request_id={self.request_id}"
+        )
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the request id, then logs and counts each unary call of the service it watches."""
+
+    def __init__(self, service_name: str) -> None:
+        self._service = service_name
+        self._prefix = f"/{service_name}/"
+        # method -> (the handler as found, its observed wrapper): most calls find the same
+        # handler object, so the wrapper is built once per method rather than once per call.
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
+
+    async def intercept_service(
+        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> _Handler | None:
+        method: str = handler_call_details.method
+        if not method.startswith(self._prefix):
+            return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata
+        context.request_id.set(request_id_from(metadata))
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            # grpc.aio calls coroutine behaviours with an aio context, whatever the stubs say.
+            self._observed(method[len(self._prefix) :], handler.unary_unary),  # type: ignore[arg-type]
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _observed(self, rpc: str, behavior: _Behavior) -> _Behavior:
+        handled: dict[str, Any] = {}
+        seconds = metrics.child(metrics.RPC_SECONDS, self._service, rpc)
+        outcomes = _outcome_counters() if rpc == "VerifyOtp" else None
+
+        async def observed(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            start = time.perf_counter()
+            status = "OK"
+            try:
+                response = await behavior(request, ctx)
+                if outcomes is not None:
+                    outcomes[response.outcome].inc()
+                return response
+            except BaseException as exc:
+                status = _status_of(exc, ctx)
+                raise
+            finally:
+                elapsed = time.perf_counter() - start
+                seconds.observe(elapsed)
+                counter = handled.get(status)
+                if counter is None:
+                    counter = handled[status] = metrics.RPCS_HANDLED.labels(
+                        self._service, rpc, status
+                    )
+                counter.inc()
+                _requests_log.log(
+                    logging.ERROR if status in _ERROR_CODES else logging.INFO,
+                    RequestLine(
+                        rpc,
+                        context.caller.get(),
+                        masked_phone(request.phone_number),
+                        status,
+                        round(elapsed * 1000, 2),
+                        context.request_id.get(),
+                    ),
+                )
+
+        return observed
+
+
+def request_id_from(metadata: Any) -> str:
+    """The caller's x-request-id if it is a sane token, else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY:
+            if (
+                isinstance(value, str)
+                and 0 < len(value) <= MAX_REQUEST_ID_LENGTH
+                and value.isascii()
+                and value.isprintable()
+            ):
+                return value
+            break
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ids):x}"
+
+
+@functools.lru_cache(maxsize=8192)
+def masked_phone(raw: str) -> str:
+    """The number as logs may show it; "-" when it is not a valid number."""
+    try:
+        return parse_phone(raw).masked
+    except InvalidInput:
+        return "-"
+
+
+@functools.cache
+def _outcome_counters() -> dict[int, Any]:
+    return {
+        value: metrics.VERIFICATIONS.labels(name.removeprefix(_OUTCOME_PREFIX).lower())
+        for name, value in otp_pb2.VerifyOutcome.items()
+        if value != otp_pb2.VERIFY_OUTCOME_UNSPECIFIED
+    }
+
+
+def _status_of(exc: BaseException, ctx: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status the caller gets for a handler that raised ``exc``."""
+    if isinstance(exc, grpc.aio.AbortError):
+        code = ctx.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+# --- log format ------------------------------------------------------------------------------
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, event, then the request's or the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.msg
+        if type(msg) is RequestLine:
+            return json.dumps(
+                {
+                    "time": _utc(record.created),
+                    "level": record.levelname,
+                    "event": "rpc",
+                    "rpc": msg.rpc,
+                    "caller": msg.caller,
+                    "phone": msg.phone,
+                    "status": msg.status,
+                    "duration_ms": msg.duration_ms,
+                    "request_id": msg.request_id,
+                }
+            )
+        line: dict[str, Any] = {
+            "time": _utc(record.created),
+            "level": record.levelname,
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        request_id = context.request_id.get()
+        if request_id != "-":
+            line["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS:
+                line[key] = value
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class DevFormatter(logging.Formatter):
+    """Human-readable lines for ``--dev``, with the request id when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        request_id = context.request_id.get()
+        if request_id != "-" and type(record.msg) is not RequestLine:
+            text = f"{text} request_id={request_id}"
+        return text
+
+
+def configure_logging(*, dev: bool) -> None:
+    """Send every log line to stdout: JSON in production, readable text in development."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(DevFormatter() if dev else JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+# (second, its formatted text): strftime runs once a second, not once a line.
+_second_text = (-1, "")
+
+
+def _utc(created: float) -> str:
+    """RFC 3339 UTC time with milliseconds."""
+    global _second_text
+    second = int(created)
+    cached = _second_text
+    if cached[0] != second:
+        cached = _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((created - second) * 1000):03d}Z"

@@ -1,0 +1,373 @@
+"""The legacy JSON routes through the real gateway and the real gRPC server."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+import redis
+from aiohttp import web
+from google.protobuf.descriptor import Descriptor
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from otp_service.embedded_redis import free_port
+from otp_service.gateway import HttpServer, create_app
+from tests.conftest import PHONE, MakeGateway, redis_snapshot
+from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt
+
+SEND = "/api/v1/auth/send-otp"
+VERIFY = "/api/v1/auth/verify-otp"
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: Any, **headers: str
+) -> tuple[int, Mapping[str, str], Any]:
+    """POST ``body`` as JSON; the status, the headers and the decoded JSON answer."""
+    async with http.post(url, json=body, headers=headers) as response:
+        assert response.content_type == "application/json"
+        return response.status, response.headers.copy(), await response.json()
+
+
+async def test_send_then_verify_with_the_delivered_code(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, interakt: FakeInterakt
+) -> None:
+    gateway = await make_gateway()
+    status, headers, sent = await post(http, gateway.url + SEND, {"phone_number": PHONE})
+    assert status == 200
+    assert sent["channel"] == "CHANNEL_TEXT"
+    assert sent["message_id"] == "msg-1"
+    assert sent["resend_after_seconds"] == 30
+    assert sent["expires_at"].endswith("Z")
+    assert headers["X-Request-Id"]
+    code = interakt.received[0].code
+
+    status, _, wrong = await post(
+        http, gateway.url + VERIFY, {"phone_number": PHONE, "otp_code": "000000"[: len(code)]}
+    )
+    if code != "000000":
+        # Fields with default values are written too, so old clients always find every key.
+        assert (status, wrong) == (
+            200,
+            {"verified": False, "outcome": "VERIFY_OUTCOME_WRONG_CODE", "attempts_remaining": 4},
+        )
+    status, _, verified = await post(
+        http, gateway.url + VERIFY, {"phone_number": PHONE, "otp_code": code}
+    )
+    assert (status, verified) == (
+        200,
+        {"verified": True, "outcome": "VERIFY_OUTCOME_VERIFIED", "attempts_remaining": 0},
+    )
+
+
+async def test_limit_is_429_with_retry_after_and_the_retry_info_detail(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway()
+    assert (await post(http, gateway.url + SEND, {"phone_number": PHONE}))[0] == 200
+    status, headers, body = await post(http, gateway.url + SEND, {"phone_number": PHONE})
+    assert status == 429
+    assert headers["Retry-After"] == "30"
+    assert body == {
+        "code": grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        "message": "phone_number: a code was sent moments ago",
+        "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retry_delay": "30s"}],
+    }
+
+
+async def test_service_errors_keep_their_message(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, interakt: FakeInterakt
+) -> None:
+    gateway = await make_gateway()
+    status, _, body = await post(http, gateway.url + SEND, {"phone_number": "12345"})
+    assert status == 400
+    assert body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert body["message"].startswith("phone_number: ")
+
+    interakt.answer(Answer(status=400, body={"result": False, "message": NOT_A_CONTACT}))
+    status, _, body = await post(http, gateway.url + SEND, {"phone_number": PHONE})
+    assert status == 400
+    assert body["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "not a contact" in body["message"]
+
+    interakt.answer(*[Answer(status=503, body={})] * 3)
+    status, _, body = await post(http, gateway.url + SEND, {"phone_number": PHONE})
+    assert status == 503
+    assert body["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+BAD_REQUESTS = [
+    pytest.param(
+        b'{"phone_number": ', "application/json", 400, "not valid JSON", id="invalid-json"
+    ),
+    pytest.param(b"\xff\xfe{}", "application/json", 400, "not valid JSON", id="not-utf8"),
+    pytest.param(b"[]", "application/json", 400, "must be a JSON object", id="array"),
+    pytest.param(b"null", "application/json", 400, "must be a JSON object", id="null"),
+    pytest.param(
+        b'{"phone_number": "+917003848501", "admin": true}',
+        "application/json",
+        400,
+        'no field named "admin"',
+        id="unknown-field",
+    ),
+    pytest.param(
+        b'{"phone_number": 917003848501}', "application/json", 400, "phone_number", id="wrong-type"
+    ),
+    pytest.param(b'{"phone_number": "x"}', "text/plain", 415, "application/json", id="text/plain"),
+    pytest.param(
+        b"phone_number=%2B917003848501",
+        "application/x-www-form-urlencoded",
+        415,
+        "application/json",
+        id="form",
+    ),
+    pytest.param(
+        json.dumps({"phone_number": "+" + "1" * 5000}).encode(),
+        "application/json",
+        413,
+        "at most 4096 bytes",
+        id="too-large",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "says"), BAD_REQUESTS)
+async def test_bad_input_is_a_json_4xx_that_changes_nothing(
+    make_gateway: MakeGateway,
+    http: aiohttp.ClientSession,
+    interakt: FakeInterakt,
+    redis_db: redis.Redis,
+    body: bytes,
+    content_type: str,
+    status: int,
+    says: str,
+) -> None:
+    gateway = await make_gateway()
+    before = redis_snapshot(redis_db)
+    async with http.post(
+        gateway.url + SEND, data=body, headers={"Content-Type": content_type}
+    ) as response:
+        assert response.status == status
+        assert response.content_type == "application/json"
+        answer = await response.json()
+    assert answer["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert says in answer["message"]
+    assert answer["details"] == []
+    assert interakt.received == []
+    assert redis_snapshot(redis_db) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code", "says"),
+    [
+        ("GET", SEND, 405, grpc.StatusCode.UNIMPLEMENTED, "GET is not allowed"),
+        ("PUT", VERIFY, 405, grpc.StatusCode.UNIMPLEMENTED, "use POST"),
+        ("POST", "/api/v1/auth/nope", 404, grpc.StatusCode.NOT_FOUND, "no such path"),
+        ("GET", "/", 404, grpc.StatusCode.NOT_FOUND, "no such path"),
+    ],
+)
+async def test_wrong_method_and_unknown_path_are_json(
+    make_gateway: MakeGateway,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    status: int,
+    code: grpc.StatusCode,
+    says: str,
+) -> None:
+    gateway = await make_gateway()
+    async with http.request(method, gateway.url + path, json={}) as response:
+        assert response.status == status
+        assert response.content_type == "application/json"
+        answer = await response.json()
+        if status == 405:
+            assert response.headers["Allow"] == "POST"
+    assert answer["code"] == code.value[0]
+    assert says in answer["message"]
+
+
+async def test_body_without_content_type_is_refused(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway()
+    # skip_auto_headers: aiohttp would otherwise add a Content-Type to the raw body.
+    async with http.post(
+        gateway.url + SEND,
+        data=b'{"phone_number": "+917003848501"}',
+        skip_auto_headers=["Content-Type"],
+    ) as response:
+        assert response.status == 415
+        assert "missing" in (await response.json())["message"]
+
+
+# --- the status mapping, against a real gRPC server that answers whatever status it is told ---
+
+# grpc-gateway's table (runtime.HTTPStatusFromCode), written out independently of the gateway's.
+EXPECTED_HTTP = {
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+}
+
+
+class Scripted(otp_pb2_grpc.OtpServiceServicer):
+    """Fails SendOtp with the status named in phone_number; records each call's metadata."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+
+    async def SendOtp(
+        self, request: otp_pb2.SendOtpRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> otp_pb2.SendOtpResponse:
+        self.metadata.append({k: v for k, v in context.invocation_metadata() or ()})
+        code = grpc.StatusCode[request.phone_number]
+        await context.abort(code, f"scripted {code.name}")
+        raise AssertionError("abort returned")
+
+
+@pytest.fixture
+async def scripted_gateway() -> AsyncIterator[tuple[str, Scripted]]:
+    """The gateway in front of a real gRPC server running ``Scripted``."""
+    servicer = Scripted()
+    server = grpc.aio.server()
+    otp_pb2_grpc.add_OtpServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    http = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1)
+    yield f"http://127.0.0.1:{http.port}", servicer
+    await http.close()
+    await channel.close()
+    await server.stop(0)
+
+
+@pytest.mark.parametrize(("code_name", "http_status"), sorted(EXPECTED_HTTP.items()))
+async def test_every_grpc_status_maps_as_grpc_gateway_does(
+    scripted_gateway: tuple[str, Scripted],
+    http: aiohttp.ClientSession,
+    code_name: str,
+    http_status: int,
+) -> None:
+    url, _ = scripted_gateway
+    status, _, body = await post(http, url + SEND, {"phone_number": code_name})
+    assert status == http_status
+    assert body == {
+        "code": grpc.StatusCode[code_name].value[0],
+        "message": f"scripted {code_name}",
+        "details": [],
+    }
+
+
+async def test_credential_and_request_id_are_forwarded_as_metadata(
+    scripted_gateway: tuple[str, Scripted], http: aiohttp.ClientSession
+) -> None:
+    url, servicer = scripted_gateway
+    status, headers, _ = await post(
+        http,
+        url + SEND,
+        {"phone_number": "UNAUTHENTICATED"},
+        Authorization="Bearer caller-token",
+        **{"X-Request-Id": "req-42"},
+    )
+    assert status == 401
+    assert headers["X-Request-Id"] == "req-42"
+    assert servicer.metadata[-1]["authorization"] == "Bearer caller-token"
+    assert servicer.metadata[-1]["x-request-id"] == "req-42"
+
+    # No id, or one gRPC metadata cannot carry: the gateway makes one up and says which.
+    # (A client without the test token: no credential is made up either.)
+    async with aiohttp.ClientSession() as anonymous:
+        for sent in ({}, {"X-Request-Id": "x" * 500}):
+            _, headers, _ = await post(
+                anonymous, url + SEND, {"phone_number": "UNAVAILABLE"}, **sent
+            )
+            made_up = headers["X-Request-Id"]
+            assert made_up
+            assert made_up != sent.get("X-Request-Id")
+            assert servicer.metadata[-1]["x-request-id"] == made_up
+            assert "authorization" not in servicer.metadata[-1]
+
+
+async def test_unreachable_server_is_503(http: aiohttp.ClientSession) -> None:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
+    server = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1)
+    try:
+        status, _, body = await post(
+            http, f"http://127.0.0.1:{server.port}{SEND}", {"phone_number": PHONE}
+        )
+        async with http.get(f"http://127.0.0.1:{server.port}/readyz") as response:
+            assert response.status == 503
+    finally:
+        await server.close()
+        await channel.close()
+    assert status == 503
+    assert body["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+# --- the OpenAPI document ----------------------------------------------------------------------
+
+
+def openapi() -> dict[str, Any]:
+    text = importlib.resources.files("otp_service").joinpath("openapi.json").read_text()
+    document: dict[str, Any] = json.loads(text)
+    return document
+
+
+def test_openapi_document_matches_the_live_routes_and_the_proto() -> None:
+    document = openapi()
+    app = create_app(grpc.aio.insecure_channel("127.0.0.1:1"))
+    live = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if isinstance(route.resource, web.Resource)
+        and route.resource.canonical.startswith("/api/")
+        and route.method != "HEAD"
+    }
+    documented = {(method, path) for path, ops in document["paths"].items() for method in ops}
+    assert documented == live
+
+    schemas = document["components"]["schemas"]
+    for path, ops in document["paths"].items():
+        for op in ops.values():
+            method = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].methods_by_name[
+                op["operationId"]
+            ]
+            request_ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            response_ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+            assert request_ref.rsplit("/", 1)[1] == method.input_type.name, path
+            assert response_ref.rsplit("/", 1)[1] == method.output_type.name, path
+            for message in (method.input_type, method.output_type):
+                assert_schema_matches(schemas[message.name], message)
+
+
+def assert_schema_matches(schema: dict[str, Any], message: Descriptor) -> None:
+    """Every proto field is documented under its proto name, enums with every value."""
+    assert set(schema["properties"]) == {field.name for field in message.fields}, message.name
+    for field in message.fields:
+        if field.enum_type is not None:
+            documented = schema["properties"][field.name]["enum"]
+            assert documented == [value.name for value in field.enum_type.values], field.name
+
+
+async def test_openapi_is_served(make_gateway: MakeGateway, http: aiohttp.ClientSession) -> None:
+    gateway = await make_gateway()
+    async with http.get(gateway.url + "/openapi.json") as response:
+        assert response.status == 200
+        assert await response.json() == openapi()

@@ -1,0 +1,201 @@
+"""What operators see: /metrics that move with the calls, and one JSON log line per request."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from otp.v1 import otp_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+from otp_service.observability import DevFormatter, JsonFormatter, RequestLine
+from tests.conftest import CALLER, PHONE, SECRET, MakeGateway, wrong_code
+from tests.fake_interakt import API_KEY, Answer, FakeInterakt
+
+SEND = "/api/v1/auth/send-otp"
+VERIFY = "/api/v1/auth/verify-otp"
+SERVICE = {"grpc_service": "otp.v1.OtpService"}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, base_url: str) -> tuple[str, Samples]:
+    async with http.get(base_url + "/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return text, samples
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+async def test_metrics_move_with_the_calls(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, interakt: FakeInterakt
+) -> None:
+    gateway = await make_gateway()
+    _, before = await scrape(http, gateway.url)
+
+    interakt.answer(Answer(status=500, body={}))  # one transient failure, then accepted
+    async with http.post(gateway.url + SEND, json={"phone_number": PHONE}) as response:
+        assert response.status == 200
+    async with http.post(gateway.url + SEND, json={"phone_number": PHONE}) as response:
+        assert response.status == 429
+    code = interakt.received[-1].code
+    await gateway.stub.VerifyOtp(
+        otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code=wrong_code(code)), timeout=10
+    )
+    await gateway.stub.VerifyOtp(
+        otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code=code), timeout=10
+    )
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.VerifyOtp(
+            otp_pb2.VerifyOtpRequest(phone_number="nope", otp_code=code), timeout=10
+        )
+
+    text, after = await scrape(http, gateway.url)
+    handled = "grpc_server_handled_total"
+    assert delta(before, after, handled, **SERVICE, grpc_method="SendOtp", grpc_code="OK") == 1
+    assert (
+        delta(
+            before, after, handled, **SERVICE, grpc_method="SendOtp", grpc_code="RESOURCE_EXHAUSTED"
+        )
+        == 1
+    )
+    assert delta(before, after, handled, **SERVICE, grpc_method="VerifyOtp", grpc_code="OK") == 2
+    assert (
+        delta(
+            before, after, handled, **SERVICE, grpc_method="VerifyOtp", grpc_code="INVALID_ARGUMENT"
+        )
+        == 1
+    )
+    seconds = "grpc_server_handling_seconds_count"
+    assert delta(before, after, seconds, **SERVICE, grpc_method="SendOtp") == 2
+    assert delta(before, after, seconds, **SERVICE, grpc_method="VerifyOtp") == 3
+    assert delta(before, after, "otp_verifications_total", outcome="verified") == 1
+    assert delta(before, after, "otp_verifications_total", outcome="wrong_code") == 1
+    assert delta(before, after, "otp_sends_total", channel="text", result="server_error") == 1
+    assert delta(before, after, "otp_sends_total", channel="text", result="accepted") == 1
+    assert delta(before, after, "otp_upstream_request_seconds_count") == 2
+    assert delta(before, after, "otp_limit_refusals_total", kind="cooldown") == 1
+    assert "otp_redis_errors_total" in text
+
+    # Labels are closed sets: no number, code or key anywhere in the exposition.
+    for secret in (PHONE, PHONE[3:], code, API_KEY, SECRET.decode()):
+        assert secret not in text
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The process' log lines as the production handler writes them."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def log_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Every line, each of which must be one JSON object."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines(
+    make_gateway: MakeGateway,
+    http: aiohttp.ClientSession,
+    interakt: FakeInterakt,
+    json_log: io.StringIO,
+) -> None:
+    gateway = await make_gateway()
+    interakt.answer(Answer(status=503, body={}))  # the sender logs its retry
+    async with http.post(
+        gateway.url + SEND, json={"phone_number": PHONE}, headers={"X-Request-Id": "req-log-1"}
+    ) as response:
+        assert response.status == 200
+    code = interakt.received[-1].code
+    await gateway.stub.VerifyOtp(
+        otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code=code), timeout=10
+    )
+
+    lines = log_lines(json_log)
+    [retry] = [line for line in lines if line.get("logger") == "otp_service.sender"]
+    assert retry["request_id"] == "req-log-1"
+    assert retry["reason"] == "HTTP 503"
+    assert retry["level"] == "WARNING"
+
+    send, verify = [line for line in lines if line["event"] == "rpc"]
+    assert set(send) == {
+        "time", "level", "event", "rpc", "caller", "phone", "status", "duration_ms", "request_id"
+    }  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", send["time"])
+    assert send["level"] == "INFO"
+    assert send["rpc"] == "SendOtp"
+    assert send["status"] == "OK"
+    assert send["phone"] == "+91******8501"
+    # The auth interceptor, after this one, named the caller before the line was written.
+    assert send["caller"] == CALLER
+    assert send["request_id"] == "req-log-1"
+    assert isinstance(send["duration_ms"], float)
+    # A direct gRPC call without x-request-id gets one made up.
+    assert verify["rpc"] == "VerifyOtp"
+    assert verify["request_id"] not in ("", "-", "req-log-1")
+
+    text = json_log.getvalue()
+    for secret in (PHONE, PHONE[3:], code, API_KEY):
+        assert secret not in text
+
+
+async def test_refused_request_is_logged_with_its_status(
+    make_gateway: MakeGateway, json_log: io.StringIO
+) -> None:
+    gateway = await make_gateway()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.SendOtp(
+            otp_pb2.SendOtpRequest(phone_number="+91 70038"),
+            metadata=[("x-request-id", "bad-1")],
+            timeout=10,
+        )
+    # An aborted call's status reaches the caller a moment before the server logs the line.
+    async with asyncio.timeout(10):
+        while '"rpc"' not in json_log.getvalue():  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.01)
+    [line] = [line for line in log_lines(json_log) if line["event"] == "rpc"]
+    assert line["status"] == "INVALID_ARGUMENT"
+    assert line["phone"] == "-"  # not a valid number: nothing of it is logged
+    assert line["request_id"] == "bad-1"
+
+
+def test_dev_format_is_readable() -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "otp_service.requests",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": RequestLine("SendOtp", "-", "+91******8501", "OK", 1.5, "req-9"),
+        }
+    )
+    line = DevFormatter().format(record)
+    assert line.endswith(
+        "INFO    otp_service.requests: SendOtp OK 1.5ms phone=+91******8501 caller=- "
+        "request_id=req-9"
+    )

@@ -1,8 +1,9 @@
 """Caller authentication: every OTP call carries ``authorization: Bearer <token>``.
 
-One server interceptor checks the token and puts the caller's name into ``context.caller``;
-health and reflection stay open for probes and grpcurl. Tokens come from the settings and from
-an optional file that is re-read when it changes, so a token is rotated without a restart.
+A wrapper around each OtpService method checks the token and puts the caller's name into
+``context.caller``; health and reflection are not wrapped, so they stay open for probes and
+grpcurl. Tokens come from the settings and from an optional file that is re-read when it
+changes, so a token is rotated without a restart.
 Only SHA-256 digests of the tokens are kept, compared in constant time, and never logged.
 """
 
@@ -13,27 +14,18 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
 from otp_service import context
 from otp_service.config import ConfigError, read_client_tokens_file
+from otp_service.servicer import Behavior
 
 log = logging.getLogger(__name__)
 
-# Services anyone may call: probes need health without a token, grpcurl needs reflection. The v1
-# reflection name is open too although only v1alpha is served: grpcurl asks v1 first and falls
-# back to v1alpha only on UNIMPLEMENTED, not on UNAUTHENTICATED.
-OPEN_SERVICES = (
-    health.SERVICE_NAME,
-    reflection.SERVICE_NAME,
-    "grpc.reflection.v1.ServerReflection",
-)
 # A rotated file takes effect within this long; checking its mtime on every call would cost a
 # system call per request for nothing.
 RELOAD_INTERVAL_SECONDS = 1.0
@@ -45,11 +37,6 @@ AUTH_FAILURES = Counter(
     "Calls refused with UNAUTHENTICATED, by why: missing, malformed or unknown credential",
     ["reason"],
 )
-
-if TYPE_CHECKING:
-    _Continuation = Callable[
-        [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-    ]
 
 
 def _fingerprint(token: str | bytes) -> bytes:
@@ -119,24 +106,24 @@ class Callers:
         )
 
 
-class CallerAuth(grpc.aio.ServerInterceptor):
+class CallerAuth:
     """Refuses calls without a known caller token with UNAUTHENTICATED; names the caller."""
 
     def __init__(self, callers: Callers) -> None:
         self._callers = callers
 
-    async def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        service = handler_call_details.method.lstrip("/").partition("/")[0]
-        if service in OPEN_SERVICES:
-            return await continuation(handler_call_details)
-        reason, name = self._authenticate(handler_call_details.invocation_metadata or ())
-        if name is None:
-            AUTH_FAILURES.labels(reason).inc()
-            return _DENY
-        context.caller.set(name)
-        return await continuation(handler_call_details)
+    def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
+        """``behavior`` behind the token check (see servicer.add_to_server)."""
+
+        async def authenticated(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            reason, name = self._authenticate(ctx.invocation_metadata() or ())
+            if name is None:
+                AUTH_FAILURES.labels(reason).inc()
+                await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+            context.caller.set(name)
+            return await behavior(request, ctx)
+
+        return authenticated
 
     def _authenticate(self, metadata: Any) -> tuple[str, str | None]:
         values = [value for key, value in metadata if key == "authorization"]
@@ -147,12 +134,3 @@ class CallerAuth(grpc.aio.ServerInterceptor):
             return "malformed", None
         name = self._callers.lookup(token.strip())
         return ("unknown", None) if name is None else ("ok", name)
-
-
-async def _deny(request: object, servicer_context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await servicer_context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
-
-
-# Every guarded RPC is unary; the request is never deserialized, so a refused call costs no
-# parsing and cannot fail on a malformed body instead.
-_DENY: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_deny)

@@ -1,10 +1,10 @@
 """What operators see of each RPC: one log line and a few metric updates, and the log format.
 
-``ObservabilityInterceptor`` is the first server interceptor, so it sees every OtpService call,
-including those that later interceptors (caller auth) refuse. It sets the request id for the
-call's whole task, so every log line written while serving it (the Interakt sender's too) carries
-that id. This runs on every login: per call it does a few attribute reads, a dict lookup per
-metric, and builds one small ``RequestLine``; the JSON is made only by the log handler.
+``Observability`` wraps every OtpService method outermost, so it sees every call, including
+those that caller auth refuses. It sets the request id for the call's whole task, so every log
+line written while serving it (the Interakt sender's too) carries that id. This runs on every
+login: per call it does a few attribute reads, a dict lookup per metric, and builds one small
+``RequestLine``; the JSON is made only by the log handler.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple
 
 import grpc
 from otp.v1 import otp_pb2
@@ -26,14 +25,12 @@ from otp.v1 import otp_pb2
 from otp_service import context, metrics
 from otp_service.errors import InvalidInput
 from otp_service.phone import parse_phone
+from otp_service.servicer import Behavior
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
 REQUEST_LOGGER = "otp_service.requests"
 
-_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-_Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["_Handler | None"]]
 
 # Made-up request ids: a random per-process prefix and a counter, unique without a syscall.
 _ID_PREFIX = secrets.token_hex(4)
@@ -61,46 +58,21 @@ class RequestLine(NamedTuple):
         )
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id, then logs and counts each unary call of the service it watches."""
+class Observability:
+    """Logs and counts each call of the service it watches, under the call's request id."""
 
     def __init__(self, service_name: str) -> None:
         self._service = service_name
-        self._prefix = f"/{service_name}/"
-        # method -> (the handler as found, its observed wrapper): most calls find the same
-        # handler object, so the wrapper is built once per method rather than once per call.
-        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
 
-    async def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> _Handler | None:
-        method: str = handler_call_details.method
-        if not method.startswith(self._prefix):
-            return await continuation(handler_call_details)
-        metadata = handler_call_details.invocation_metadata
-        context.request_id.set(request_id_from(metadata))
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            # grpc.aio calls coroutine behaviours with an aio context, whatever the stubs say.
-            self._observed(method[len(self._prefix) :], handler.unary_unary),  # type: ignore[arg-type]
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _observed(self, rpc: str, behavior: _Behavior) -> _Behavior:
+    def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
+        """``behavior`` observed: the outermost wrapper (see servicer.add_to_server)."""
         handled: dict[str, Any] = {}
         seconds = metrics.child(metrics.RPC_SECONDS, self._service, rpc)
         outcomes = _outcome_counters() if rpc == "VerifyOtp" else None
 
         async def observed(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
             start = time.perf_counter()
+            context.request_id.set(request_id_from(ctx.invocation_metadata()))
             status = "OK"
             try:
                 response = await behavior(request, ctx)
@@ -124,7 +96,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     RequestLine(
                         rpc,
                         context.caller.get(),
-                        masked_phone(request.phone_number),
+                        masked_phone(getattr(request, "phone_number", "")),
                         status,
                         round(elapsed * 1000, 2),
                         context.request_id.get(),
@@ -239,9 +211,44 @@ class DevFormatter(logging.Formatter):
         return text
 
 
+class _TurnFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stdout handler that flushes once per event-loop turn instead of once per line.
+
+    Under load many request lines are written in one turn; flushing each cost a write() system
+    call per request on the hot path. Lines still leave within the turn that wrote them, and
+    outside a running loop (start-up, shutdown) every line is flushed at once.
+    """
+
+    _flush_pending = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        self.flush()
+
+
 def configure_logging(*, dev: bool) -> None:
     """Send every log line to stdout: JSON in production, readable text in development."""
-    handler = logging.StreamHandler(sys.stdout)
+    # No line shows them, and each costs a lookup per record (thread, process).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = _TurnFlushedHandler(sys.stdout)
     handler.setFormatter(DevFormatter() if dev else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

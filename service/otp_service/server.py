@@ -11,11 +11,11 @@ from otp.v1 import otp_pb2
 
 from otp_service.auth import CallerAuth, Callers
 from otp_service.config import Settings
-from otp_service.observability import ObservabilityInterceptor
+from otp_service.observability import Observability
 from otp_service.otp import OtpService
 from otp_service.readiness import RedisWatcher
 from otp_service.sender import InteraktSender, LogSender, Sender
-from otp_service.servicer import OtpServicer, add_to_server
+from otp_service.servicer import OtpServicer, Wrapper, add_to_server
 from otp_service.store import RedisStore, Rules, Store
 
 SERVICE_NAME = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].full_name
@@ -106,14 +106,12 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
 
     ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port.
     """
-    # Observability first: it sets the request id and sees every call, refused ones too.
-    interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(SERVICE_NAME)]
+    # Observability outermost: it sets the request id and sees every call, refused ones too.
+    wrappers: list[Wrapper] = [Observability(SERVICE_NAME).wrap]
     if settings.auth_required:
-        interceptors.append(
-            CallerAuth(Callers(settings.client_tokens, settings.client_tokens_file))
-        )
+        callers = Callers(settings.client_tokens, settings.client_tokens_file)
+        wrappers.append(CallerAuth(callers).wrap)
     server = grpc.aio.server(
-        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # gRPC turns SO_REUSEPORT on by default, which would let a second copy bind the same
@@ -121,7 +119,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
-    add_to_server(OtpServicer(build_service(settings, deps)), server)
+    add_to_server(OtpServicer(build_service(settings, deps)), server, wrappers)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

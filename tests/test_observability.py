@@ -199,3 +199,28 @@ def test_dev_format_is_readable() -> None:
         "INFO    otp_service.requests: SendOtp OK 1.5ms phone=+91******8501 caller=- "
         "request_id=req-9"
     )
+
+
+def test_json_request_line_escapes_what_callers_control() -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "otp_service.requests",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "created": 1_764_000_000.25,
+            "msg": RequestLine("VerifyOtp", 'say "hi"', "+91******8501", "OK", 0.42, "a\\b\u00e9"),
+        }
+    )
+    line = JsonFormatter().format(record)
+    assert json.loads(line) == {
+        "time": "2025-11-24T16:00:00.250Z",
+        "level": "INFO",
+        "event": "rpc",
+        "rpc": "VerifyOtp",
+        "caller": 'say "hi"',
+        "phone": "+91******8501",
+        "status": "OK",
+        "duration_ms": 0.42,
+        "request_id": "a\\b\u00e9",
+    }
+    assert "\n" not in line

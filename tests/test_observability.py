@@ -152,7 +152,7 @@ async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines
     assert send["rpc"] == "SendOtp"
     assert send["status"] == "OK"
     assert send["phone"] == "+91******8501"
-    # The auth interceptor, after this one, named the caller before the line was written.
+    # The auth wrapper, inside this one, named the caller before the line was written.
     assert send["caller"] == CALLER
     assert send["request_id"] == "req-log-1"
     assert isinstance(send["duration_ms"], float)

@@ -1,4 +1,4 @@
-"""Per-request context, set by server interceptors and read by logging, metrics and the domain.
+"""Per-request context: set by the wrappers around each RPC, read by logs, metrics and the domain.
 
 ContextVars follow the request's task, including the tasks it awaits, so no function needs
 extra parameters to know who called and which request it serves.

@@ -2,8 +2,8 @@
 
 Each JSON route is one RPC over a gRPC channel (to the server's own port inside ``serve``, to a
 remote server in ``otp-service gateway``), so caller auth, request logs and RPC metrics happen in
-the gRPC server's interceptors and nowhere else. Bodies and answers use the protobuf JSON mapping
-(proto field names, enums by name): a field added to the proto appears here with no new code.
+the gRPC server and nowhere else. Bodies and answers use the protobuf JSON mapping (proto field
+names, enums by name): a field added to the proto appears here with no new code.
 Errors are grpc-gateway's: the HTTP status from the gRPC code, and a JSON body
 ``{"code", "message", "details"}``. Every bad request gets such a body, never HTML.
 """

@@ -147,27 +147,19 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def make_gateway(
-    redis_db: redis.Redis, redis_server: EmbeddedRedis, interakt: FakeInterakt
-) -> AsyncIterator[MakeGateway]:
+async def make_gateway(make_server: MakeServer) -> AsyncIterator[MakeGateway]:
     """Start a real server and its HTTP server, wired as ``otp-service serve`` wires them."""
     cleanups: list[Callable[[], Awaitable[Any]]] = []
 
     async def make(**overrides: Any) -> Gateway:
-        redis_url = overrides.pop("redis_url", redis_server.url)
-        settings = settings_for(interakt, redis_url, **overrides)
-        deps = build_deps(settings, redis_url)
-        server = await create_server(settings, deps)
-        await server.start()
+        server = await make_server(**overrides)
         # The gateway's channel carries no credential of its own: it forwards the caller's.
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         http = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1)
         stub_channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{server.port}", interceptors=[Bearer(TOKEN)]
         )
-        cleanups.extend(
-            [http.close, channel.close, stub_channel.close, lambda: server.stop(0), deps.close]
-        )
+        cleanups.extend([http.close, channel.close, stub_channel.close])
         stub = otp_pb2_grpc.OtpServiceStub(stub_channel)
         return Gateway(f"http://127.0.0.1:{http.port}", server.port, stub)
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 from otp.v1 import otp_pb2, otp_pb2_grpc
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otp_service import build_deps, create_server
@@ -58,13 +58,15 @@ async def test_concurrent_commands_each_get_their_own_reply(client: PipelinedRed
     assert await client.ping()
 
 
-async def test_script_reloads_itself_after_script_flush(
+async def test_noscript_reaches_its_caller_as_noscripterror_and_the_connection_stays(
     client: PipelinedRedis, own_redis: EmbeddedRedis
 ) -> None:
-    script = client.register_script(SCRIPT)
-    assert await script(keys=["k"], args=["a"]) == [b"k", b"a"]
+    sha = await client.execute_command("SCRIPT", "LOAD", SCRIPT)
+    assert await client.execute_command("EVALSHA", sha, 1, "k", "a") == [b"k", b"a"]
     admin(own_redis).script_flush()
-    assert await script(keys=["k"], args=["b"]) == [b"k", b"b"]
+    with pytest.raises(NoScriptError):
+        await client.execute_command("EVALSHA", sha, 1, "k", "b")
+    assert await client.ping()
 
 
 async def test_reconnects_after_a_redis_restart_and_fails_fast_while_down(

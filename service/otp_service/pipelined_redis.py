@@ -6,8 +6,9 @@ hot path that was about a quarter of the server's CPU (bench/README.md). Here a 
 packed, queued and answered by one reader task that matches replies to callers in order, so
 commands that arrive in the same event-loop turn leave in one write.
 
-Built on redis-py's own ``Connection`` (hiredis parser, AUTH/SELECT/TLS from the URL) and
-speaking to ``AsyncScript``, so ``register_script`` and its NOSCRIPT reload work unchanged.
+Built on redis-py's own ``Connection`` (hiredis parser, AUTH/SELECT/TLS from the URL); error
+replies arrive as redis-py's exceptions (NOSCRIPT as NoScriptError), so the store's script
+reload works over it as over redis-py's own client.
 
 Faults, and why each is handled this way:
 - No answer within ``timeout``: the connection is dropped and every command waiting on it
@@ -32,7 +33,6 @@ from typing import Any
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -69,20 +69,6 @@ class PipelinedRedis:
         self._writes: set[asyncio.Task[None]] = set()
 
     # -- what the store calls ------------------------------------------------------------
-
-    def register_script(self, script: str) -> AsyncScript:
-        """A callable script; reloads itself when Redis answers NOSCRIPT."""
-        return AsyncScript(self, script)  # type: ignore[arg-type]
-
-    def get_encoder(self) -> Any:
-        return self._factory.get_encoder()  # type: ignore[no-untyped-call]
-
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
-
-    async def script_load(self, script: str) -> str:
-        sha = await self.execute_command("SCRIPT LOAD", script)
-        return sha.decode() if isinstance(sha, bytes) else str(sha)
 
     async def ping(self) -> bool:
         return bool(await self.execute_command("PING") in (b"PONG", "PONG", True))

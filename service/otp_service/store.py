@@ -23,11 +23,13 @@ a send):
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from otp_service import metrics
 from otp_service.errors import LimitExceeded, StoreUnavailable
@@ -247,17 +249,38 @@ def _budget_keys(caller: str) -> list[str]:
     return [f"otp:{{senders}}:caller:{caller}", "otp:{senders}:interakt"]
 
 
+class _Script:
+    """A Lua script run by its SHA1 (EVALSHA), sent again when Redis answers NOSCRIPT.
+
+    Redis forgets scripts on a restart, a failover or SCRIPT FLUSH; the first call after that
+    loads it and runs it again, so the rules keep working. (redis-py's AsyncScript does the same,
+    with per-call overhead that was ~5% of VerifyOtp's CPU: bench/README.md.)
+    """
+
+    def __init__(self, client: aioredis.Redis | PipelinedRedis, source: str) -> None:
+        self._client = client
+        self._source = source
+        self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, *, keys: Sequence[str], args: Sequence[object]) -> Any:
+        try:
+            return await self._client.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._client.execute_command("SCRIPT", "LOAD", self._source)
+            return await self._client.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
+
+
 class RedisStore:
     """The Store on Redis (standalone, or Cluster: every script touches one hash slot)."""
 
     def __init__(self, client: aioredis.Redis | PipelinedRedis, rules: Rules) -> None:
         self._redis = client
         self._rules = rules
-        self._send = client.register_script(_SEND_SCRIPT)
-        self._cancel = client.register_script(_CANCEL_SCRIPT)
-        self._verify = client.register_script(_VERIFY_SCRIPT)
-        self._budget = client.register_script(_BUDGET_SCRIPT)
-        self._unbudget = client.register_script(_UNBUDGET_SCRIPT)
+        self._send = _Script(client, _SEND_SCRIPT)
+        self._cancel = _Script(client, _CANCEL_SCRIPT)
+        self._verify = _Script(client, _VERIFY_SCRIPT)
+        self._budget = _Script(client, _BUDGET_SCRIPT)
+        self._unbudget = _Script(client, _UNBUDGET_SCRIPT)
         self._verify_args = (
             rules.max_attempts,
             rules.max_failed_verifies_per_hour,

@@ -1,0 +1,122 @@
+"""The Store contract: what any implementation must do, checked on each one against real Redis.
+
+Today there is one Store (RedisStore) over two Redis clients: the pipelined connection the
+service uses, and redis-py's own pooled client (what a Redis Cluster deployment would pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from otp_service.embedded_redis import EmbeddedRedis
+from otp_service.errors import LimitExceeded
+from otp_service.pipelined_redis import PipelinedRedis
+from otp_service.results import VerifyOutcome
+from otp_service.store import RedisStore, Rules, Store
+
+PHONE = "+917003848501"
+RIGHT = "a" * 32
+WRONG = "b" * 32
+RULES = Rules(
+    ttl_seconds=600,
+    max_attempts=5,
+    resend_cooldown_seconds=30,
+    max_sends_per_hour=5,
+    max_failed_verifies_per_hour=10,
+    caller_sends_per_minute=120,
+    account_sends_per_minute=300,
+)
+
+Client = PipelinedRedis | aioredis.Redis
+CLIENTS: dict[str, Callable[[str], Client]] = {
+    "pipelined": lambda url: PipelinedRedis(url, timeout=1.0),
+    "redis-py": lambda url: aioredis.Redis.from_url(url),
+}
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+async def make_store(
+    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, redis_db: redis.Redis
+) -> AsyncIterator[Callable[..., Store]]:
+    stores: list[Store] = []
+
+    def make(**rules: int) -> Store:
+        client = CLIENTS[request.param](redis_server.url)
+        store = RedisStore(client, Rules(**{**RULES.__dict__, **rules}))
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+async def test_a_stored_code_verifies_once(make_store: Callable[..., Store]) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT)
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.VERIFIED
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
+
+
+async def test_wrong_codes_count_down_then_lock(make_store: Callable[..., Store]) -> None:
+    store = make_store(max_attempts=2)
+    await store.add_code(PHONE, RIGHT)
+    assert (await store.verify(PHONE, WRONG)).attempts_remaining == 1
+    assert (await store.verify(PHONE, WRONG)).attempts_remaining == 0
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.TOO_MANY_ATTEMPTS
+
+
+async def test_fifty_concurrent_wrong_guesses_spend_exactly_the_budget(
+    make_store: Callable[..., Store],
+) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT)
+    results = await asyncio.gather(*(store.verify(PHONE, f"{i:032x}") for i in range(50)))
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(VerifyOutcome.WRONG_CODE) == RULES.max_attempts
+    assert outcomes.count(VerifyOutcome.TOO_MANY_ATTEMPTS) == 50 - RULES.max_attempts
+    assert sorted(r.attempts_remaining for r in results)[-RULES.max_attempts :] == [0, 1, 2, 3, 4]
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.TOO_MANY_ATTEMPTS
+
+
+async def test_of_concurrent_right_codes_one_wins(make_store: Callable[..., Store]) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT)
+    results = await asyncio.gather(*(store.verify(PHONE, RIGHT) for _ in range(50)))
+    assert sum(r.verified for r in results) == 1
+
+
+async def test_a_cancelled_code_is_gone_and_its_send_given_back(
+    make_store: Callable[..., Store],
+) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT)
+    await store.cancel_code(PHONE, RIGHT)
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
+    await store.add_code(PHONE, RIGHT)  # not held in the cooldown
+
+
+async def test_a_second_send_in_the_cooldown_is_refused_with_the_wait(
+    make_store: Callable[..., Store],
+) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT)
+    with pytest.raises(LimitExceeded) as refused:
+        await store.add_code(PHONE, WRONG)
+    assert 29 <= refused.value.retry_after <= 30
+
+
+async def test_scripts_are_loaded_again_after_script_flush(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT)
+    redis_db.script_flush()
+    assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.WRONG_CODE
+    redis_db.script_flush()
+    assert (await store.verify(PHONE, RIGHT)).verified

@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import redis
@@ -23,6 +24,7 @@ from prometheus_client import REGISTRY
 from otp_service import ConfigError, Settings
 from otp_service.auth import Callers
 from otp_service.config import DEV_TOKEN
+from otp_service.gateway import HttpServer
 from tests.conftest import PHONE, TOKEN, MakeServer
 
 OTHER_TOKEN = "another-caller-token-abcdefgh"
@@ -301,3 +303,37 @@ def test_auth_none_warns_at_start(redis_server: object) -> None:
         process.wait(timeout=30)
         watchdog.cancel()
     assert any("WARNING" in line and "caller authentication is OFF" in line for line in lines)
+
+
+async def test_metrics_and_openapi_can_require_a_caller_token(make_server: MakeServer) -> None:
+    server = await make_server()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    callers = Callers((("ops", "ops-token-0123456789"),))
+    http = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1, callers=callers)
+    base = f"http://127.0.0.1:{http.port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path in ("/metrics", "/openapi.json"):
+                async with session.get(base + path) as refused:
+                    assert refused.status == 401
+                    body = await refused.json()
+                    assert body["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+                headers = {"Authorization": "Bearer ops-token-0123456789"}
+                async with session.get(base + path, headers=headers) as allowed:
+                    assert allowed.status == 200
+            # The probes stay open.
+            async with session.get(base + "/healthz") as probe:
+                assert probe.status == 200
+    finally:
+        await http.close()
+        await channel.close()
+
+
+def test_metrics_auth_needs_tokens_to_check() -> None:
+    with pytest.raises(ConfigError) as failed:
+        Settings.from_env({"OTP_METRICS_AUTH": "true", "OTP_AUTH": "none"}, dev=True)
+    assert any("OTP_METRICS_AUTH" in problem for problem in failed.value.problems)
+    with pytest.raises(ConfigError) as gateway:
+        Settings.from_env({"OTP_METRICS_AUTH": "true"}, gateway_only=True)
+    assert any("OTP_METRICS_AUTH" in problem for problem in gateway.value.problems)
+    assert Settings.from_env({"OTP_METRICS_AUTH": "true"}, dev=True).metrics_auth

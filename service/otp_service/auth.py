@@ -62,6 +62,25 @@ class Callers:
         self._next_check = 0.0
         self._reload()
 
+    def authenticate(self, authorization: list[str]) -> str | None:
+        """The caller named by the ``authorization`` values (metadata or HTTP headers), or None.
+
+        A refusal is counted by why; the caller is told nothing of it.
+        """
+        reason, name = "ok", None
+        if not authorization:
+            reason = "missing"
+        else:
+            scheme, _, token = authorization[0].partition(" ")
+            if len(authorization) > 1 or scheme.lower() != "bearer" or not token.strip():
+                reason = "malformed"
+            else:
+                name = self.lookup(token.strip())
+                reason = "ok" if name is not None else "unknown"
+        if name is None:
+            AUTH_FAILURES.labels(reason).inc()
+        return name
+
     def lookup(self, token: str | bytes) -> str | None:
         """The name of the caller whose token this is, or None."""
         if self._file is not None and self._clock() >= self._next_check:
@@ -116,21 +135,12 @@ class CallerAuth:
         """``behavior`` behind the token check (see servicer.add_to_server)."""
 
         async def authenticated(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            reason, name = self._authenticate(ctx.invocation_metadata() or ())
+            metadata = ctx.invocation_metadata() or ()
+            values = [str(v) for k, v in metadata if k == "authorization"]
+            name = self._callers.authenticate(values)
             if name is None:
-                AUTH_FAILURES.labels(reason).inc()
                 await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
             context.caller.set(name)
             return await behavior(request, ctx)
 
         return authenticated
-
-    def _authenticate(self, metadata: Any) -> tuple[str, str | None]:
-        values = [value for key, value in metadata if key == "authorization"]
-        if not values:
-            return "missing", None
-        scheme, _, token = values[0].partition(" ")
-        if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
-            return "malformed", None
-        name = self._callers.lookup(token.strip())
-        return ("unknown", None) if name is None else ("ok", name)

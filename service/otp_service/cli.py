@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import uvloop
 
+from otp_service.auth import Callers
 from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from otp_service.gateway import HttpServer
@@ -210,12 +211,16 @@ async def gateway_forever(settings: Settings, target: str) -> None:
 async def _start_http(
     settings: Settings, channel: grpc.aio.Channel, *, reuse_port: bool = False
 ) -> HttpServer:
+    callers = None
+    if settings.metrics_auth:
+        callers = Callers(settings.client_tokens, settings.client_tokens_file)
     try:
         http = await HttpServer.start(
             settings.http_address,
             channel,
             shutdown_timeout=settings.shutdown_grace_seconds,
             reuse_port=reuse_port,
+            callers=callers,
         )
     except OSError as exc:
         raise OSError(f"cannot listen on {settings.http_address} (HTTP): {exc}") from exc

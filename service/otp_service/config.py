@@ -76,6 +76,8 @@ class Settings:
     # The JSON gateway, /metrics and the health endpoints; "" runs no HTTP server.
     http_address: str = DEFAULT_HTTP_ADDRESS
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
+    # Whether GET /metrics and /openapi.json need a caller token too (the probes never do).
+    metrics_auth: bool = False
     code_length: int = DEFAULT_CODE_LENGTH
     ttl_seconds: int = DEFAULT_TTL_SECONDS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -138,6 +140,7 @@ class Settings:
                 file_tokens = read_client_tokens_file(tokens_file)
             except ConfigError as exc:
                 reader.problems.extend(f"OTP_CLIENT_TOKENS_FILE: {p}" for p in exc.problems)
+        metrics_auth = reader.boolean("OTP_METRICS_AUTH", False)
         if auth == "token" and not tokens and not file_tokens:
             if dev:
                 tokens = ((DEV_CALLER, DEV_TOKEN),)
@@ -146,6 +149,12 @@ class Settings:
                     "OTP_CLIENT_TOKENS / OTP_CLIENT_TOKENS_FILE: at least one caller token is "
                     "required in production mode (OTP_AUTH=none turns caller authentication off)"
                 )
+            elif metrics_auth:
+                reader.problems.append(
+                    "OTP_METRICS_AUTH: needs OTP_CLIENT_TOKENS or OTP_CLIENT_TOKENS_FILE to check"
+                )
+        if metrics_auth and auth == "none":
+            reader.problems.append("OTP_METRICS_AUTH: cannot be on with OTP_AUTH=none")
         tls_cert, tls_key = _path(reader, "OTP_TLS_CERT"), _path(reader, "OTP_TLS_KEY")
         tls_client_ca = _path(reader, "OTP_TLS_CLIENT_CA")
         if (tls_cert is None) != (tls_key is None):
@@ -172,6 +181,7 @@ class Settings:
             http_address=""
             if env.get("OTP_HTTP_ADDRESS", "x").strip() == ""
             else _address(reader, "OTP_HTTP_ADDRESS", DEFAULT_HTTP_ADDRESS),
+            metrics_auth=metrics_auth,
             shutdown_grace_seconds=reader.number(
                 "OTP_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE_SECONDS, low=0, high=300
             ),

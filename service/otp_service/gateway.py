@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
+from otp_service.auth import DENIED, Callers
 from otp_service.observability import MAX_REQUEST_ID_LENGTH, REQUEST_ID_KEY, new_request_id
 from otp_service.server import SERVICE_NAME
 
@@ -84,8 +85,11 @@ ROUTES = (
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(channel: grpc.aio.Channel) -> web.Application:
-    """The HTTP application, calling the service over ``channel``."""
+def create_app(channel: grpc.aio.Channel, callers: Callers | None = None) -> web.Application:
+    """The HTTP application, calling the service over ``channel``.
+
+    With ``callers``, /metrics and /openapi.json need a caller token too (OTP_METRICS_AUTH).
+    """
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
     stub = otp_pb2_grpc.OtpServiceStub(channel)
     for route in ROUTES:
@@ -111,11 +115,23 @@ def create_app(channel: grpc.aio.Channel) -> web.Application:
             {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
         )
 
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _guarded(openapi_json, callers))
+    app.router.add_get("/metrics", _guarded(_metrics, callers))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", readyz)
     return app
+
+
+def _guarded(handler: _Handler, callers: Callers | None) -> _Handler:
+    if callers is None:
+        return handler
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if callers.authenticate(request.headers.getall("Authorization", [])) is None:
+            return _error(401, grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        return await handler(request)
+
+    return guarded
 
 
 def _gateway_handler(route: Route, call: Any) -> _Handler:
@@ -258,14 +274,16 @@ class HttpServer:
         *,
         shutdown_timeout: float,
         reuse_port: bool = False,
+        callers: Callers | None = None,
     ) -> HttpServer:
         """Listen on ``address`` ("host:port"; port 0 picks a free one).
 
-        ``reuse_port`` lets the worker processes of ``serve --workers N`` share the port.
+        ``reuse_port`` lets the worker processes of ``serve --workers N`` share the port;
+        ``callers``, when given, guard /metrics and /openapi.json.
         """
         host, _, port = address.rpartition(":")
         runner = web.AppRunner(
-            create_app(channel), access_log=None, shutdown_timeout=shutdown_timeout
+            create_app(channel, callers), access_log=None, shutdown_timeout=shutdown_timeout
         )
         await runner.setup()
         try:

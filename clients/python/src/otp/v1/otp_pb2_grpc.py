@@ -30,8 +30,12 @@ class OtpServiceStub:
     to the number over WhatsApp and checks the code the user types back.
 
     Expected results of a verification (wrong code, expired code, too many
-    tries) are answered with status OK and an outcome. Error statuses mean:
+    tries) are answered with status OK and an outcome. Every call needs the
+    metadata "authorization: Bearer <token>" of its calling service.
+    Error statuses mean:
     INVALID_ARGUMENT    the request is malformed; the message names the field.
+    UNAUTHENTICATED     no valid caller token.
+    PERMISSION_DENIED   codes are not sent to this number's country.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
     how long to wait.
     FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -63,8 +67,12 @@ class OtpServiceServicer:
     to the number over WhatsApp and checks the code the user types back.
 
     Expected results of a verification (wrong code, expired code, too many
-    tries) are answered with status OK and an outcome. Error statuses mean:
+    tries) are answered with status OK and an outcome. Every call needs the
+    metadata "authorization: Bearer <token>" of its calling service.
+    Error statuses mean:
     INVALID_ARGUMENT    the request is malformed; the message names the field.
+    UNAUTHENTICATED     no valid caller token.
+    PERMISSION_DENIED   codes are not sent to this number's country.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
     how long to wait.
     FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -116,8 +124,12 @@ class OtpService:
     to the number over WhatsApp and checks the code the user types back.
 
     Expected results of a verification (wrong code, expired code, too many
-    tries) are answered with status OK and an outcome. Error statuses mean:
+    tries) are answered with status OK and an outcome. Every call needs the
+    metadata "authorization: Bearer <token>" of its calling service.
+    Error statuses mean:
     INVALID_ARGUMENT    the request is malformed; the message names the field.
+    UNAUTHENTICATED     no valid caller token.
+    PERMISSION_DENIED   codes are not sent to this number's country.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
     how long to wait.
     FAILED_PRECONDITION the delivery provider refused the message for a reason

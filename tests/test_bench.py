@@ -40,5 +40,5 @@ def test_smoke_run_writes_table_and_chart_and_every_sampled_answer_is_ok(
     checks = table.split("Sampled answers", 1)[1]
     assert checks.count(": OK (") == 4, checks
     for row in table.splitlines():
-        if row.startswith(("| VerifyOtp |", "| SendOtp |", "| empty")):
+        if row.startswith(("| VerifyOtp |", "| SendOtp |", "| REST verify |", "| empty")):
             assert row.rstrip(" |").endswith("| 0"), row

@@ -151,6 +151,7 @@ async def _client(
         metadata = target.headers
     else:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight))
+        headers = {"Content-Type": "application/json", **dict(target.headers)}
 
     async def one(i: int) -> None:
         nonlocal failed
@@ -160,7 +161,7 @@ async def _client(
             if target.grpc:
                 await call(body, metadata=metadata, timeout=30)
             else:
-                async with session.post(target.url, data=body, headers=dict(target.headers)) as r:
+                async with session.post(target.url, data=body, headers=headers) as r:
                     await r.read()
                     if r.status != 200:
                         failed += 1

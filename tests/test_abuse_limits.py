@@ -6,6 +6,7 @@ import grpc
 import pytest
 import redis
 from otp.v1 import otp_pb2, otp_pb2_grpc
+from prometheus_client import REGISTRY
 
 from otp_service import Settings
 from tests.conftest import (
@@ -92,10 +93,12 @@ async def test_a_caller_over_its_rate_is_refused_across_replicas(
     await send(second, OTHER_PHONES[1])
     await send(first, OTHER_PHONES[2])
     before = redis_snapshot(redis_db)
+    counted = REGISTRY.get_sample_value("otp_limit_refusals_total", {"kind": "caller"}) or 0.0
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await send(second, OTHER_PHONES[3])
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused.value.details() == "caller: at most 3 sends a minute"
+    assert REGISTRY.get_sample_value("otp_limit_refusals_total", {"kind": "caller"}) == counted + 1
     assert 1 <= retry_delay(refused.value) <= 60
     assert redis_snapshot(redis_db) == before
     assert len(interakt.received) == 3

@@ -18,9 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from prometheus_client import Counter
 
-from otp_service import context
+from otp_service import context, metrics
 from otp_service.config import ConfigError, read_client_tokens_file
 from otp_service.servicer import Behavior
 
@@ -31,12 +30,6 @@ log = logging.getLogger(__name__)
 RELOAD_INTERVAL_SECONDS = 1.0
 # The same words for every failure, so a caller cannot tell a wrong token from a malformed one.
 DENIED = "a valid caller token is required: authorization: Bearer <token>"
-
-AUTH_FAILURES = Counter(
-    "otp_auth_failures_total",
-    "Calls refused with UNAUTHENTICATED, by why: missing, malformed or unknown credential",
-    ["reason"],
-)
 
 
 def _fingerprint(token: str | bytes) -> bytes:
@@ -78,7 +71,7 @@ class Callers:
                 name = self.lookup(token.strip())
                 reason = "ok" if name is not None else "unknown"
         if name is None:
-            AUTH_FAILURES.labels(reason).inc()
+            metrics.child(metrics.AUTH_FAILURES, reason).inc()
         return name
 
     def lookup(self, token: str | bytes) -> str | None:

@@ -33,10 +33,14 @@ class InvalidInput(OtpError):
 
 
 class LimitExceeded(OtpError):
-    """A limit was reached; the caller may try again after ``retry_after`` seconds."""
+    """A limit was reached; the caller may try again after ``retry_after`` seconds.
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    ``kind`` names the limit (cooldown, hourly, paused, caller, account) for the metrics.
+    """
+
+    def __init__(self, kind: str, message: str, retry_after: float) -> None:
         super().__init__(message)
+        self.kind = kind
         self.retry_after = retry_after
 
 

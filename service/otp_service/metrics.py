@@ -46,6 +46,11 @@ UPSTREAM_SECONDS = Histogram(
 LIMIT_REFUSALS = Counter(
     "otp_limit_refusals_total", "Requests refused by a limit, by kind of limit.", ["kind"]
 )
+AUTH_FAILURES = Counter(
+    "otp_auth_failures_total",
+    "Calls refused with UNAUTHENTICATED, by why: missing, malformed or unknown credential.",
+    ["reason"],
+)
 REDIS_ERRORS = Counter(
     "otp_redis_errors_total", "Redis commands that failed or timed out while serving requests."
 )
@@ -69,5 +74,5 @@ def count_send(channel: str, result: str, seconds: float | None = None) -> None:
 
 
 def count_limit_refusal(kind: str) -> None:
-    """A request refused by the limit named ``kind`` (e.g. ``cooldown``, ``hourly``)."""
+    """A request refused by the limit named ``kind`` (LimitExceeded.kind)."""
     child(LIMIT_REFUSALS, kind).inc()

@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
+from otp_service import metrics
 from otp_service.errors import (
     DeliveryRefused,
     InvalidInput,
@@ -147,6 +148,8 @@ def _with_statuses(method: Behavior) -> Behavior:
                 raise InvalidInput("request", f"is not a valid {request.expected}")
             return await method(request, context)
         except OtpError as exc:
+            if isinstance(exc, LimitExceeded):
+                metrics.count_limit_refusal(exc.kind)
             await _abort(context, status_for(exc))
         except Exception:
             log.exception("unexpected error while handling an RPC")

@@ -319,11 +319,12 @@ class RedisStore:
         )
         status, value = reply[0], reply[1]
         if status == 1:
-            metrics.count_limit_refusal("cooldown")
-            raise LimitExceeded("phone_number: a code was sent moments ago", value / 1000)
-        if status == 2:
-            metrics.count_limit_refusal("hourly")
             raise LimitExceeded(
+                "cooldown", "phone_number: a code was sent moments ago", value / 1000
+            )
+        if status == 2:
+            raise LimitExceeded(
+                "hourly",
                 f"phone_number: at most {self._rules.max_sends_per_hour} codes an hour",
                 value / 1000,
             )
@@ -337,11 +338,13 @@ class RedisStore:
         )
         if status == 1:
             raise LimitExceeded(
+                "caller",
                 f"caller: at most {self._rules.caller_sends_per_minute} sends a minute",
                 value / 1000,
             )
         if status == 2:
             raise LimitExceeded(
+                "account",
                 f"the service's WhatsApp budget of {self._rules.account_sends_per_minute} "
                 "messages a minute is spent",
                 value / 1000,
@@ -366,6 +369,7 @@ class RedisStore:
 
     def _paused(self, wait_ms: int) -> LimitExceeded:
         return LimitExceeded(
+            "paused",
             f"phone_number: {self._rules.max_failed_verifies_per_hour} wrong codes in the last "
             "hour; verification is paused",
             wait_ms / 1000,

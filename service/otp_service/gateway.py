@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service.auth import DENIED, Callers
-from otp_service.observability import MAX_REQUEST_ID_LENGTH, REQUEST_ID_KEY, new_request_id
+from otp_service.observability import REQUEST_ID_KEY, sane_request_id
 from otp_service.server import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,7 @@ def _guarded(handler: _Handler, callers: Callers | None) -> _Handler:
 
 def _gateway_handler(route: Route, call: Any) -> _Handler:
     async def handle(request: web.Request) -> web.Response:
-        request_id = request.headers.get(REQUEST_ID_KEY, "")
-        if not _metadata_safe(request_id) or len(request_id) > MAX_REQUEST_ID_LENGTH:
-            request_id = new_request_id()
+        request_id = sane_request_id(request.headers.get(REQUEST_ID_KEY))
         headers = {"X-Request-Id": request_id}
         if request.content_type != "application/json":
             got = request.headers.get("Content-Type")

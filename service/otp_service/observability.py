@@ -107,21 +107,26 @@ class Observability:
 
 
 def request_id_from(metadata: Any) -> str:
-    """The caller's x-request-id if it is a sane token, else a new one."""
+    """The caller's x-request-id from gRPC metadata if it is a sane token, else a new one."""
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY:
-            if (
-                isinstance(value, str)
-                and 0 < len(value) <= MAX_REQUEST_ID_LENGTH
-                and value.isascii()
-                and value.isprintable()
-            ):
-                return value
-            break
-    return new_request_id()
+            return sane_request_id(value)
+    return _new_request_id()
 
 
-def new_request_id() -> str:
+def sane_request_id(value: object) -> str:
+    """``value`` if it can serve as a request id (printable ASCII, not too long), else a new one."""
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_REQUEST_ID_LENGTH
+        and value.isascii()
+        and value.isprintable()
+    ):
+        return value
+    return _new_request_id()
+
+
+def _new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids):x}"
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -224,6 +225,9 @@ class Settings:
         return settings
 
 
+_N = TypeVar("_N", int, float)
+
+
 class _Reader:
     """Reads typed values from the environment, collecting problems instead of stopping."""
 
@@ -236,26 +240,21 @@ class _Reader:
         return default if value is None or value.strip() == "" else value.strip()
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
-        raw = self.text(name, None)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.problems.append(f"{name}: not a whole number: {raw!r}")
-            return default
-        if not low <= value <= high:
-            self.problems.append(f"{name}: must be between {low} and {high} (got {value})")
-        return value
+        return self._ranged(name, default, low, high, int, "a whole number")
 
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        return self._ranged(name, default, low, high, float, "a number")
+
+    def _ranged(
+        self, name: str, default: _N, low: _N, high: _N, kind: Callable[[str], _N], what: str
+    ) -> _N:
         raw = self.text(name, None)
         if raw is None:
             return default
         try:
-            value = float(raw)
+            value = kind(raw)
         except ValueError:
-            self.problems.append(f"{name}: not a number: {raw!r}")
+            self.problems.append(f"{name}: not {what}: {raw!r}")
             return default
         if not low <= value <= high:
             self.problems.append(f"{name}: must be between {low} and {high} (got {value})")

@@ -60,6 +60,15 @@ async def test_concurrent_right_and_wrong_codes_never_exceed_the_budget(
     # The right code is either within the budget (verified) or after it (locked); never both.
     assert outcomes[otp_pb2.VERIFY_OUTCOME_VERIFIED] <= 1
     assert outcomes[otp_pb2.VERIFY_OUTCOME_WRONG_CODE] <= 3
+    wrong = outcomes[otp_pb2.VERIFY_OUTCOME_WRONG_CODE]
+    if outcomes[otp_pb2.VERIFY_OUTCOME_VERIFIED]:
+        # Verified within the budget: the guesses before it counted, the rest found no code.
+        assert wrong <= 2
+        assert outcomes[otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE] == len(guesses) - 1 - wrong
+    else:
+        # The budget ran out first: exactly three guesses counted, everything after was locked.
+        assert wrong == 3
+        assert outcomes[otp_pb2.VERIFY_OUTCOME_TOO_MANY_ATTEMPTS] == len(guesses) - 3
 
 
 async def test_concurrent_sends_pass_the_cooldown_once(

@@ -89,6 +89,8 @@ async def test_of_concurrent_right_codes_one_wins(make_store: Callable[..., Stor
     await store.add_code(PHONE, RIGHT)
     results = await asyncio.gather(*(store.verify(PHONE, RIGHT) for _ in range(50)))
     assert sum(r.verified for r in results) == 1
+    # The others found the code already used, not a wrong one.
+    assert sum(r.outcome is VerifyOutcome.NO_ACTIVE_CODE for r in results) == 49
 
 
 async def test_a_cancelled_code_is_gone_and_its_send_given_back(

@@ -66,7 +66,6 @@ class Observability:
 
     def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
         """``behavior`` observed: the outermost wrapper (see servicer.add_to_server)."""
-        handled: dict[str, Any] = {}
         seconds = metrics.child(metrics.RPC_SECONDS, self._service, rpc)
         outcomes = _outcome_counters() if rpc == "VerifyOtp" else None
 
@@ -85,12 +84,7 @@ class Observability:
             finally:
                 elapsed = time.perf_counter() - start
                 seconds.observe(elapsed)
-                counter = handled.get(status)
-                if counter is None:
-                    counter = handled[status] = metrics.RPCS_HANDLED.labels(
-                        self._service, rpc, status
-                    )
-                counter.inc()
+                metrics.child(metrics.RPCS_HANDLED, self._service, rpc, status).inc()
                 _requests_log.log(
                     logging.ERROR if status in _ERROR_CODES else logging.INFO,
                     RequestLine(

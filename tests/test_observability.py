@@ -16,8 +16,15 @@ import pytest
 from otp.v1 import otp_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from otp_service.observability import DevFormatter, JsonFormatter, RequestLine
-from tests.conftest import CALLER, PHONE, SECRET, MakeGateway, wrong_code
+from otp_service import observability
+from otp_service.observability import (
+    REQUEST_LOGGER,
+    DevFormatter,
+    JsonFormatter,
+    RequestLine,
+    configure_logging,
+)
+from tests.conftest import CALLER, PHONE, SECRET, TOKEN, MakeGateway, wrong_code
 from tests.fake_interakt import API_KEY, Answer, FakeInterakt
 
 SEND = "/api/v1/auth/send-otp"
@@ -101,17 +108,15 @@ async def test_metrics_move_with_the_calls(
 
 
 @pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    """The process' log lines as the production handler writes them."""
+def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """The process' log lines as production writes them: ``configure_logging``, JSON."""
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(observability, "_direct", None)  # put back after the test
+    configure_logging(dev=False, stream=stream)
     yield stream
-    root.removeHandler(handler)
+    root.handlers[:] = handlers
     root.setLevel(level)
 
 
@@ -183,6 +188,43 @@ async def test_refused_request_is_logged_with_its_status(
     assert line["status"] == "INVALID_ARGUMENT"
     assert line["phone"] == "-"  # not a valid number: nothing of it is logged
     assert line["request_id"] == "bad-1"
+
+
+async def test_request_lines_follow_the_request_loggers_level(
+    make_gateway: MakeGateway, json_log: io.StringIO
+) -> None:
+    gateway = await make_gateway()
+    requests = logging.getLogger(REQUEST_LOGGER)
+    requests.setLevel(logging.WARNING)
+    try:
+        await gateway.stub.VerifyOtp(
+            otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="000000"), timeout=10
+        )
+        assert '"rpc"' not in json_log.getvalue()
+    finally:
+        requests.setLevel(logging.NOTSET)
+    await gateway.stub.VerifyOtp(
+        otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="000000"), timeout=10
+    )
+    [line] = [line for line in log_lines(json_log) if line["event"] == "rpc"]
+    assert line["status"] == "OK"
+
+
+async def test_json_calls_on_one_connection_do_not_share_a_caller(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, json_log: io.StringIO
+) -> None:
+    gateway = await make_gateway()
+    body = {"phone_number": PHONE, "otp_code": "000000"}
+    # One keep-alive connection: a known caller, then a call with no usable token.
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for authorization in (f"Bearer {TOKEN}", "Bearer wrong-token"):
+            headers = {"Authorization": authorization}
+            async with session.post(gateway.url + VERIFY, json=body, headers=headers) as answer:
+                await answer.read()
+    known, refused = [line for line in log_lines(json_log) if line["event"] == "rpc"]
+    assert (known["caller"], known["status"]) == (CALLER, "OK")
+    assert (refused["caller"], refused["status"]) == ("-", "UNAUTHENTICATED")
 
 
 def test_dev_format_is_readable() -> None:

@@ -14,7 +14,7 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service import OtpServer, Settings, build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis
-from otp_service.gateway import HttpServer
+from otp_service.gateway import HttpServer, LocalBackend
 from tests.fake_interakt import API_KEY, FakeInterakt
 
 PHONE = "+917003848501"
@@ -153,13 +153,13 @@ async def make_gateway(make_server: MakeServer) -> AsyncIterator[MakeGateway]:
 
     async def make(**overrides: Any) -> Gateway:
         server = await make_server(**overrides)
-        # The gateway's channel carries no credential of its own: it forwards the caller's.
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        http = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1)
+        # It has no credential of its own: it forwards the caller's.
+        backend = LocalBackend(server.behaviors, server.health)
+        http = await HttpServer.start("127.0.0.1:0", backend, shutdown_timeout=1)
         stub_channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{server.port}", interceptors=[Bearer(TOKEN)]
         )
-        cleanups.extend([http.close, channel.close, stub_channel.close])
+        cleanups.extend([http.close, stub_channel.close])
         stub = otp_pb2_grpc.OtpServiceStub(stub_channel)
         return Gateway(f"http://127.0.0.1:{http.port}", server.port, stub)
 

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from otp_service import ConfigError, Settings
 from otp_service.auth import Callers
 from otp_service.config import DEV_TOKEN
-from otp_service.gateway import HttpServer
+from otp_service.gateway import HttpServer, LocalBackend
 from tests.conftest import PHONE, TOKEN, MakeServer
 
 OTHER_TOKEN = "another-caller-token-abcdefgh"
@@ -307,9 +307,9 @@ def test_auth_none_warns_at_start(redis_server: object) -> None:
 
 async def test_metrics_and_openapi_can_require_a_caller_token(make_server: MakeServer) -> None:
     server = await make_server()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     callers = Callers((("ops", "ops-token-0123456789"),))
-    http = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1, callers=callers)
+    backend = LocalBackend(server.behaviors, server.health)
+    http = await HttpServer.start("127.0.0.1:0", backend, shutdown_timeout=1, callers=callers)
     base = f"http://127.0.0.1:{http.port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -326,7 +326,6 @@ async def test_metrics_and_openapi_can_require_a_caller_token(make_server: MakeS
                 assert probe.status == 200
     finally:
         await http.close()
-        await channel.close()
 
 
 def test_metrics_auth_needs_tokens_to_check() -> None:

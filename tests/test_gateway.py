@@ -13,10 +13,11 @@ import pytest
 import redis
 from aiohttp import web
 from google.protobuf.descriptor import Descriptor
+from grpc_health.v1 import health
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service.embedded_redis import free_port
-from otp_service.gateway import HttpServer, create_app
+from otp_service.gateway import Backend, HttpServer, LocalBackend, RemoteBackend, create_app
 from tests.conftest import PHONE, MakeGateway, redis_snapshot
 from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt
 
@@ -242,16 +243,22 @@ class Scripted(otp_pb2_grpc.OtpServiceServicer):
         raise AssertionError("abort returned")
 
 
-@pytest.fixture
-async def scripted_gateway() -> AsyncIterator[tuple[str, Scripted]]:
-    """The gateway in front of a real gRPC server running ``Scripted``."""
+@pytest.fixture(params=["remote", "local"])
+async def scripted_gateway(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Scripted]]:
+    """The gateway in front of ``Scripted``: a real gRPC server, or its methods in process."""
     servicer = Scripted()
     server = grpc.aio.server()
     otp_pb2_grpc.add_OtpServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    http = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1)
+    backend: Backend
+    if request.param == "remote":
+        backend = RemoteBackend(channel)
+    else:
+        methods = {"SendOtp": servicer.SendOtp, "VerifyOtp": servicer.VerifyOtp}
+        backend = LocalBackend(methods, health.aio.HealthServicer())
+    http = await HttpServer.start("127.0.0.1:0", backend, shutdown_timeout=1)
     yield f"http://127.0.0.1:{http.port}", servicer
     await http.close()
     await channel.close()
@@ -307,7 +314,7 @@ async def test_credential_and_request_id_are_forwarded_as_metadata(
 
 async def test_unreachable_server_is_503(http: aiohttp.ClientSession) -> None:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
-    server = await HttpServer.start("127.0.0.1:0", channel, shutdown_timeout=1)
+    server = await HttpServer.start("127.0.0.1:0", RemoteBackend(channel), shutdown_timeout=1)
     try:
         status, _, body = await post(
             http, f"http://127.0.0.1:{server.port}{SEND}", {"phone_number": PHONE}
@@ -332,7 +339,7 @@ def openapi() -> dict[str, Any]:
 
 def test_openapi_document_matches_the_live_routes_and_the_proto() -> None:
     document = openapi()
-    app = create_app(grpc.aio.insecure_channel("127.0.0.1:1"))
+    app = create_app(RemoteBackend(grpc.aio.insecure_channel("127.0.0.1:1")))
     live = {
         (route.method.lower(), route.resource.canonical)
         for route in app.router.routes()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from cryptography import x509
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from tests.conftest import PHONE, TOKEN, MakeServer
+from tests.conftest import PHONE, TOKEN, MakeGateway, MakeServer
 
 
 @dataclass(frozen=True)
@@ -178,3 +179,14 @@ async def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await verify_call(refused_stub)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_json_gateway_in_serve_works_beside_mutual_tls(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, pki: Pki
+) -> None:
+    # The in-process gateway needs no port of its own, plaintext or otherwise, to reach it.
+    gateway = await make_gateway(tls_cert=pki.cert, tls_key=pki.key, tls_client_ca=pki.ca_file)
+    body = {"phone_number": PHONE, "otp_code": "123456"}
+    async with http.post(gateway.url + "/api/v1/auth/verify-otp", json=body) as answer:
+        assert answer.status == 200
+        assert (await answer.json())["outcome"] == "VERIFY_OUTCOME_NO_ACTIVE_CODE"

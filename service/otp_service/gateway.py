@@ -1,11 +1,12 @@
 """The HTTP face: the legacy JSON routes as a gateway to the gRPC service, and the ops endpoints.
 
-Each JSON route is one RPC over a gRPC channel (to the server's own port inside ``serve``, to a
-remote server in ``otp-service gateway``), so caller auth, request logs and RPC metrics happen in
-the gRPC server and nowhere else. Bodies and answers use the protobuf JSON mapping (proto field
-names, enums by name): a field added to the proto appears here with no new code.
-Errors are grpc-gateway's: the HTTP status from the gRPC code, and a JSON body
-``{"code", "message", "details"}``. Every bad request gets such a body, never HTML.
+Each JSON route is one OtpService call through a ``Backend``: inside ``serve`` the server's own
+wrapped methods, called in this process (``LocalBackend``); in ``otp-service gateway`` a remote
+server over a gRPC channel (``RemoteBackend``). Either way caller auth, request logs and RPC
+metrics are the gRPC service's own wrappers, and nowhere else. Bodies and answers use the
+protobuf JSON mapping (proto field names, enums by name): a field added to the proto appears
+here with no new code. Errors are grpc-gateway's: the HTTP status from the gRPC code, and a JSON
+body ``{"code", "message", "details"}``. Every bad request gets such a body, never HTML.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import importlib.resources
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import grpc
 import prometheus_client
@@ -24,12 +26,13 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service.auth import DENIED, Callers
 from otp_service.observability import REQUEST_ID_KEY, sane_request_id
 from otp_service.server import SERVICE_NAME
+from otp_service.servicer import Behavior
 
 log = logging.getLogger(__name__)
 
@@ -83,34 +86,138 @@ ROUTES = (
 )
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_Metadata = Sequence[tuple[str, str | bytes]]
+_READY = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
 
 
-def create_app(channel: grpc.aio.Channel, callers: Callers | None = None) -> web.Application:
-    """The HTTP application, calling the service over ``channel``.
+class RpcFailure(Exception):
+    """A call that ended with a status other than OK: its code, message and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: _Metadata) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.trailing_metadata = trailing_metadata
+
+
+class Backend(Protocol):
+    """Where the gateway's calls go."""
+
+    async def call(self, rpc: str, request: Message, metadata: _Metadata) -> Message:
+        """The answer of OtpService method ``rpc``; raise RpcFailure for any other status."""
+
+    async def ready(self) -> bool:
+        """Whether the service reports SERVING (the gRPC health status, the one truth)."""
+
+
+class RemoteBackend:
+    """A gRPC server over ``channel``: ``otp-service gateway --target``."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        stub = otp_pb2_grpc.OtpServiceStub(channel)
+        self._calls = {route.rpc: getattr(stub, route.rpc) for route in ROUTES}
+        self._health: Any = health_pb2_grpc.HealthStub(channel)  # its typing stub lacks methods
+
+    async def call(self, rpc: str, request: Message, metadata: _Metadata) -> Message:
+        try:
+            response: Message = await self._calls[rpc](
+                request, metadata=metadata, timeout=RPC_DEADLINE_SECONDS
+            )
+        except grpc.aio.AioRpcError as exc:
+            trailing = tuple(exc.trailing_metadata() or ())
+            raise RpcFailure(exc.code(), exc.details() or "", trailing) from None
+        return response
+
+    async def ready(self) -> bool:
+        # Asking over the channel also proves the remote server answers at all.
+        try:
+            answer = await self._health.Check(_READY, timeout=READY_CHECK_SECONDS)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class LocalBackend:
+    """The server's own wrapped methods, called in this process: ``otp-service serve``.
+
+    The same behaviours a gRPC call runs (request log, metrics, caller auth, errors as
+    statuses), without a second trip through gRPC over loopback, which was most of a REST
+    call's cost (bench/README.md). aiohttp runs each request in a task of its own with a copy
+    of the context, as gRPC does each call, so what a call sets (its caller, its request id)
+    is not seen by the next request on the same keep-alive connection.
+    """
+
+    def __init__(
+        self, behaviors: Mapping[str, Behavior], health: health.aio.HealthServicer
+    ) -> None:
+        self._behaviors = behaviors
+        self._health = health
+
+    async def call(self, rpc: str, request: Message, metadata: _Metadata) -> Message:
+        response: Message = await self._run(self._behaviors[rpc], request, metadata)
+        return response
+
+    async def ready(self) -> bool:
+        try:
+            answer = await self._run(self._health.Check, _READY, ())
+        except RpcFailure:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    @staticmethod
+    async def _run(
+        behavior: Callable[[Any, Any], Coroutine[Any, Any, Any]], request: Any, metadata: _Metadata
+    ) -> Any:
+        call = _LocalCall(metadata)
+        try:
+            return await behavior(request, call)
+        except grpc.aio.AbortError:
+            raise RpcFailure(call.code(), call.details, call.trailing_metadata) from None
+
+
+class _LocalCall:
+    """What the wrapped behaviours use of a gRPC ServicerContext, for a call made in-process."""
+
+    def __init__(self, metadata: _Metadata) -> None:
+        self._metadata = tuple(metadata)
+        self._deadline = time.monotonic() + RPC_DEADLINE_SECONDS
+        self._code = grpc.StatusCode.OK
+        self.details = ""
+        self.trailing_metadata: _Metadata = ()
+
+    def invocation_metadata(self) -> _Metadata:
+        return self._metadata
+
+    def time_remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: _Metadata = ()
+    ) -> NoReturn:
+        self._code, self.details, self.trailing_metadata = code, details, trailing_metadata
+        raise grpc.aio.AbortError(f"aborted with {code.name}")
+
+
+def create_app(backend: Backend, callers: Callers | None = None) -> web.Application:
+    """The HTTP application, calling the service through ``backend``.
 
     With ``callers``, /metrics and /openapi.json need a caller token too (OTP_METRICS_AUTH).
     """
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
-    stub = otp_pb2_grpc.OtpServiceStub(channel)
     for route in ROUTES:
-        app.router.add_post(route.path, _gateway_handler(route, getattr(stub, route.rpc)))
+        app.router.add_post(route.path, _gateway_handler(route, backend))
     openapi = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=openapi, content_type="application/json")
 
-    health_stub: Any = health_pb2_grpc.HealthStub(channel)  # its typing stub lacks the methods
-
     async def readyz(request: web.Request) -> web.Response:
         # The gRPC health status is the one truth: it follows Redis, and goes NOT_SERVING first
-        # on shutdown; asking over the channel also proves the gRPC server answers at all.
-        try:
-            answer = await health_stub.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=READY_CHECK_SECONDS
-            )
-            ready = answer.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            ready = False
+        # on shutdown.
+        ready = await backend.ready()
         return web.json_response(
             {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
         )
@@ -134,7 +241,7 @@ def _guarded(handler: _Handler, callers: Callers | None) -> _Handler:
     return guarded
 
 
-def _gateway_handler(route: Route, call: Any) -> _Handler:
+def _gateway_handler(route: Route, backend: Backend) -> _Handler:
     async def handle(request: web.Request) -> web.Response:
         request_id = sane_request_id(request.headers.get(REQUEST_ID_KEY))
         headers = {"X-Request-Id": request_id}
@@ -166,8 +273,8 @@ def _gateway_handler(route: Route, call: Any) -> _Handler:
                 return _invalid("the Authorization header must be printable ASCII", headers)
             metadata.append(("authorization", authorization))
         try:
-            response = await call(message, metadata=metadata, timeout=RPC_DEADLINE_SECONDS)
-        except grpc.aio.AioRpcError as exc:
+            response = await backend.call(route.rpc, message, metadata)
+        except RpcFailure as exc:
             return _rpc_error(exc, headers)
         return web.json_response(
             json_format.MessageToDict(
@@ -181,10 +288,10 @@ def _gateway_handler(route: Route, call: Any) -> _Handler:
     return handle
 
 
-def _rpc_error(exc: grpc.aio.AioRpcError, headers: dict[str, str]) -> web.Response:
+def _rpc_error(exc: RpcFailure, headers: dict[str, str]) -> web.Response:
     """The gRPC status as grpc-gateway writes it, with Retry-After from a RetryInfo detail."""
     details: list[dict[str, Any]] = []
-    for key, value in exc.trailing_metadata() or ():
+    for key, value in exc.trailing_metadata:
         if key != "grpc-status-details-bin" or not isinstance(value, bytes):
             continue
         for detail in status_pb2.Status.FromString(value).details:
@@ -196,8 +303,7 @@ def _rpc_error(exc: grpc.aio.AioRpcError, headers: dict[str, str]) -> web.Respon
                 details.append(json_format.MessageToDict(detail, preserving_proto_field_name=True))
             except TypeError:  # a detail type this process does not know: say which it was
                 details.append({"@type": detail.type_url})
-    code = exc.code()
-    return _error(HTTP_STATUS.get(code, 500), code, exc.details() or "", details, headers)
+    return _error(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message, details, headers)
 
 
 def _error(
@@ -268,7 +374,7 @@ class HttpServer:
     async def start(
         cls,
         address: str,
-        channel: grpc.aio.Channel,
+        backend: Backend,
         *,
         shutdown_timeout: float,
         reuse_port: bool = False,
@@ -281,7 +387,7 @@ class HttpServer:
         """
         host, _, port = address.rpartition(":")
         runner = web.AppRunner(
-            create_app(channel, callers), access_log=None, shutdown_timeout=shutdown_timeout
+            create_app(backend, callers), access_log=None, shutdown_timeout=shutdown_timeout
         )
         await runner.setup()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -15,7 +16,7 @@ from otp_service.observability import Observability
 from otp_service.otp import OtpService
 from otp_service.readiness import RedisWatcher
 from otp_service.sender import InteraktSender, LogSender, Sender
-from otp_service.servicer import OtpServicer, Wrapper, add_to_server
+from otp_service.servicer import Behavior, OtpServicer, Wrapper, add_to_server, wrap_methods
 from otp_service.store import RedisStore, Rules, Store
 
 SERVICE_NAME = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].full_name
@@ -71,9 +72,8 @@ class OtpServer:
 
     server: grpc.aio.Server
     port: int
-    # Where the in-process JSON gateway calls: ``port`` itself, or a loopback-only plaintext
-    # port when ``port`` speaks TLS.
-    local_port: int
+    # The wrapped OtpService methods, by name: what the in-process JSON gateway calls.
+    behaviors: Mapping[str, Behavior]
     health: health.aio.HealthServicer
     redis_watcher: RedisWatcher
 
@@ -119,7 +119,8 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
-    add_to_server(OtpServicer(build_service(settings, deps)), server, wrappers)
+    behaviors = wrap_methods(OtpServicer(build_service(settings, deps)), wrappers)
+    add_to_server(behaviors, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -131,12 +132,9 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     credentials = _tls_credentials(settings)
     try:
         if credentials is None:
-            port = local_port = server.add_insecure_port(settings.grpc_address)
+            port = server.add_insecure_port(settings.grpc_address)
         else:
             port = server.add_secure_port(settings.grpc_address, credentials)
-            # The in-process JSON gateway reaches the server on loopback only, in plaintext:
-            # TLS guards the network, and every call still needs its caller token.
-            local_port = server.add_insecure_port("127.0.0.1:0") if settings.http_address else 0
     except RuntimeError as exc:
         # grpcio reports a busy or unusable address as RuntimeError; callers handle OSError.
         raise OSError(str(exc)) from exc
@@ -144,7 +142,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     return OtpServer(
         server=server,
         port=port,
-        local_port=local_port,
+        behaviors=behaviors,
         health=health_servicer,
         redis_watcher=watcher,
     )

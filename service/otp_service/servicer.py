@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -34,10 +34,11 @@ from otp_service.results import VerifyOutcome
 log = logging.getLogger(__name__)
 
 _Context = grpc.aio.ServicerContext[Any, Any]
-# What a registered method runs, and what wraps it (see add_to_server).
-Behavior = Callable[[Any, _Context], Awaitable[Any]]
+# What an OtpService method runs, and what wraps it (see wrap_methods).
+Behavior = Callable[[Any, _Context], Coroutine[Any, Any, Any]]
 Wrapper = Callable[[str, Behavior], Behavior]
 
+_SERVICE = otp_pb2.DESCRIPTOR.services_by_name["OtpService"]
 _OUTCOMES = {
     VerifyOutcome.VERIFIED: otp_pb2.VERIFY_OUTCOME_VERIFIED,
     VerifyOutcome.WRONG_CODE: otp_pb2.VERIFY_OUTCOME_WRONG_CODE,
@@ -86,36 +87,43 @@ class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
         return _VERIFY_RESPONSES[result.outcome]
 
 
-def add_to_server(
-    servicer: OtpServicer, server: grpc.aio.Server, wrappers: Sequence[Wrapper] = ()
-) -> None:
-    """Register ``servicer``'s methods, each inside ``wrappers`` (the first outermost).
+def wrap_methods(servicer: OtpServicer, wrappers: Sequence[Wrapper] = ()) -> dict[str, Behavior]:
+    """Each OtpService method of ``servicer`` inside ``wrappers`` (the first outermost), by name.
 
     A wrapper takes the RPC's name and its behaviour and returns the behaviour to run instead:
-    how request logging, metrics and caller auth see every OtpService call. They are applied
+    how request logging, metrics and caller auth see every OtpService call, whether it came in
+    over gRPC (``add_to_server``) or from the JSON gateway in this process. They are applied
     here, once, rather than as gRPC interceptors, which cost a coroutine per interceptor per
     call on the hot path (bench/README.md); health and reflection are not wrapped.
+    """
+    behaviors = {}
+    for method in _SERVICE.methods:
+        behavior = _with_statuses(getattr(servicer, method.name))
+        for wrap in reversed(wrappers):
+            behavior = wrap(method.name, behavior)
+        behaviors[method.name] = behavior
+    return behaviors
+
+
+def add_to_server(behaviors: Mapping[str, Behavior], server: grpc.aio.Server) -> None:
+    """Serve ``behaviors`` (from ``wrap_methods``) as otp.v1.OtpService on ``server``.
 
     A body that is not the request message gets INVALID_ARGUMENT: with the generated
     ``add_OtpServiceServicer_to_server`` it makes gRPC answer UNKNOWN and log a stack trace. Here
     parsing cannot fail: such a body reaches the wrappers as an ``Undecodable``, which the method
     refuses.
     """
-    service = otp_pb2.DESCRIPTOR.services_by_name["OtpService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in service.methods:
+    for method in _SERVICE.methods:
         request_type = getattr(otp_pb2, method.input_type.name)
         response_type = getattr(otp_pb2, method.output_type.name)
-        behavior = _with_statuses(getattr(servicer, method.name))
-        for wrap in reversed(wrappers):
-            behavior = wrap(method.name, behavior)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            behavior,
+            behaviors[method.name],
             request_deserializer=_tolerant(request_type),
             response_serializer=response_type.SerializeToString,
         )
     # Registered (not generic) handlers: gRPC then finds the method without a per-call lookup.
-    server.add_registered_method_handlers(service.full_name, handlers)
+    server.add_registered_method_handlers(_SERVICE.full_name, handlers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,9 +91,9 @@ def write(results: dict[str, Any], out: Path) -> None:
         "attempt counting; one EVALSHA either way.",
         "- Redis round trips count top-level commands (EVALSHA, SCRIPT LOAD, connection "
         "set-up); the commands in brackets also count those our Lua scripts run inside Redis.",
-        "- REST verify goes through the JSON gateway inside the server process, which makes one "
-        "gRPC call over loopback to the same server (so auth, logging and metrics are the "
-        "gRPC path's own).",
+        "- REST verify goes through the JSON gateway inside the server process, which calls the "
+        "same wrapped VerifyOtp method in process (so auth, logging and metrics are the gRPC "
+        "path's own).",
         "",
         "| memory | |",
         "| --- | --- |",

@@ -18,7 +18,7 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service.embedded_redis import free_port
 from otp_service.gateway import Backend, HttpServer, LocalBackend, RemoteBackend, create_app
-from tests.conftest import PHONE, MakeGateway, redis_snapshot
+from tests.conftest import PHONE, MakeGateway, redis_snapshot, wrong_code
 from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt
 
 SEND = "/api/v1/auth/send-otp"
@@ -101,6 +101,42 @@ async def test_service_errors_keep_their_message(
     assert body["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
 
 
+async def test_json_names_and_each_answer_of_the_protobuf_mapping(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, interakt: FakeInterakt
+) -> None:
+    gateway = await make_gateway()
+    # The mapping's lowerCamelCase names are accepted as well as the proto names.
+    status, _, sent = await post(http, gateway.url + SEND, {"phoneNumber": PHONE})
+    assert status == 200
+    assert sent["channel"] == "CHANNEL_TEXT"
+    code = interakt.received[-1].code
+    wrong = wrong_code(code)
+    answers = []
+    for body in (
+        {"phone_number": PHONE, "otp_code": wrong},
+        {"phoneNumber": PHONE, "otpCode": wrong},
+        {"phone_number": PHONE, "otp_code": code},
+        {"phone_number": PHONE, "otp_code": code},
+    ):
+        status, _, answer = await post(http, gateway.url + VERIFY, body)
+        assert status == 200
+        answers.append(answer)
+    first, second, right, again = answers
+    # Answers that differ in one field are not mixed up, and defaults are written out.
+    assert first["outcome"] == second["outcome"] == "VERIFY_OUTCOME_WRONG_CODE"
+    assert first["attempts_remaining"] == second["attempts_remaining"] + 1
+    assert right == {
+        "verified": True,
+        "outcome": "VERIFY_OUTCOME_VERIFIED",
+        "attempts_remaining": 0,
+    }
+    assert again == {
+        "verified": False,
+        "outcome": "VERIFY_OUTCOME_NO_ACTIVE_CODE",
+        "attempts_remaining": 0,
+    }
+
+
 BAD_REQUESTS = [
     pytest.param(
         b'{"phone_number": ', "application/json", 400, "not valid JSON", id="invalid-json"
@@ -117,6 +153,13 @@ BAD_REQUESTS = [
     ),
     pytest.param(
         b'{"phone_number": 917003848501}', "application/json", 400, "phone_number", id="wrong-type"
+    ),
+    pytest.param(
+        b'{"phone_number": "\\ud800"}',
+        "application/json",
+        400,
+        "Unpaired surrogate at SendOtpRequest.phone_number",
+        id="unpaired-surrogate",
     ),
     pytest.param(b'{"phone_number": "x"}', "text/plain", 415, "application/json", id="text/plain"),
     pytest.param(

@@ -107,29 +107,44 @@ async def test_metrics_move_with_the_calls(
         assert secret not in text
 
 
+class WrittenLog:
+    """What the production log handler has written, as text or as parsed lines."""
+
+    def __init__(self, stream: io.StringIO) -> None:
+        self._stream = stream
+
+    def text(self) -> str:
+        for handler in logging.getLogger().handlers:
+            handler.flush()  # it writes in batches
+        return self.written()
+
+    def written(self) -> str:
+        """What the handler has written so far, without asking it to flush."""
+        return self._stream.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every line, each of which must be one JSON object."""
+        return [json.loads(line) for line in self.text().splitlines()]
+
+
 @pytest.fixture
-def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[WrittenLog]:
     """The process' log lines as production writes them: ``configure_logging``, JSON."""
     stream = io.StringIO()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     monkeypatch.setattr(observability, "_direct", None)  # put back after the test
     configure_logging(dev=False, stream=stream)
-    yield stream
+    yield WrittenLog(stream)
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-def log_lines(stream: io.StringIO) -> list[dict[str, Any]]:
-    """Every line, each of which must be one JSON object."""
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines(
     make_gateway: MakeGateway,
     http: aiohttp.ClientSession,
     interakt: FakeInterakt,
-    json_log: io.StringIO,
+    json_log: WrittenLog,
 ) -> None:
     gateway = await make_gateway()
     interakt.answer(Answer(status=503, body={}))  # the sender logs its retry
@@ -142,7 +157,7 @@ async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines
         otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code=code), timeout=10
     )
 
-    lines = log_lines(json_log)
+    lines = json_log.lines()
     [retry] = [line for line in lines if line.get("logger") == "otp_service.sender"]
     assert retry["request_id"] == "req-log-1"
     assert retry["reason"] == "HTTP 503"
@@ -165,13 +180,13 @@ async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines
     assert verify["rpc"] == "VerifyOtp"
     assert verify["request_id"] not in ("", "-", "req-log-1")
 
-    text = json_log.getvalue()
+    text = json_log.text()
     for secret in (PHONE, PHONE[3:], code, API_KEY):
         assert secret not in text
 
 
 async def test_refused_request_is_logged_with_its_status(
-    make_gateway: MakeGateway, json_log: io.StringIO
+    make_gateway: MakeGateway, json_log: WrittenLog
 ) -> None:
     gateway = await make_gateway()
     with pytest.raises(grpc.aio.AioRpcError):
@@ -182,16 +197,16 @@ async def test_refused_request_is_logged_with_its_status(
         )
     # An aborted call's status reaches the caller a moment before the server logs the line.
     async with asyncio.timeout(10):
-        while '"rpc"' not in json_log.getvalue():  # noqa: ASYNC110 - nothing to wait on
+        while '"rpc"' not in json_log.text():  # noqa: ASYNC110 - nothing to wait on
             await asyncio.sleep(0.01)
-    [line] = [line for line in log_lines(json_log) if line["event"] == "rpc"]
+    [line] = [line for line in json_log.lines() if line["event"] == "rpc"]
     assert line["status"] == "INVALID_ARGUMENT"
     assert line["phone"] == "-"  # not a valid number: nothing of it is logged
     assert line["request_id"] == "bad-1"
 
 
 async def test_request_lines_follow_the_request_loggers_level(
-    make_gateway: MakeGateway, json_log: io.StringIO
+    make_gateway: MakeGateway, json_log: WrittenLog
 ) -> None:
     gateway = await make_gateway()
     requests = logging.getLogger(REQUEST_LOGGER)
@@ -200,18 +215,18 @@ async def test_request_lines_follow_the_request_loggers_level(
         await gateway.stub.VerifyOtp(
             otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="000000"), timeout=10
         )
-        assert '"rpc"' not in json_log.getvalue()
+        assert '"rpc"' not in json_log.text()
     finally:
         requests.setLevel(logging.NOTSET)
     await gateway.stub.VerifyOtp(
         otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="000000"), timeout=10
     )
-    [line] = [line for line in log_lines(json_log) if line["event"] == "rpc"]
+    [line] = [line for line in json_log.lines() if line["event"] == "rpc"]
     assert line["status"] == "OK"
 
 
 async def test_json_calls_on_one_connection_do_not_share_a_caller(
-    make_gateway: MakeGateway, http: aiohttp.ClientSession, json_log: io.StringIO
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, json_log: WrittenLog
 ) -> None:
     gateway = await make_gateway()
     body = {"phone_number": PHONE, "otp_code": "000000"}
@@ -222,9 +237,33 @@ async def test_json_calls_on_one_connection_do_not_share_a_caller(
             headers = {"Authorization": authorization}
             async with session.post(gateway.url + VERIFY, json=body, headers=headers) as answer:
                 await answer.read()
-    known, refused = [line for line in log_lines(json_log) if line["event"] == "rpc"]
+    known, refused = [line for line in json_log.lines() if line["event"] == "rpc"]
     assert (known["caller"], known["status"]) == (CALLER, "OK")
     assert (refused["caller"], refused["status"]) == ("-", "UNAUTHENTICATED")
+
+
+async def test_lines_leave_in_batches_within_the_flush_interval(json_log: WrittenLog) -> None:
+    logger = logging.getLogger("otp_service.test")
+    logger.info("first")
+    logger.info("second")
+    assert json_log.written() == ""  # waiting for the batch, not one write per line
+    async with asyncio.timeout(10):
+        while json_log.written().count("\n") < 2:  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.01)
+    assert [json.loads(line)["event"] for line in json_log.written().splitlines()] == [
+        "first",
+        "second",
+    ]
+    # A full batch is written at once.
+    for i in range(observability._BatchingHandler.MAX_BATCH_LINES):
+        logger.info("line %d", i)
+    assert json_log.written().count("\n") == 2 + observability._BatchingHandler.MAX_BATCH_LINES
+
+
+def test_lines_outside_an_event_loop_are_written_at_once(json_log: WrittenLog) -> None:
+    logger = logging.getLogger("otp_service.test")
+    logger.warning("starting")
+    assert json.loads(json_log.written())["event"] == "starting"
 
 
 def test_dev_format_is_readable() -> None:

@@ -133,6 +133,7 @@ def _run_workers(settings: Settings, workers: int) -> int:
                 except BaseException:
                     log.exception("worker failed")
                     code = 1
+                logging.shutdown()  # os._exit skips the exit hooks that write the last lines
                 os._exit(code)
             children.append(pid)
         log.info("started %d workers: %s", workers, " ".join(map(str, children)))

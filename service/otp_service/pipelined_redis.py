@@ -51,6 +51,8 @@ class _Pending:
 class PipelinedRedis:
     """A Redis client for many concurrent callers over one connection (see module docstring)."""
 
+    _loop: asyncio.AbstractEventLoop  # the connection's event loop, set when it opens
+
     def __init__(self, url: str, *, timeout: float) -> None:
         # The pool only parses the URL and builds connections; its checkout is never used.
         self._factory = ConnectionPool.from_url(
@@ -84,7 +86,8 @@ class PipelinedRedis:
         connection = self._connection or await self._connect()
         if connection is not self._connection:
             raise RedisConnectionError("lost the connection to Redis right after opening it")
-        loop = asyncio.get_running_loop()
+        # Not asyncio.get_running_loop(): on Python 3.11 that is a getpid() system call.
+        loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Pending(future, loop.time() + self._timeout))
         if not self._outbox:
@@ -123,7 +126,8 @@ class PipelinedRedis:
             await connection.disconnect(nowait=True)
             raise
         self._connection = connection
-        self._reader = asyncio.get_running_loop().create_task(self._read(connection))
+        self._loop = asyncio.get_running_loop()
+        self._reader = self._loop.create_task(self._read(connection))
         return connection
 
     def _flush(self, connection: AbstractConnection) -> None:
@@ -132,9 +136,7 @@ class PipelinedRedis:
             # to the next connection, whose own flush is scheduled.
             return
         chunks, self._outbox = self._outbox, []
-        write = asyncio.get_running_loop().create_task(
-            connection.send_packed_command(chunks, check_health=False)
-        )
+        write = self._loop.create_task(connection.send_packed_command(chunks, check_health=False))
         self._writes.add(write)
         write.add_done_callback(lambda task: self._written(connection, task))
 

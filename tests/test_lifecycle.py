@@ -97,6 +97,11 @@ async def test_health_follows_redis_and_rpcs_fail_fast_without_it(
             otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="123456"), timeout=10
         )
         assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+        async with http.post(
+            gateway.url + "/api/v1/auth/verify-otp",
+            json={"phone_number": PHONE, "otp_code": "123456"},
+        ) as response:
+            assert (await response.json())["outcome"] == "VERIFY_OUTCOME_NO_ACTIVE_CODE"
     finally:
         watch.cancel()
         await channel.close()

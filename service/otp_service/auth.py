@@ -125,7 +125,7 @@ class CallerAuth:
         self._callers = callers
 
     def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
-        """``behavior`` behind the token check (see servicer.add_to_server)."""
+        """``behavior`` behind the token check (see servicer.wrap_methods)."""
 
         async def authenticated(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = ctx.invocation_metadata() or ()

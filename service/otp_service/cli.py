@@ -169,7 +169,9 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
         if settings.http_address:
             # The gateway calls this server's own wrapped methods: the same auth, logs, metrics.
             backend = LocalBackend(server.behaviors, server.health)
-            http = await _start_http(settings, backend, reuse_port=reuse_port)
+            # With OTP_METRICS_AUTH, /metrics asks the same callers (the same tokens file) as gRPC.
+            callers = server.callers if settings.metrics_auth else None
+            http = await _start_http(settings, backend, callers, reuse_port=reuse_port)
             stack.push_async_callback(http.close)
         await server.start()
         # What exists now lives as long as the process (modules, the server, phone metadata):
@@ -206,7 +208,10 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
 async def gateway_forever(settings: Settings, target: str) -> None:
     """Serve the JSON gateway for the gRPC server at ``target`` until SIGTERM or SIGINT."""
     async with grpc.aio.insecure_channel(target) as channel:
-        http = await _start_http(settings, RemoteBackend(channel))
+        callers = None
+        if settings.metrics_auth:
+            callers = Callers(settings.client_tokens, settings.client_tokens_file)
+        http = await _start_http(settings, RemoteBackend(channel), callers)
         log.info("forwarding to %s (gRPC)", target)
         await _until_signal()
         log.info("shutting down: finishing requests in progress")
@@ -215,11 +220,8 @@ async def gateway_forever(settings: Settings, target: str) -> None:
 
 
 async def _start_http(
-    settings: Settings, backend: Backend, *, reuse_port: bool = False
+    settings: Settings, backend: Backend, callers: Callers | None, *, reuse_port: bool = False
 ) -> HttpServer:
-    callers = None
-    if settings.metrics_auth:
-        callers = Callers(settings.client_tokens, settings.client_tokens_file)
     try:
         http = await HttpServer.start(
             settings.http_address,

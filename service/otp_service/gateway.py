@@ -28,12 +28,12 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from otp.v1 import otp_pb2, otp_pb2_grpc
+from otp.v1 import otp_pb2_grpc
 
 from otp_service.auth import DENIED, Callers
 from otp_service.observability import REQUEST_ID_KEY, sane_request_id
 from otp_service.server import SERVICE_NAME
-from otp_service.servicer import Behavior
+from otp_service.servicer import Behavior, message_types
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +74,21 @@ _CODE_FOR_HTTP = {
 
 @dataclass(frozen=True)
 class Route:
-    """One legacy JSON path and the RPC it stands for."""
+    """One legacy JSON path and the RPC it stands for, with the RPC's message classes."""
 
     path: str
     rpc: str
     request_type: type[Message]
     response_type: type[Message]
 
+    @classmethod
+    def to(cls, path: str, rpc: str) -> Route:
+        return cls(path, rpc, *message_types(rpc))
+
 
 ROUTES = (
-    Route("/api/v1/auth/send-otp", "SendOtp", otp_pb2.SendOtpRequest, otp_pb2.SendOtpResponse),
-    Route(
-        "/api/v1/auth/verify-otp", "VerifyOtp", otp_pb2.VerifyOtpRequest, otp_pb2.VerifyOtpResponse
-    ),
+    Route.to("/api/v1/auth/send-otp", "SendOtp"),
+    Route.to("/api/v1/auth/verify-otp", "VerifyOtp"),
 )
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from otp.v1 import otp_pb2
 
 from otp_service.auth import CallerAuth, Callers
 from otp_service.config import Settings
@@ -16,10 +15,17 @@ from otp_service.observability import Observability
 from otp_service.otp import OtpService
 from otp_service.readiness import RedisWatcher
 from otp_service.sender import InteraktSender, LogSender, Sender
-from otp_service.servicer import Behavior, OtpServicer, Wrapper, add_to_server, wrap_methods
+from otp_service.servicer import (
+    SERVICE,
+    Behavior,
+    OtpServicer,
+    Wrapper,
+    add_to_server,
+    wrap_methods,
+)
 from otp_service.store import RedisStore, Rules, Store
 
-SERVICE_NAME = otp_pb2.DESCRIPTOR.services_by_name["OtpService"].full_name
+SERVICE_NAME = SERVICE.full_name
 # Requests are two short strings; anything bigger is refused by gRPC before our code runs.
 MAX_MESSAGE_BYTES = 4 * 1024
 
@@ -74,6 +80,8 @@ class OtpServer:
     port: int
     # The wrapped OtpService methods, by name: what the in-process JSON gateway calls.
     behaviors: Mapping[str, Behavior]
+    # The callers its auth wrapper knows (None with OTP_AUTH=none): /metrics checks the same.
+    callers: Callers | None
     health: health.aio.HealthServicer
     redis_watcher: RedisWatcher
 
@@ -108,6 +116,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     """
     # Observability outermost: it sets the request id and sees every call, refused ones too.
     wrappers: list[Wrapper] = [Observability(SERVICE_NAME).wrap]
+    callers = None
     if settings.auth_required:
         callers = Callers(settings.client_tokens, settings.client_tokens_file)
         wrappers.append(CallerAuth(callers).wrap)
@@ -143,6 +152,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         server=server,
         port=port,
         behaviors=behaviors,
+        callers=callers,
         health=health_servicer,
         redis_watcher=watcher,
     )

@@ -38,7 +38,7 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[[Any, _Context], Coroutine[Any, Any, Any]]
 Wrapper = Callable[[str, Behavior], Behavior]
 
-_SERVICE = otp_pb2.DESCRIPTOR.services_by_name["OtpService"]
+SERVICE = otp_pb2.DESCRIPTOR.services_by_name["OtpService"]
 _OUTCOMES = {
     VerifyOutcome.VERIFIED: otp_pb2.VERIFY_OUTCOME_VERIFIED,
     VerifyOutcome.WRONG_CODE: otp_pb2.VERIFY_OUTCOME_WRONG_CODE,
@@ -97,7 +97,7 @@ def wrap_methods(servicer: OtpServicer, wrappers: Sequence[Wrapper] = ()) -> dic
     call on the hot path (bench/README.md); health and reflection are not wrapped.
     """
     behaviors = {}
-    for method in _SERVICE.methods:
+    for method in SERVICE.methods:
         behavior = _with_statuses(getattr(servicer, method.name))
         for wrap in reversed(wrappers):
             behavior = wrap(method.name, behavior)
@@ -114,16 +114,21 @@ def add_to_server(behaviors: Mapping[str, Behavior], server: grpc.aio.Server) ->
     refuses.
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in _SERVICE.methods:
-        request_type = getattr(otp_pb2, method.input_type.name)
-        response_type = getattr(otp_pb2, method.output_type.name)
+    for method in SERVICE.methods:
+        request_type, response_type = message_types(method.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             behaviors[method.name],
             request_deserializer=_tolerant(request_type),
             response_serializer=response_type.SerializeToString,
         )
     # Registered (not generic) handlers: gRPC then finds the method without a per-call lookup.
-    server.add_registered_method_handlers(_SERVICE.full_name, handlers)
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def message_types(rpc: str) -> tuple[type[Message], type[Message]]:
+    """The request and response classes of OtpService method ``rpc``."""
+    method = SERVICE.methods_by_name[rpc]
+    return getattr(otp_pb2, method.input_type.name), getattr(otp_pb2, method.output_type.name)
 
 
 @dataclass(frozen=True, slots=True)

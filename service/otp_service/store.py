@@ -254,7 +254,8 @@ class _Script:
 
     Redis forgets scripts on a restart, a failover or SCRIPT FLUSH; the first call after that
     loads it and runs it again, so the rules keep working. (redis-py's AsyncScript does the same,
-    with per-call overhead that was ~5% of VerifyOtp's CPU: bench/README.md.)
+    with per-call overhead that was ~5% of VerifyOtp's CPU: bench/README.md.) Every Redis
+    failure becomes StoreUnavailable here, the one place the store's commands pass through.
     """
 
     def __init__(self, client: aioredis.Redis | PipelinedRedis, source: str) -> None:
@@ -263,11 +264,17 @@ class _Script:
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[object]) -> Any:
+        """The script's reply; any Redis failure raises StoreUnavailable."""
+        command = ("EVALSHA", self._sha, len(keys), *keys, *args)
         try:
-            return await self._client.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._client.execute_command("SCRIPT", "LOAD", self._source)
-            return await self._client.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
+            try:
+                return await self._client.execute_command(*command)
+            except NoScriptError:
+                await self._client.execute_command("SCRIPT", "LOAD", self._source)
+                return await self._client.execute_command(*command)
+        except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.inc()
+            raise StoreUnavailable("storage is unavailable, try again shortly") from exc
 
 
 class RedisStore:
@@ -311,11 +318,9 @@ class RedisStore:
         return cls(PipelinedRedis(url, timeout=timeout), rules)
 
     async def add_code(self, phone: str, digest: str) -> tuple[int, int]:
-        reply = await self._call(
-            self._send(
-                keys=[_codes_key(phone), _sends_key(phone), _failures_key(phone)],
-                args=[digest, *self._send_args],
-            )
+        reply = await self._send(
+            keys=[_codes_key(phone), _sends_key(phone), _failures_key(phone)],
+            args=[digest, *self._send_args],
         )
         status, value = reply[0], reply[1]
         if status == 1:
@@ -333,9 +338,7 @@ class RedisStore:
         return int(value), int(reply[2])
 
     async def count_caller_send(self, caller: str) -> int:
-        status, value = await self._call(
-            self._budget(keys=_budget_keys(caller), args=self._budget_args)
-        )
+        status, value = await self._budget(keys=_budget_keys(caller), args=self._budget_args)
         if status == 1:
             raise LimitExceeded(
                 "caller",
@@ -352,16 +355,14 @@ class RedisStore:
         return int(value)
 
     async def uncount_caller_send(self, caller: str, ticket: int) -> None:
-        await self._call(self._unbudget(keys=_budget_keys(caller), args=[ticket]))
+        await self._unbudget(keys=_budget_keys(caller), args=[ticket])
 
     async def cancel_code(self, phone: str, digest: str) -> None:
-        await self._call(self._cancel(keys=[_codes_key(phone), _sends_key(phone)], args=[digest]))
+        await self._cancel(keys=[_codes_key(phone), _sends_key(phone)], args=[digest])
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
-        outcome, value = await self._call(
-            self._verify(
-                keys=[_codes_key(phone), _failures_key(phone)], args=[digest, *self._verify_args]
-            )
+        outcome, value = await self._verify(
+            keys=[_codes_key(phone), _failures_key(phone)], args=[digest, *self._verify_args]
         )
         if outcome == _OVER_FAILED_VERIFY_BUDGET:
             raise self._paused(value)
@@ -383,12 +384,3 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
-
-    @staticmethod
-    async def _call(pending: Any) -> Any:
-        """Await a Redis call, turning every Redis failure into StoreUnavailable."""
-        try:
-            return await pending
-        except (RedisError, OSError) as exc:
-            metrics.REDIS_ERRORS.inc()
-            raise StoreUnavailable("storage is unavailable, try again shortly") from exc

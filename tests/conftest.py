@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -10,7 +13,9 @@ import aiohttp
 import grpc
 import pytest
 import redis
+from google.rpc import error_details_pb2, status_pb2
 from otp.v1 import otp_pb2, otp_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from otp_service import OtpServer, Settings, build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis
@@ -196,3 +201,75 @@ def wrong_code(*codes: str) -> str:
 def redis_snapshot(db: redis.Redis) -> dict[bytes, bytes | None]:
     """Every key with its serialized value, to assert that a refused request changed nothing."""
     return {key: db.dump(key) for key in db.scan_iter()}
+
+
+def digest(phone: str, code: str) -> str:
+    """The HMAC the service keys a code by (its first 32 hex characters are stored)."""
+    return hmac.new(SECRET, f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> int:
+    """Seconds of the google.rpc.RetryInfo detail of a failed call."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.seconds
+    raise AssertionError("no RetryInfo detail")
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, base_url: str) -> tuple[str, Samples]:
+    """/metrics as text, and every sample by name and labels."""
+    async with http.get(base_url + "/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return text, samples
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, to stop, pause or restart without disturbing other tests."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@dataclasses.dataclass
+class SilentRedis:
+    """A TCP server that accepts connections and never answers: a hung Redis."""
+
+    url: str = ""
+    connections: int = 0
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[SilentRedis]:
+    silent = SilentRedis()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.connections += 1
+        writers.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    silent.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    yield silent
+    for writer in writers:
+        writer.close()
+    server.close()
+    await server.wait_closed()

@@ -75,7 +75,6 @@ class FakeInterakt:
 
     def reset(self) -> None:
         self.received.clear()
-        self._ids = itertools.count(1)
         self._answers.clear()
         self._ids = itertools.count(1)
         self.in_window = None

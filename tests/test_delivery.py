@@ -11,7 +11,7 @@ import redis
 from otp.v1 import otp_pb2
 
 from otp_service.embedded_redis import free_port
-from tests.conftest import PHONE, SECRET, MakeService, send, verify
+from tests.conftest import PHONE, SECRET, MakeService, retry_delay, send, verify
 from tests.fake_interakt import (
     API_KEY,
     INVALID_TOKEN,
@@ -22,7 +22,6 @@ from tests.fake_interakt import (
     FakeInterakt,
     no_template,
 )
-from tests.test_otp_rules import retry_delay
 
 
 def refusal(message: str, status: int = 400) -> Answer:
@@ -90,7 +89,7 @@ async def test_refusals_are_failed_precondition_with_the_reason(
 
 
 async def test_the_fake_itself_refuses_what_interakt_would(
-    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+    make_service: MakeService, interakt: FakeInterakt
 ) -> None:
     """Not scripted: the fake judges the key, the 24-hour window and the template."""
     bad_key = await make_service(interakt_api_key="bm90LXRoZS1rZXk=")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 import redis
@@ -14,7 +11,7 @@ from otp.v1 import otp_pb2
 
 from otp_service import build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import CALLER, PHONE, MakeService, send, settings_for, verify
+from tests.conftest import CALLER, PHONE, MakeService, SilentRedis, send, settings_for, verify
 from tests.fake_interakt import FakeInterakt
 
 
@@ -27,23 +24,6 @@ async def assert_unavailable(call: object) -> None:
     assert "Traceback" not in details
 
 
-@pytest.fixture
-async def silent_redis() -> AsyncIterator[str]:
-    """A TCP server that accepts connections and never answers: a hung Redis."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    yield f"redis://127.0.0.1:{port}/0"
-    for writer in writers:
-        writer.close()
-    server.close()
-    await server.wait_closed()
-
-
 async def test_redis_down_is_unavailable(make_service: MakeService, interakt: FakeInterakt) -> None:
     stub = await make_service(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     await assert_unavailable(send(stub))
@@ -52,9 +32,9 @@ async def test_redis_down_is_unavailable(make_service: MakeService, interakt: Fa
 
 
 async def test_hung_redis_is_unavailable_before_the_callers_deadline(
-    make_service: MakeService, interakt: FakeInterakt, silent_redis: str
+    make_service: MakeService, interakt: FakeInterakt, silent_redis: SilentRedis
 ) -> None:
-    stub = await make_service(redis_url=silent_redis, redis_timeout_seconds=0.2)
+    stub = await make_service(redis_url=silent_redis.url, redis_timeout_seconds=0.2)
     # The caller allows 10 s; the service answers UNAVAILABLE itself instead of running it out.
     await assert_unavailable(send(stub))
     await assert_unavailable(verify(stub, "123456"))

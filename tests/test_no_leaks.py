@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 
 import grpc
@@ -18,6 +16,7 @@ from tests.conftest import (
     TOKEN,
     MakeServer,
     MakeService,
+    digest,
     redis_snapshot,
     send,
     verify,
@@ -27,10 +26,6 @@ from tests.fake_interakt import API_KEY, INVALID_TOKEN, Answer, FakeInterakt
 
 OTHER_PHONE = "+917003848502"
 WRONG_TOKEN = "an-attackers-guess-at-a-token"
-
-
-def digest(phone: str, code: str) -> str:
-    return hmac.new(SECRET, f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
 
 
 def everything_in(records: list[logging.LogRecord]) -> str:

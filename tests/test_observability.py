@@ -14,7 +14,6 @@ import aiohttp
 import grpc
 import pytest
 from otp.v1 import otp_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 from otp_service import observability
 from otp_service.observability import (
@@ -24,32 +23,21 @@ from otp_service.observability import (
     RequestLine,
     configure_logging,
 )
-from tests.conftest import CALLER, PHONE, SECRET, TOKEN, MakeGateway, wrong_code
+from tests.conftest import (
+    CALLER,
+    PHONE,
+    SECRET,
+    TOKEN,
+    MakeGateway,
+    delta,
+    scrape,
+    wrong_code,
+)
 from tests.fake_interakt import API_KEY, Answer, FakeInterakt
 
 SEND = "/api/v1/auth/send-otp"
 VERIFY = "/api/v1/auth/verify-otp"
 SERVICE = {"grpc_service": "otp.v1.OtpService"}
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(http: aiohttp.ClientSession, base_url: str) -> tuple[str, Samples]:
-    async with http.get(base_url + "/metrics") as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        text = await response.text()
-    samples = {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-    return text, samples
-
-
-def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    key = (name, frozenset(labels.items()))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 async def test_metrics_move_with_the_calls(
@@ -226,7 +214,7 @@ async def test_request_lines_follow_the_request_loggers_level(
 
 
 async def test_json_calls_on_one_connection_do_not_share_a_caller(
-    make_gateway: MakeGateway, http: aiohttp.ClientSession, json_log: WrittenLog
+    make_gateway: MakeGateway, json_log: WrittenLog
 ) -> None:
     gateway = await make_gateway()
     body = {"phone_number": PHONE, "otp_code": "000000"}

@@ -8,23 +8,19 @@ import time
 import grpc
 import pytest
 import redis
-from google.rpc import error_details_pb2, status_pb2
 from otp.v1 import otp_pb2
 
-from tests.conftest import PHONE, MakeService, redis_snapshot, send, verify, wrong_code
+from tests.conftest import (
+    PHONE,
+    MakeService,
+    digest,
+    redis_snapshot,
+    retry_delay,
+    send,
+    verify,
+    wrong_code,
+)
 from tests.fake_interakt import Answer, FakeInterakt
-
-
-def retry_delay(error: grpc.aio.AioRpcError) -> int:
-    """Seconds of the google.rpc.RetryInfo detail of a failed call."""
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.RetryInfo()
-                if detail.Unpack(info):
-                    return info.retry_delay.seconds
-    raise AssertionError("no RetryInfo detail")
 
 
 async def test_sent_code_verifies_once_and_only_once(
@@ -69,6 +65,7 @@ async def test_redis_holds_only_a_keyed_digest(
     )
     assert dump
     assert code.encode() not in dump
+    assert digest(PHONE, code)[:32].encode() in dump  # what is kept is the keyed digest
 
 
 async def test_template_is_used_when_configured(

@@ -51,7 +51,9 @@ def test_client_package_needs_only_grpcio_and_protobuf() -> None:
     project = tomllib.loads((CLIENTS / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~\[ ]", dep)[0] for dep in project["dependencies"]}
     assert names == {"grpcio", "protobuf"}
-    for module in (CLIENTS / "src").rglob("*.py"):
+    modules = sorted((CLIENTS / "src").rglob("*.py"))
+    assert modules
+    for module in modules:
         tree = ast.parse(module.read_text())
         imported = {
             alias.name.split(".")[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -32,21 +33,16 @@ from bench import load, report
 from bench.ceilings import GRPC_METHOD, HTTP_PATH
 from bench.load import Sample, Target
 from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.store import SCRIPT_COMMANDS
 from tests.fake_interakt import API_KEY
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a benchmark-only caller token
 SECRET = "bench-otp-secret-0123456789"  # noqa: S105 - a benchmark-only HMAC key
 PHONE = "+917003848501"
-INTERAKT_KEY = API_KEY
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 FULL_IN_FLIGHT = 64
 LIGHT_IN_FLIGHT = 1
-# Commands our Lua scripts run inside Redis: counted by INFO commandstats, but not round trips.
-_IN_SCRIPT = {
-    "time", "zremrangebyscore", "zrange", "zcard", "zadd", "pexpire", "hget", "del", "hgetall",
-    "hdel", "hset", "zrem", "pexpireat", "exists", "hincrby", "lindex", "lpush", "ltrim", "lrem",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,6 @@ class Figure:
     round_trips: float | None = None
     commands: float | None = None
     ceiling: str | None = None
-    note: str = ""
 
 
 class Processes:
@@ -96,13 +91,31 @@ class Processes:
         self._children: list[subprocess.Popen[bytes]] = []
         self._workdir = workdir
 
-    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
-        log = (self._workdir / f"{name}.log").open("wb")
-        child = subprocess.Popen(  # noqa: S603
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
-        )
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        pipe: bool = False,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``command``; its output goes to NAME.log, or to a pipe with ``pipe``."""
+        with (self._workdir / f"{name}.log").open("wb") as log:
+            child = subprocess.Popen(  # noqa: S603
+                command,
+                env=env,
+                stdout=subprocess.PIPE if pipe else log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).parent.parent,
+            )
         self._children.append(child)
-        return child.pid
+        return child
+
+    def start_upstream(self) -> tuple[str, int]:
+        """The fake Interakt (bench.upstream): its base URL and pid."""
+        upstream = self.start("upstream", [sys.executable, "-m", "bench.upstream"], pipe=True)
+        assert upstream.stdout is not None
+        return upstream.stdout.readline().decode().strip(), upstream.pid
 
     def stop(self) -> None:
         for child in self._children:
@@ -137,8 +150,13 @@ def rss_mib(pid: int) -> float:
 
 
 def command_counts(db: redis.Redis) -> dict[str, int]:
+    """Commands Redis has run so far, by name (the INFO calls that ask, left out)."""
     stats = db.info("commandstats")
-    return {key.removeprefix("cmdstat_"): value["calls"] for key, value in stats.items()}
+    return {
+        key.removeprefix("cmdstat_"): value["calls"]
+        for key, value in stats.items()
+        if key != "cmdstat_info"
+    }
 
 
 def measure(
@@ -158,10 +176,9 @@ def measure(
     if db:
         after = command_counts(db)
         delta = {k: after[k] - before.get(k, 0) for k in after}
-        delta["info"] = delta.get("info", 0) - 1  # our own INFO above
         total = sum(s.requests for s in figure.samples)
         figure.commands = sum(delta.values()) / total
-        figure.round_trips = sum(v for k, v in delta.items() if k not in _IN_SCRIPT) / total
+        figure.round_trips = sum(v for k, v in delta.items() if k not in SCRIPT_COMMANDS) / total
     return figure
 
 
@@ -214,51 +231,56 @@ def machine() -> dict[str, str]:
     }
 
 
+def service_env(
+    redis_url: str, interakt_url: str, grpc_address: str, http_address: str
+) -> dict[str, str]:
+    """``otp-service serve``'s environment: production mode, a caller token, default logging."""
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "INTERAKT_API_KEY": API_KEY,
+        "INTERAKT_BASE_URL": interakt_url,
+        "OTP_SECRET": SECRET,
+        "OTP_GRPC_ADDRESS": grpc_address,
+        "OTP_HTTP_ADDRESS": http_address,
+        "OTP_CLIENT_TOKENS": f"bench:{TOKEN}",
+        # The bench measures the service's own cost per send, far past the per-minute budgets
+        # of one caller and of a real Interakt account: lift only those two.
+        "OTP_CALLER_SENDS_PER_MINUTE": "100000",
+        "INTERAKT_SENDS_PER_MINUTE": "100000",
+    }
+
+
 @contextlib.contextmanager
 def services(workdir: Path) -> Iterator[dict[str, int]]:
     """Redis, fake Interakt, the service and both ceilings; yields their ports and pids."""
     processes = Processes(workdir)
     with EmbeddedRedis() as redis_server:
         try:
-            upstream = subprocess.Popen(
-                [sys.executable, "-m", "bench.upstream"],
-                stdout=subprocess.PIPE,
-                cwd=Path(__file__).parent.parent,
-            )
-            processes._children.append(upstream)
-            assert upstream.stdout is not None
-            base_url = upstream.stdout.readline().decode().strip()
+            base_url, upstream_pid = processes.start_upstream()
             ports = {name: free_port() for name in ("service", "gateway", "grpc", "http")}
-            env = {
-                **os.environ,
-                "REDIS_URL": redis_server.url,
-                "INTERAKT_API_KEY": INTERAKT_KEY,
-                "INTERAKT_BASE_URL": base_url,
-                "OTP_SECRET": SECRET,
-                "OTP_GRPC_ADDRESS": f"127.0.0.1:{ports['service']}",
-                "OTP_HTTP_ADDRESS": f"127.0.0.1:{ports['gateway']}",
-                "OTP_CLIENT_TOKENS": f"bench:{TOKEN}",
-                # The bench measures the service's own cost per send, far past the per-minute
-                # budgets of one caller and of a real Interakt account: lift only those two.
-                "OTP_CALLER_SENDS_PER_MINUTE": "100000",
-                "INTERAKT_SENDS_PER_MINUTE": "100000",
-            }
+            env = service_env(
+                redis_server.url,
+                base_url,
+                f"127.0.0.1:{ports['service']}",
+                f"127.0.0.1:{ports['gateway']}",
+            )
             pids = {
                 "service": processes.start(
                     "service", [sys.executable, "-m", "otp_service", "serve"], env
-                ),
+                ).pid,
                 "grpc": processes.start(
                     "grpc", [sys.executable, "-m", "bench.ceilings", "grpc", str(ports["grpc"])]
-                ),
+                ).pid,
                 "http": processes.start(
                     "http", [sys.executable, "-m", "bench.ceilings", "http", str(ports["http"])]
-                ),
+                ).pid,
             }
             for port in ports.values():
                 wait_listening(port)
             yield {
                 "upstream_port": urlsplit(base_url).port or 80,
-                "upstream_pid": upstream.pid,
+                "upstream_pid": upstream_pid,
                 **{f"{k}_port": v for k, v in ports.items()},
                 **{f"{k}_pid": v for k, v in pids.items()},
                 "redis_port": redis_server.port,
@@ -274,6 +296,14 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
         checks: dict[str, list[str]] = {}
         svc, svc_pid = env["service_port"], env["service_pid"]
 
+        def one(target: Target, body: bytes, requests: int, in_flight: int) -> Sample:
+            """One round of the same request, by h2load or, without it, the Python client."""
+            if use_h2load:
+                return load.h2load(target, body, requests=requests, in_flight=in_flight)
+            return load.python_client(
+                target, [body], requests=requests, in_flight=in_flight, processes=2
+            )
+
         def fast_route(
             route: str,
             target: Target,
@@ -284,15 +314,8 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             counted: bool,
             warm: bool = True,
         ) -> None:
-            def one(requests: int, in_flight: int) -> Callable[[], Sample]:
-                if use_h2load:
-                    return lambda: load.h2load(target, body, requests=requests, in_flight=in_flight)
-                return lambda: load.python_client(
-                    target, [body], requests=requests, in_flight=in_flight, processes=2
-                )
-
             if warm:
-                one(sizes.warmup, FULL_IN_FLIGHT)()
+                one(target, body, sizes.warmup, FULL_IN_FLIGHT)
             for name, requests, in_flight in (
                 ("full", sizes.full, FULL_IN_FLIGHT),
                 ("light", sizes.light, LIGHT_IN_FLIGHT),
@@ -300,7 +323,11 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
                 figure = Figure(route, name, str(in_flight), ceiling=ceiling)
                 figures.append(
                     measure(
-                        figure, sizes.rounds, one(requests, in_flight), pid, db if counted else None
+                        figure,
+                        sizes.rounds,
+                        functools.partial(one, target, body, requests, in_flight),
+                        pid,
+                        db if counted else None,
                     )
                 )
 
@@ -325,12 +352,7 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
         if verifies < sizes.memory_verifies:
             # Unmeasured load, only so that RSS is read after as many verifies as the target says.
             extra = sizes.memory_verifies - verifies
-            if use_h2load:
-                load.h2load(verify, verify_body, requests=extra, in_flight=FULL_IN_FLIGHT)
-            else:
-                load.python_client(
-                    verify, [verify_body], requests=extra, in_flight=FULL_IN_FLIGHT, processes=2
-                )
+            one(verify, verify_body, extra, FULL_IN_FLIGHT)
             verifies += extra
         rss_after = rss_mib(svc_pid)
         checks["VerifyOtp"] = check_answers(svc, verify.path, [verify_body] * 20)
@@ -352,28 +374,29 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
                 send, send_bodies(n), requests=n, in_flight=in_flight, rate=rate
             )
 
+        def send_figure(
+            name: str, label: str, n: int, in_flight: int, rate: float | None = None
+        ) -> Figure:
+            return measure(
+                Figure("SendOtp", name, label),
+                sizes.rounds,
+                sends(n, in_flight, rate),
+                svc_pid,
+                db,
+            )
+
         sends(sizes.send_full // 4, FULL_IN_FLIGHT)()  # warm-up
-        full = measure(
-            Figure("SendOtp", "full", str(FULL_IN_FLIGHT)),
-            sizes.rounds,
-            sends(sizes.send_full, FULL_IN_FLIGHT),
-            svc_pid,
-            db,
-        )
+        full = send_figure("full", str(FULL_IN_FLIGHT), sizes.send_full, FULL_IN_FLIGHT)
         half_rate = statistics.median(s.rps for s in full.samples) / 2
-        half = measure(
-            Figure("SendOtp", "half", f"{half_rate:.0f}/s"),
-            sizes.rounds,
-            sends(sizes.send_full // 2, FULL_IN_FLIGHT, half_rate),
-            svc_pid,
-            db,
+        half = send_figure(
+            "half", f"{half_rate:.0f}/s", sizes.send_full // 2, FULL_IN_FLIGHT, half_rate
         )
         # The fake Interakt alone, at the same rate: what of SendOtp's latency is upstream's.
         upstream = Target(
             env["upstream_port"],
             "/v1/public/message/",
             grpc=False,
-            headers=(("Authorization", f"Basic {INTERAKT_KEY}"),),
+            headers=(("Authorization", f"Basic {API_KEY}"),),
         )
         upstream_body = json.dumps(
             {
@@ -395,13 +418,7 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             ),
             env["upstream_pid"],
         )
-        light = measure(
-            Figure("SendOtp", "light", str(LIGHT_IN_FLIGHT)),
-            sizes.rounds,
-            sends(sizes.send_light, LIGHT_IN_FLIGHT),
-            svc_pid,
-            db,
-        )
+        light = send_figure("light", str(LIGHT_IN_FLIGHT), sizes.send_light, LIGHT_IN_FLIGHT)
         figures += [full, half, light, alone]
         checks["SendOtp"] = check_answers(svc, send.path, send_bodies(5))
         fresh = phone(999_999)

@@ -26,7 +26,16 @@ from pathlib import Path
 from otp.v1 import otp_pb2
 
 from bench import load
-from bench.__main__ import AUTH, FULL_IN_FLIGHT, PHONE, SECRET, TOKEN, cpu_seconds, wait_listening
+from bench.__main__ import (
+    AUTH,
+    FULL_IN_FLIGHT,
+    PHONE,
+    Processes,
+    check_answers,
+    cpu_seconds,
+    service_env,
+    wait_listening,
+)
 from bench.load import Target
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 
@@ -66,31 +75,30 @@ def main() -> int:
     if not load.have_h2load():
         parser.error("h2load is needed: apt-get install nghttp2-client (make bench does it)")
 
-    verify = otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="000000")
-    body = json.dumps({"phone_number": PHONE, "otp_code": "000000"}).encode()
-    if not args.rest:
-        body = verify.SerializeToString()
-    with tempfile.TemporaryDirectory(prefix="otp-ab-") as tmp, EmbeddedRedis() as redis_server:
-        versions: list[Version] = []
+    if args.rest:
+        body = json.dumps({"phone_number": PHONE, "otp_code": "000000"}).encode()
+    else:
+        body = otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="000000").SerializeToString()
+    with (
+        tempfile.TemporaryDirectory(prefix="otp-ab-") as tmp,
+        EmbeddedRedis() as redis_server,
+    ):
+        processes = Processes(Path(tmp))
         try:
+            interakt_url, _ = processes.start_upstream()
+            versions: list[Version] = []
             for name in (args.a, args.b):
                 source = export(name, Path(tmp) / f"v{len(versions)}")
                 grpc_port, http_port = free_port(), free_port()
-                env = {
-                    **os.environ,
-                    "PYTHONPATH": os.pathsep.join([str(source), str(ROOT / "clients" / "python")]),
-                    "REDIS_URL": redis_server.url,
-                    "INTERAKT_API_KEY": "unused",
-                    "INTERAKT_BASE_URL": "http://127.0.0.1:9/v1/public",
-                    "OTP_SECRET": SECRET,
-                    "OTP_CLIENT_TOKENS": f"bench:{TOKEN}",
-                    "OTP_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
-                    "OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}" if args.rest else "",
-                }
-                log = open(Path(tmp) / f"v{len(versions)}.log", "w")  # noqa: SIM115
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "otp_service", "serve"], env=env, stdout=log
+                env = service_env(
+                    redis_server.url,
+                    interakt_url,
+                    f"127.0.0.1:{grpc_port}",
+                    f"127.0.0.1:{http_port}" if args.rest else "",
                 )
+                env["PYTHONPATH"] = os.pathsep.join([str(source), str(ROOT / "clients" / "python")])
+                command = [sys.executable, "-m", "otp_service", "serve"]
+                process = processes.start(f"v{len(versions)}", command, env)
                 target = (
                     Target(http_port, "/api/v1/auth/verify-otp", grpc=False, headers=AUTH)
                     if args.rest
@@ -98,7 +106,13 @@ def main() -> int:
                 )
                 versions.append(Version(name, process, target))
                 wait_listening(target.port)
-                load.h2load(target, body, requests=5_000, in_flight=FULL_IN_FLIGHT)  # warm-up
+                wait_listening(grpc_port)
+            # A live code, so each verify runs the attempt counting, as in `make bench`.
+            send = otp_pb2.SendOtpRequest(phone_number=PHONE).SerializeToString()
+            if check_answers(grpc_port, "/otp.v1.OtpService/SendOtp", [send]) != ["OK"]:
+                raise RuntimeError("could not send the seed code")
+            for version in versions:
+                load.h2load(version.target, body, requests=5_000, in_flight=FULL_IN_FLIGHT)
             for _ in range(args.rounds):
                 for version in versions:
                     before = cpu_seconds(version.process.pid)
@@ -109,9 +123,7 @@ def main() -> int:
                     version.cpu_us.append(used / sample.requests * 1e6)
                     version.rps.append(sample.rps)
         finally:
-            for version in versions:
-                version.process.terminate()
-                version.process.wait()
+            processes.stop()
     route = "REST verify" if args.rest else "VerifyOtp"
     for version in versions:
         cpu = version.cpu_us

@@ -14,7 +14,7 @@ import grpc
 from aiohttp import web
 
 from otp_service.cli import run_event_loop
-from otp_service.server import MAX_MESSAGE_BYTES
+from otp_service.server import server_options
 
 GRPC_METHOD = "/bench.Empty/Call"
 HTTP_PATH = "/empty"
@@ -25,9 +25,7 @@ async def _empty(request: bytes, context: Any) -> bytes:
 
 
 async def serve_grpc(port: int) -> None:
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
-    )
+    server = grpc.aio.server(options=server_options(reuse_port=False))
     service, method = GRPC_METHOD.strip("/").split("/")
     handler = grpc.unary_unary_rpc_method_handler(_empty)
     server.add_generic_rpc_handlers(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import Sample
+from bench.upstream import LATENCY_SECONDS
 
 
 def percentile(sorted_us: list[int], q: float) -> float:
@@ -36,7 +37,7 @@ def summary(samples: list[Sample]) -> dict[str, float]:
 
 def write(results: dict[str, Any], out: Path) -> None:
     figures = results["figures"]
-    stats = {(f.route, f.load): summary(f.samples) for f in figures if f.samples}
+    stats = {(f.route, f.load): summary(f.samples) for f in figures}
     lines = [
         "# otp-service benchmark",
         "",
@@ -57,9 +58,6 @@ def write(results: dict[str, Any], out: Path) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in figures:
-        if not f.samples:
-            lines.append(f"| {f.route} | {f.load} ({f.in_flight}) | {f.note} | | | | | | | |")
-            continue
         s = stats[(f.route, f.load)]
         requests = sum(x.requests for x in f.samples)
         cpu = sum(f.cpu_seconds) / requests * 1000
@@ -78,9 +76,10 @@ def write(results: dict[str, Any], out: Path) -> None:
     alone = stats.get(("fake Interakt alone", "half"))
     lines += ["", "Notes:", ""]
     if half and alone:
+        nominal = LATENCY_SECONDS * 1000
         lines.append(
             "- SendOtp's own time at half of its peak rate, p99: "
-            f"{half['p99'] - 50:.2f} ms over the nominal 50 ms upstream latency; "
+            f"{half['p99'] - nominal:.2f} ms over the nominal {nominal:.0f} ms upstream latency; "
             f"{half['p99'] - alone['p99']:.2f} ms over the fake Interakt's own p99 at the same "
             "rate (p50: "
             f"{half['p50'] - alone['p50']:.2f} ms). Percentiles do not subtract exactly; both are "
@@ -118,7 +117,7 @@ def _chart(figures: list[Any], stats: dict[tuple[str, str], dict[str, float]], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full = [f for f in figures if f.samples and f.load == "full"]
+    full = [f for f in figures if f.load == "full"]
     names = [f.route for f in full]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     rps = [stats[(n, "full")]["rps"] for n in names]

@@ -109,6 +109,16 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
     )
 
 
+def server_options(*, reuse_port: bool) -> list[tuple[str, int]]:
+    """The gRPC server's options (the bench's empty-handler ceiling uses them too)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # gRPC turns SO_REUSEPORT on by default, which would let a second copy bind the same
+        # port silently; a busy port must be an error unless we fork the workers ourselves.
+        ("grpc.so_reuseport", int(reuse_port)),
+    ]
+
+
 async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = False) -> OtpServer:
     """Build the gRPC server and bind ``settings.grpc_address`` (port 0 picks a free port).
 
@@ -120,14 +130,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     if settings.auth_required:
         callers = Callers(settings.client_tokens, settings.client_tokens_file)
         wrappers.append(CallerAuth(callers).wrap)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            # gRPC turns SO_REUSEPORT on by default, which would let a second copy bind the same
-            # port silently; a busy port must be an error unless we fork the workers ourselves.
-            ("grpc.so_reuseport", int(reuse_port)),
-        ],
-    )
+    server = grpc.aio.server(options=server_options(reuse_port=reuse_port))
     behaviors = wrap_methods(OtpServicer(build_service(settings, deps)), wrappers)
     add_to_server(behaviors, server)
     health_servicer = health.aio.HealthServicer()

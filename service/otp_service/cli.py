@@ -199,8 +199,9 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
         log.info(
             "shutting down: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds
         )
-        # gRPC first: health says NOT_SERVING (so /readyz answers 503) while both drain; then
-        # the HTTP server (its exit callback) finishes the JSON calls still in progress.
+        # gRPC first: health says NOT_SERVING (so /readyz answers 503) while gRPC drains and the
+        # JSON routes still answer; then the HTTP server (its exit callback) stops and finishes
+        # the JSON calls in progress.
         await server.stop(settings.shutdown_grace_seconds)
     log.info("stopped")
 

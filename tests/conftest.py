@@ -273,3 +273,9 @@ async def silent_redis() -> AsyncIterator[SilentRedis]:
         writer.close()
     server.close()
     await server.wait_closed()
+
+
+def assert_no_code_left(redis_db: redis.Redis, phone: str = PHONE) -> None:
+    """No code is stored, and no send is counted against ``phone``."""
+    assert redis_db.keys("otp:*:c") == []
+    assert redis_db.zcard(f"otp:{{{phone}}}:s") == 0

@@ -39,6 +39,11 @@ class Answer:
     hold: asyncio.Event | None = None
 
 
+def refusal(message: str, status: int = 400) -> Answer:
+    """Interakt's refusal of a message: ``{"result": false, "message": ...}``."""
+    return Answer(status, {"result": False, "message": message})
+
+
 @dataclass
 class Received:
     """A request as the fake saw it."""

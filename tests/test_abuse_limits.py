@@ -9,6 +9,7 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from prometheus_client import REGISTRY
 
 from otp_service import Settings
+from otp_service.store import SCRIPT_COMMANDS
 from tests.conftest import (
     PHONE,
     MakeServer,
@@ -24,11 +25,13 @@ from tests.fake_interakt import Answer, FakeInterakt
 OTHER_PHONES = ["+917003848502", "+917003848503", "+917003848504", "+917003848505"]
 
 
-# What the Lua scripts run inside Redis; Redis counts those calls too.
-SCRIPT_COMMANDS = {
-    "time", "zremrangebyscore", "zrange", "zcard", "zadd", "pexpire", "pexpireat", "hget",
-    "hgetall", "hdel", "hset", "hincrby", "exists", "del", "lindex", "lpush", "ltrim",
-}  # fmt: skip
+async def send_as(stub: otp_pb2_grpc.OtpServiceStub, token: str, phone: str) -> None:
+    """SendOtp to ``phone`` with the caller token ``token``."""
+    await stub.SendOtp(
+        otp_pb2.SendOtpRequest(phone_number=phone),
+        metadata=(("authorization", f"Bearer {token}"),),
+        timeout=10,
+    )
 
 
 def redis_calls(db: redis.Redis) -> dict[str, int]:
@@ -112,13 +115,6 @@ async def test_the_interakt_account_budget_is_shared_by_every_replica_and_caller
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{r.port}") for r in replicas]
     stubs = [otp_pb2_grpc.OtpServiceStub(channel) for channel in channels]
 
-    async def send_as(stub: otp_pb2_grpc.OtpServiceStub, token: str, phone: str) -> None:
-        await stub.SendOtp(
-            otp_pb2.SendOtpRequest(phone_number=phone),
-            metadata=(("authorization", f"Bearer {token}"),),
-            timeout=10,
-        )
-
     try:
         await send_as(stubs[0], "billing-token-0123456789", OTHER_PHONES[0])
         await send_as(stubs[1], "signup-token-0123456", OTHER_PHONES[1])
@@ -146,19 +142,11 @@ async def test_each_caller_has_its_own_budget(
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = otp_pb2_grpc.OtpServiceStub(channel)
-
-        async def send_as(token: str, phone: str) -> None:
-            await stub.SendOtp(
-                otp_pb2.SendOtpRequest(phone_number=phone),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=10,
-            )
-
-        await send_as("billing-token-0123456789", OTHER_PHONES[0])
+        await send_as(stub, "billing-token-0123456789", OTHER_PHONES[0])
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await send_as("billing-token-0123456789", OTHER_PHONES[1])
+            await send_as(stub, "billing-token-0123456789", OTHER_PHONES[1])
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await send_as("signup-token-0123456", OTHER_PHONES[1])
+        await send_as(stub, "signup-token-0123456", OTHER_PHONES[1])
     assert len(interakt.received) == 2
 
 

@@ -11,7 +11,15 @@ import redis
 from otp.v1 import otp_pb2
 
 from otp_service.embedded_redis import free_port
-from tests.conftest import PHONE, SECRET, MakeService, retry_delay, send, verify
+from tests.conftest import (
+    PHONE,
+    SECRET,
+    MakeService,
+    assert_no_code_left,
+    retry_delay,
+    send,
+    verify,
+)
 from tests.fake_interakt import (
     API_KEY,
     INVALID_TOKEN,
@@ -21,11 +29,8 @@ from tests.fake_interakt import (
     Answer,
     FakeInterakt,
     no_template,
+    refusal,
 )
-
-
-def refusal(message: str, status: int = 400) -> Answer:
-    return Answer(status, {"result": False, "message": message})
 
 
 async def send_fails(stub: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -33,11 +38,6 @@ async def send_fails(stub: object, code: grpc.StatusCode) -> grpc.aio.AioRpcErro
         await send(stub)  # type: ignore[arg-type]
     assert failed.value.code() == code, failed.value.details()
     return failed.value
-
-
-def assert_no_code_left(redis_db: redis.Redis) -> None:
-    assert redis_db.keys("otp:*:c") == []
-    assert redis_db.zcard(f"otp:{{{PHONE}}}:s") == 0
 
 
 async def test_request_follows_the_contract(

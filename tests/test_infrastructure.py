@@ -9,9 +9,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from otp.v1 import otp_pb2
 
-from otp_service import build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import CALLER, PHONE, MakeService, SilentRedis, send, settings_for, verify
+from tests.conftest import CALLER, PHONE, MakeServer, MakeService, SilentRedis, send, verify
 from tests.fake_interakt import FakeInterakt
 
 
@@ -85,25 +84,18 @@ async def test_keys_share_a_hash_tag_and_expire(
         assert redis_db.pttl(key) > 0
 
 
-async def test_health_and_reflection(redis_server: EmbeddedRedis, interakt: FakeInterakt) -> None:
+async def test_health_and_reflection(make_server: MakeServer) -> None:
     """What grpcurl and orchestrators need, with no proto files at hand."""
-    settings = settings_for(interakt, redis_server.url)
-    deps = build_deps(settings, redis_server.url)
-    server = await create_server(settings, deps)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for service in ("", "otp.v1.OtpService"):
-                request = health_pb2.HealthCheckRequest(service=service)
-                answer = await health.Check(request, timeout=5)
-                assert answer.status == health_pb2.HealthCheckResponse.SERVING
-            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-            request = reflection_pb2.ServerReflectionRequest(list_services="")
-            names: set[str] = set()
-            async for response in reflection.ServerReflectionInfo(iter([request])):
-                names |= {s.name for s in response.list_services_response.service}
-            assert {"otp.v1.OtpService", "grpc.health.v1.Health"} <= names
-    finally:
-        await server.stop(0)
-        await deps.close()
+    server = await make_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "otp.v1.OtpService"):
+            request = health_pb2.HealthCheckRequest(service=service)
+            answer = await health.Check(request, timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        names: set[str] = set()
+        async for response in reflection.ServerReflectionInfo(iter([request])):
+            names |= {s.name for s in response.list_services_response.service}
+        assert {"otp.v1.OtpService", "grpc.health.v1.Health"} <= names

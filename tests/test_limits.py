@@ -10,13 +10,9 @@ import redis
 from otp.v1 import otp_pb2
 
 from tests.conftest import PHONE, MakeService, send, verify, wrong_code
-from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt
+from tests.fake_interakt import NOT_A_CONTACT, FakeInterakt, refusal
 
 SENDS = f"otp:{{{PHONE}}}:s"
-
-
-def refusal() -> Answer:
-    return Answer(400, {"result": False, "message": NOT_A_CONTACT})
 
 
 async def test_send_is_allowed_again_after_the_cooldown(
@@ -52,7 +48,7 @@ async def test_failed_sends_do_not_count_against_the_cap(
     make_service: MakeService, interakt: FakeInterakt
 ) -> None:
     stub = await make_service(resend_cooldown_seconds=30, max_sends_per_hour=2)
-    interakt.answer(*[refusal()] * 3)
+    interakt.answer(*[refusal(NOT_A_CONTACT)] * 3)
     for _ in range(3):
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await send(stub)
@@ -68,7 +64,7 @@ async def test_a_failed_resend_does_not_refill_the_budget(
     await send(stub)
     first = interakt.received[0].code
     assert (await verify(stub, wrong_code(first))).attempts_remaining == 2
-    interakt.answer(refusal())
+    interakt.answer(refusal(NOT_A_CONTACT))
     with pytest.raises(grpc.aio.AioRpcError):
         await send(stub)
     undelivered = interakt.received[1].code

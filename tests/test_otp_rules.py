@@ -13,6 +13,7 @@ from otp.v1 import otp_pb2
 from tests.conftest import (
     PHONE,
     MakeService,
+    assert_no_code_left,
     digest,
     redis_snapshot,
     retry_delay,
@@ -20,7 +21,7 @@ from tests.conftest import (
     verify,
     wrong_code,
 )
-from tests.fake_interakt import Answer, FakeInterakt
+from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
 
 
 async def test_sent_code_verifies_once_and_only_once(
@@ -174,15 +175,12 @@ async def test_refused_delivery_leaves_no_code_and_no_cooldown(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
     stub = await make_service()
-    interakt.answer(
-        Answer(400, {"result": False, "message": "Customer is not available for the organization"})
-    )
+    interakt.answer(refusal(NOT_A_CONTACT))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await send(stub)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     undelivered = interakt.received[0].code
-    assert redis_db.keys("otp:*:c") == []
-    assert redis_db.zcard(f"otp:{{{PHONE}}}:s") == 0
+    assert_no_code_left(redis_db)
     result = await verify(stub, undelivered)
     assert result.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
     # The user may try again at once.

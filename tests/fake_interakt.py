@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ NOT_A_CONTACT = "Customer is not available for the organization"
 OUTSIDE_24H = "Customer has not messaged within last 24 hours"
 INVALID_TOKEN = "Invalid token provided"
 RATE_LIMITED = "Rate limit exceeded for this resource"
+# Where ``FakeInterakt.redirect()`` points: outside the API's base URL, as a moved one would be.
+_ELSEWHERE = "/elsewhere/message/"
 
 
 def no_template(name: str, language: str) -> str:
@@ -46,10 +49,11 @@ def refusal(message: str, status: int = 400) -> Answer:
 
 @dataclass
 class Received:
-    """A request as the fake saw it."""
+    """A request as the fake saw it, and when (``time.monotonic()``, the tests' clock too)."""
 
     headers: dict[str, str]
     body: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def code(self) -> str:
@@ -66,10 +70,13 @@ class FakeInterakt:
 
     def __init__(self) -> None:
         self.received: list[Received] = []
+        # Whatever reached the target of ``redirect()``: a client that follows redirects.
+        self.followed: list[Received] = []
         self._answers: deque[Answer] = deque()
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self._origin = ""
         # Contacts who wrote within 24 hours; None means everyone did.
         self.in_window: set[str] | None = None
         self.approved_templates: set[tuple[str, str]] = {("Auth", "en")}
@@ -78,8 +85,14 @@ class FakeInterakt:
         """Queue answers for the next requests, in order."""
         self._answers.extend(answers)
 
+    def redirect(self, status: int) -> Answer:
+        """A redirect to another route of this fake, which records in ``followed`` what reaches
+        it and answers as a healthy Interakt would (so following it looks like a success)."""
+        return Answer(status, None, headers={"Location": self._origin + _ELSEWHERE})
+
     def reset(self) -> None:
         self.received.clear()
+        self.followed.clear()
         self._answers.clear()
         self._ids = itertools.count(1)
         self.in_window = None
@@ -88,12 +101,14 @@ class FakeInterakt:
     async def start(self) -> FakeInterakt:
         app = web.Application()
         app.router.add_post("/v1/public/message/", self._message)
+        app.router.add_route("*", _ELSEWHERE, self._elsewhere)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}/v1/public"
+        self._origin = f"http://127.0.0.1:{port}"
+        self.base_url = f"{self._origin}/v1/public"
         return self
 
     async def stop(self) -> None:
@@ -133,6 +148,14 @@ class FakeInterakt:
                 "message": "Message queued for sending",
                 "id": f"msg-{next(self._ids)}",
             }
+        )
+
+    async def _elsewhere(self, request: web.Request) -> web.Response:
+        # Any method: a 301/302/303 turns the POST into a GET, a 307/308 posts the body again.
+        body = await request.json() if request.can_read_body else {}
+        self.followed.append(Received(dict(request.headers), body))
+        return web.json_response(
+            {"result": True, "message": "Message queued for sending", "id": "msg-elsewhere"}
         )
 
 

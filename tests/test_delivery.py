@@ -166,6 +166,22 @@ async def test_a_page_that_is_not_interakt_is_refused_or_retried_by_status(
     assert_no_code_left(redis_db)
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_never_followed(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis, status: int
+) -> None:
+    """Followed, a 307/308 would post the code elsewhere, and a 302's target could answer
+    ``result: true`` for a message Interakt never saw."""
+    stub = await make_service()
+    interakt.answer(interakt.redirect(status))
+    failed = await send_fails(stub, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "INTERAKT_BASE_URL is misconfigured" in (failed.details() or "")
+    assert f"HTTP {status}" in (failed.details() or "")
+    assert interakt.followed == []
+    assert len(interakt.received) == 1
+    assert_no_code_left(redis_db)
+
+
 async def test_unreachable_upstream_is_unavailable(
     make_service: MakeService, redis_db: redis.Redis
 ) -> None:

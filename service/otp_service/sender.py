@@ -29,6 +29,8 @@ _NOT_A_CONTACT = "Customer is not available for the organization"
 _OUTSIDE_24H = "Customer has not messaged within last 24 hours"
 _BAD_TOKEN = "Invalid token provided"  # noqa: S105 - an error message, not a token
 _NO_TEMPLATE = "No approved template found"
+# Not Interakt's words but ours, for a 3xx (see _post): the same path as its refusals.
+_REDIRECTED = "a redirect, not followed"
 _REFUSALS = {
     _NOT_A_CONTACT: "the number is not a contact of the WhatsApp business account",
     _OUTSIDE_24H: (
@@ -39,6 +41,8 @@ _REFUSALS = {
     "INTERAKT_API_KEY)",
     _NO_TEMPLATE: "the configured WhatsApp template is not approved or not synced (operator: "
     "check INTERAKT_TEMPLATE_NAME and INTERAKT_TEMPLATE_LANGUAGE)",
+    _REDIRECTED: "INTERAKT_BASE_URL is misconfigured: it answers with a redirect, and redirects "
+    "are not followed (operator: point it at Interakt's API itself)",
 }
 
 
@@ -155,7 +159,12 @@ class InteraktSender:
                 json=body,
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=seconds),
+                allow_redirects=False,
             ) as response:
+                if 300 <= response.status < 400:
+                    # Never followed: a 307 or 308 would post the code to wherever it points,
+                    # and what a 301 or 302 leads to (a GET) says nothing about the message.
+                    raise _Refused(f"HTTP {response.status}, {_REDIRECTED}")
                 if response.status == 429:
                     raise _Transient("rate_limited", "rate limited", _retry_after(response.headers))
                 if response.status >= 500:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import grpc
 import pytest
@@ -11,6 +14,7 @@ import redis
 from otp.v1 import otp_pb2
 
 from otp_service.embedded_redis import free_port
+from otp_service.sender import BACKOFF_BASE_SECONDS, MAX_RETRY_AFTER_SECONDS
 from tests.conftest import (
     PHONE,
     SECRET,
@@ -123,20 +127,111 @@ async def test_transient_failures_are_retried(
     sent = await send(stub)
     assert sent.message_id
     assert len(interakt.received) == 3
+    # With a backoff between them that doubles (jitter only lengthens it).
+    first, second, third = (message.at for message in interakt.received)
+    assert second - first >= BACKOFF_BASE_SECONDS
+    assert third - second >= 2 * BACKOFF_BASE_SECONDS
     # All three requests carried the same code, and it verifies.
     assert len({message.code for message in interakt.received}) == 1
     assert (await verify(stub, interakt.received[-1].code)).verified
 
 
-async def test_persistent_rate_limit_is_unavailable_with_retry_info(
+def rate_limited(retry_after: str) -> Answer:
+    return Answer(
+        429, {"result": False, "message": RATE_LIMITED}, headers={"Retry-After": retry_after}
+    )
+
+
+async def test_a_retry_after_within_the_budget_is_waited_for_then_retried(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    stub = await make_service(interakt_timeout_seconds=5)
+    interakt.answer(rate_limited("1"))
+    sent = await send(stub)
+    assert sent.message_id
+    first, second = interakt.received
+    assert second.at - first.at >= 1
+    assert (await verify(stub, second.code)).verified
+
+
+async def test_a_retry_after_beyond_the_budget_is_unavailable_at_once_with_retry_info(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
-    stub = await make_service()
-    limited = Answer(429, {"result": False, "message": RATE_LIMITED}, headers={"Retry-After": "7"})
-    interakt.answer(limited, *[limited] * 3)
+    stub = await make_service(interakt_timeout_seconds=5)
+    interakt.answer(*[rate_limited("7")] * 3)
     failed = await send_fails(stub, grpc.StatusCode.UNAVAILABLE)
     assert "rate limited" in (failed.details() or "")
+    # Waiting 7 s could only end past the budget: the caller is told to wait instead.
+    assert len(interakt.received) == 1
     assert retry_delay(failed) == 7
+    assert_no_code_left(redis_db)
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpDate:
+    """A Retry-After date this many seconds from when the test runs (not when it is collected)."""
+
+    seconds_from_now: int
+
+    def __str__(self) -> str:
+        when = datetime.now(UTC) + timedelta(seconds=self.seconds_from_now)
+        return format_datetime(when, usegmt=True)
+
+
+# Unusable hints are ignored (the backoff runs, and the caller is told 1 s), absurd ones capped.
+IGNORED = (1, 1)
+CAPPED = (MAX_RETRY_AFTER_SECONDS, MAX_RETRY_AFTER_SECONDS)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "told"),
+    [
+        pytest.param("inf", IGNORED, id="inf"),
+        pytest.param("1e400", IGNORED, id="1e400"),
+        pytest.param("nan", IGNORED, id="nan"),
+        pytest.param("-5", IGNORED, id="negative"),
+        pytest.param("2.5", IGNORED, id="not-whole"),
+        pytest.param("soon", IGNORED, id="garbage"),
+        pytest.param("", IGNORED, id="empty"),
+        pytest.param("9" * 400, CAPPED, id="400-nines"),
+        pytest.param("9" * 5000, CAPPED, id="5000-nines"),
+        pytest.param(HttpDate(-3600), IGNORED, id="date-in-the-past"),
+        pytest.param(HttpDate(120), (118, 121), id="date-in-2-minutes"),
+        pytest.param(HttpDate(10**6), CAPPED, id="date-in-12-days"),
+        pytest.param("Sun, 06 Nov 1994 08:49:37 +" + "9" * 30, IGNORED, id="date-huge-zone"),
+        pytest.param("Sun, 06 Nov " + "9" * 40 + " 08:49:37 GMT", IGNORED, id="date-huge-year"),
+    ],
+)
+async def test_any_retry_after_is_unavailable_with_a_sane_retry_info(
+    make_service: MakeService,
+    interakt: FakeInterakt,
+    redis_db: redis.Redis,
+    retry_after: str | HttpDate,
+    told: tuple[float, float],
+) -> None:
+    """Seconds or an HTTP date (RFC 9110); anything else is not a reason for UNKNOWN/INTERNAL."""
+    # A short budget: when the hint is ignored, the backoff gives up after one retry or two.
+    stub = await make_service(interakt_timeout_seconds=0.5)
+    interakt.answer(*[rate_limited(str(retry_after))] * 3)
+    failed = await send_fails(stub, grpc.StatusCode.UNAVAILABLE)
+    assert "rate limited" in (failed.details() or "")
+    assert told[0] <= retry_delay(failed) <= told[1]
+    assert_no_code_left(redis_db)
+
+
+async def test_retries_stop_within_the_callers_deadline_when_it_is_shorter_than_the_budget(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(interakt_timeout_seconds=5)
+    # Waiting 1 s fits the caller's 2.5 s; waiting 2 s more would not, though it fits the 5 s.
+    interakt.answer(rate_limited("1"), rate_limited("2"), rate_limited("1"))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=2.5)
+    # The server's own answer, with the wait, rather than gRPC cutting it at the deadline.
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert retry_delay(failed.value) == 2
+    first, second = interakt.received
+    assert second.at - first.at >= 1
     assert_no_code_left(redis_db)
 
 

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
@@ -22,6 +24,9 @@ log = logging.getLogger(__name__)
 # exponential backoff, as long as the caller's deadline leaves room.
 MAX_RETRIES = 2
 BACKOFF_BASE_SECONDS = 0.2
+# The longest Retry-After believed: a longer one (400 nines, a date years ahead) is the upstream's
+# mistake, and the caller is told to wait this long instead.
+MAX_RETRY_AFTER_SECONDS = 3600.0
 
 # Interakt's known refusals (shared contract): the substring of its message, and what the caller
 # is told. Matching is on a substring because the template refusal embeds the template's name.
@@ -166,7 +171,8 @@ class InteraktSender:
                     # and what a 301 or 302 leads to (a GET) says nothing about the message.
                     raise _Refused(f"HTTP {response.status}, {_REDIRECTED}")
                 if response.status == 429:
-                    raise _Transient("rate_limited", "rate limited", _retry_after(response.headers))
+                    hint = _retry_after(response.headers.get("Retry-After"))
+                    raise _Transient("rate_limited", "rate limited", hint)
                 if response.status >= 500:
                     raise _Transient("server_error", f"HTTP {response.status}")
                 try:
@@ -242,11 +248,24 @@ def _refusal(exc: _Refused) -> DeliveryRefused:
     return DeliveryRefused(f"message not sent: Interakt refused it ({upstream!r})")
 
 
-def _retry_after(headers: Any) -> float | None:
-    try:
-        return max(float(headers.get("Retry-After", "")), 0.0)
-    except ValueError:
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After value, at most MAX_RETRY_AFTER_SECONDS; None when
+    there is none or it is neither form RFC 9110 allows (whole seconds, or an HTTP date)."""
+    if value is None:
         return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        # Ten digits are centuries: int() of more would only cost (and refuses 4,300 of them).
+        seconds = float(value) if len(value) <= 10 else MAX_RETRY_AFTER_SECONDS
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (ValueError, TypeError, OverflowError):  # garbage, or numbers too big for a date
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)  # an HTTP date is always GMT
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def _lifetime(ttl_seconds: int) -> str:

@@ -28,6 +28,7 @@ from otp_service.gateway import HttpServer, LocalBackend
 from tests.conftest import PHONE, TOKEN, MakeServer
 
 OTHER_TOKEN = "another-caller-token-abcdefgh"
+STATIC_TOKEN = "a-configured-token-0123456789"
 
 OpenChannel = Callable[..., Awaitable[grpc.aio.Channel]]
 
@@ -160,9 +161,7 @@ def write_tokens(path: Path, text: str, mtime_ns: int) -> None:
 
 
 async def test_a_rotated_token_file_takes_effect_without_a_restart(
-    plain_channel: OpenChannel,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    plain_channel: OpenChannel, tmp_path: Path
 ) -> None:
     tokens = tmp_path / "tokens"
     write_tokens(tokens, f"# one a line\nbilling:{TOKEN}\n", 1_000_000_000_000_000_000)
@@ -170,35 +169,96 @@ async def test_a_rotated_token_file_takes_effect_without_a_restart(
     await verify_as(channel, f"Bearer {TOKEN}")
 
     write_tokens(tokens, f"billing:{OTHER_TOKEN}\n", 1_000_000_001_000_000_000)
-    await eventually_accepted(channel, OTHER_TOKEN)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await verify_as(channel, f"Bearer {TOKEN}")
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await eventually(channel, OTHER_TOKEN, accepted=True)
+    await refused(channel, TOKEN)
 
-    # A broken file is not used: the last good tokens stay, so a bad edit locks no one out.
+
+async def test_a_token_removed_from_a_partly_malformed_file_is_revoked(
+    plain_channel: OpenChannel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the bad lines are skipped: a bad edit cannot keep a revoked token alive."""
     caplog.set_level(logging.ERROR, logger="otp_service.auth")
-    write_tokens(tokens, "billing without a colon\n", 1_000_000_002_000_000_000)
-    for _ in range(100):
-        if "not used" in caplog.text:
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
+    channel = await plain_channel(client_tokens=(), client_tokens_file=str(tokens))
+    await verify_as(channel, f"Bearer {TOKEN}")
+
+    swapped = "swapped-token-0123456789"
+    lines = [
+        "# billing's token is revoked",
+        f"signup:{OTHER_TOKEN}",
+        "billing without a colon",
+        f"{swapped}:billing",  # token and name the wrong way round
+        "latin1:token-caf\xe9-0123456789",
+    ]
+    tokens.write_bytes("\n".join(lines).encode("latin-1"))
+    os.utime(tokens, ns=(1_000_000_001_000_000_000,) * 2)
+    await eventually(channel, OTHER_TOKEN, accepted=True)
+    await refused(channel, TOKEN)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for line in (3, 4, 5):
+        assert any(f"line {line}: " in error for error in errors), errors
+    # A bad line is named by its number only: it may hold a token.
+    assert not any("without a colon" in e or swapped in e or "caf" in e for e in errors)
+
+
+async def test_a_deleted_tokens_file_accepts_none_of_its_tokens_until_it_is_back(
+    plain_channel: OpenChannel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="otp_service.auth")
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
+    channel = await plain_channel(
+        client_tokens=(("static", STATIC_TOKEN),), client_tokens_file=str(tokens)
+    )
+    await verify_as(channel, f"Bearer {TOKEN}")
+
+    tokens.unlink()
+    await eventually(channel, TOKEN, accepted=False)
+    # The configured tokens do not depend on the file.
+    await verify_as(channel, f"Bearer {STATIC_TOKEN}")
+    # Said again at each check while the file is missing, not once and then silence.
+    for _ in range(200):
+        if len(cannot_read(caplog)) >= 2:
             break
-        await verify_as(channel, f"Bearer {OTHER_TOKEN}")
+        await refused(channel, TOKEN)
         await asyncio.sleep(0.05)
-    assert "tokens file" in caplog.text
-    assert "entry 1: expected name:token" in caplog.text
-    await verify_as(channel, f"Bearer {OTHER_TOKEN}")
+    assert len(cannot_read(caplog)) >= 2
+
+    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
+    await eventually(channel, TOKEN, accepted=True)
 
 
-async def eventually_accepted(channel: grpc.aio.Channel, token: str) -> None:
-    for _ in range(100):
+def cannot_read(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.levelno == logging.ERROR
+        and "none of its tokens is accepted" in record.getMessage()
+    ]
+
+
+async def refused(channel: grpc.aio.Channel, token: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refusal:
+        await verify_as(channel, f"Bearer {token}")
+    assert refusal.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def eventually(channel: grpc.aio.Channel, token: str, *, accepted: bool) -> None:
+    """Wait for the server to see a change of the file (it looks about once a second)."""
+    for _ in range(200):
         try:
             await verify_as(channel, f"Bearer {token}")
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise
-            await asyncio.sleep(0.05)
+            if not accepted:
+                return
         else:
-            return
-    raise AssertionError("the rotated token was never accepted")
+            if accepted:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the token was never {'accepted' if accepted else 'refused'}")
 
 
 def test_the_token_file_is_looked_at_no_more_than_once_a_second(tmp_path: Path) -> None:
@@ -216,6 +276,44 @@ def test_the_token_file_is_looked_at_no_more_than_once_a_second(tmp_path: Path) 
     now[0] += 0.5
     assert callers.lookup(TOKEN) is None
     assert callers.lookup("a-brand-new-token-0123") == "signup"
+
+
+def test_an_unreadable_token_file_is_reported_once_a_check_not_once_a_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="otp_service.auth")
+    now = [100.0]
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
+    callers = Callers((("static", OTHER_TOKEN),), str(tokens), clock=lambda: now[0])
+    tokens.unlink()
+    tokens.mkdir()  # there, but not a file that can be read
+    now[0] += 1
+    for _ in range(100):
+        assert callers.lookup(TOKEN) is None
+    assert callers.lookup(OTHER_TOKEN) == "static"
+    assert len(cannot_read(caplog)) == 1
+    now[0] += 1
+    assert callers.lookup(TOKEN) is None
+    assert len(cannot_read(caplog)) == 2
+
+    tokens.rmdir()
+    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
+    now[0] += 1
+    assert callers.lookup(TOKEN) == "billing"
+    assert len(cannot_read(caplog)) == 2
+
+
+def test_a_malformed_tokens_file_is_refused_at_start_up(tmp_path: Path) -> None:
+    """Strict at start-up, while someone watches the deployment; skipped lines while running."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"billing:{TOKEN}\n{OTHER_TOKEN}\n")
+    with pytest.raises(ConfigError) as failed:
+        Settings.from_env({"OTP_CLIENT_TOKENS_FILE": str(tokens)}, dev=True)
+    assert failed.value.problems == [
+        "OTP_CLIENT_TOKENS_FILE: line 2: expected name:token, the name of letters, digits, "
+        "'.', '_', '-'"
+    ]
 
 
 def test_production_needs_a_caller_token_unless_auth_is_off() -> None:
@@ -238,11 +336,13 @@ def test_production_needs_a_caller_token_unless_auth_is_off() -> None:
     ("env", "problem"),
     [
         ({"OTP_CLIENT_TOKENS": "billing"}, "OTP_CLIENT_TOKENS: entry 1: expected name:token"),
-        ({"OTP_CLIENT_TOKENS": "billing:short"}, "OTP_CLIENT_TOKENS: entry 1 (billing): the token"),
+        ({"OTP_CLIENT_TOKENS": "billing:short"}, "OTP_CLIENT_TOKENS: entry 1: the token"),
         (
             {"OTP_CLIENT_TOKENS": f"a:{TOKEN},b:{TOKEN}"},
-            "OTP_CLIENT_TOKENS: entry 2 (b): the same token is given twice",
+            "OTP_CLIENT_TOKENS: entry 2: the same token is given twice",
         ),
+        # The token where the name belongs: not echoed as the caller's name.
+        ({"OTP_CLIENT_TOKENS": f"{TOKEN}:billing"}, "OTP_CLIENT_TOKENS: entry 1: the token"),
         ({"OTP_CLIENT_TOKENS_FILE": "/nonexistent"}, "OTP_CLIENT_TOKENS_FILE: cannot read"),
         ({"OTP_AUTH": "maybe"}, "OTP_AUTH: must be 'token' or 'none'"),
         ({"OTP_REFLECTION": "perhaps"}, "OTP_REFLECTION: must be true or false"),

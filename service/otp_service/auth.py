@@ -3,7 +3,7 @@
 A wrapper around each OtpService method checks the token and puts the caller's name into
 ``context.caller``; health and reflection are not wrapped, so they stay open for probes and
 grpcurl. Tokens come from the settings and from an optional file that is re-read when it
-changes, so a token is rotated without a restart.
+changes, so a token is rotated or revoked without a restart.
 Only SHA-256 digests of the tokens are kept, compared in constant time, and never logged.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from otp_service import context, metrics
-from otp_service.config import ConfigError, read_client_tokens_file
+from otp_service.config import read_client_tokens_file
 from otp_service.servicer import Behavior
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Callers:
         self._file = file
         self._clock = clock
         self._from_file: tuple[tuple[str, bytes], ...] = ()
-        self._file_version: tuple[int, int] | None = None
+        self._file_version: tuple[int, int, int] | None = None
         self._next_check = 0.0
         self._reload()
 
@@ -87,34 +87,35 @@ class Callers:
         return found
 
     def _reload(self) -> None:
+        """Read the file again if it changed. Fails closed: a line that cannot be read is skipped
+        and a file that cannot be read counts as empty, so removing a token always revokes it."""
         if self._file is None:
             return
         self._next_check = self._clock() + RELOAD_INTERVAL_SECONDS
         try:
             stat = os.stat(self._file)
+            version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if version == self._file_version:
+                return
+            tokens, problems = read_client_tokens_file(self._file)
         except OSError as exc:
-            self._keep_previous(f"cannot read it: {type(exc).__name__}")
-            return
-        version = (stat.st_mtime_ns, stat.st_size)
-        if version == self._file_version:
+            self._from_file = ()
+            self._file_version = None  # so the next check reads it again, and says so again
+            log.error(
+                "caller tokens file %s cannot be read (%s): none of its tokens is accepted until "
+                "it can",
+                self._file,
+                type(exc).__name__,
+            )
             return
         self._file_version = version
-        try:
-            tokens = read_client_tokens_file(self._file)
-        except ConfigError as exc:
-            self._keep_previous("; ".join(exc.problems))
-            return
         self._from_file = tuple((name, _fingerprint(token)) for name, token in tokens)
+        for problem in problems:
+            log.error("caller tokens file %s: %s; that line is skipped", self._file, problem)
         log.info(
             "caller tokens loaded from %s: %s",
             self._file,
             ", ".join(sorted({name for name, _ in tokens})) or "none",
-        )
-
-    def _keep_previous(self, problem: str) -> None:
-        # A half-written or broken file must not lock every caller out: the last good set stays.
-        log.error(
-            "caller tokens file %s not used, keeping the previous tokens: %s", self._file, problem
         )
 
 

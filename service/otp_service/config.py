@@ -137,10 +137,13 @@ class Settings:
         tokens_file = reader.text("OTP_CLIENT_TOKENS_FILE", None)
         file_tokens: tuple[tuple[str, str], ...] = ()
         if tokens_file is not None:
+            # Strict at start-up, unlike the reloads while running (auth.Callers), which skip a
+            # bad line: a deployment with a broken file is refused while someone watches it.
             try:
-                file_tokens = read_client_tokens_file(tokens_file)
-            except ConfigError as exc:
-                reader.problems.extend(f"OTP_CLIENT_TOKENS_FILE: {p}" for p in exc.problems)
+                file_tokens, problems = read_client_tokens_file(tokens_file)
+            except OSError as exc:
+                problems = [f"cannot read {tokens_file!r}: {type(exc).__name__}"]
+            reader.problems.extend(f"OTP_CLIENT_TOKENS_FILE: {p}" for p in problems)
         metrics_auth = reader.boolean("OTP_METRICS_AUTH", False)
         if auth == "token" and not tokens and not file_tokens:
             if dev:
@@ -272,47 +275,46 @@ class _Reader:
         return default
 
 
-def parse_client_tokens(lines: list[str]) -> tuple[tuple[tuple[str, str], ...], list[str]]:
-    """Parse ``name:token`` entries; return them and one problem per bad entry.
+def parse_client_tokens(
+    entries: list[str], *, what: str = "entry"
+) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """Parse ``name:token`` entries; return the good ones and one problem per bad one.
 
-    Problems name the entry by position and caller, never by token. Blank entries and ``#``
-    comments are skipped. A name may appear twice (old and new token while rotating); a token
-    may not, or a call could not be told apart.
+    A problem names the entry by ``what`` and its position only: never a name, which could be
+    a token written in the wrong place. Blank entries and ``#`` comments are skipped. A name may
+    appear twice (old and new token while rotating); a token may not, or a call could not be
+    told apart.
     """
     tokens: list[tuple[str, str]] = []
     problems: list[str] = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(entries, start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         name, sep, token = (part.strip() for part in entry.partition(":"))
         if not sep or not _CALLER_NAME.fullmatch(name):
             problems.append(
-                f"entry {number}: expected name:token, the name of letters, digits, '.', '_', '-'"
+                f"{what} {number}: expected name:token, the name of letters, digits, '.', '_', '-'"
             )
         elif len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
             problems.append(
-                f"entry {number} ({name}): the token must be at least {MIN_TOKEN_LENGTH} "
-                "printable characters without spaces"
+                f"{what} {number}: the token must be at least {MIN_TOKEN_LENGTH} printable "
+                "characters without spaces"
             )
         elif any(token == known for _, known in tokens):
-            problems.append(f"entry {number} ({name}): the same token is given twice")
+            problems.append(f"{what} {number}: the same token is given twice")
         else:
             tokens.append((name, token))
     return tuple(tokens), problems
 
 
-def read_client_tokens_file(path: str) -> tuple[tuple[str, str], ...]:
-    """The entries of a tokens file; raise ConfigError when it cannot be read or has bad entries."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read {path!r}: {type(exc).__name__}"]) from exc
-    tokens, problems = parse_client_tokens(lines)
-    if problems:
-        raise ConfigError(problems)
-    return tokens
+def read_client_tokens_file(path: str) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """A tokens file's good entries and one problem per bad line; OSError when unreadable."""
+    # Bytes that are not UTF-8 become characters no name or token may hold: the line they are
+    # on is bad, not the whole file.
+    with open(path, encoding="utf-8", errors="surrogateescape") as file:
+        lines = list(file)
+    return parse_client_tokens(lines, what="line")
 
 
 def _client_tokens(reader: _Reader) -> tuple[tuple[str, str], ...]:

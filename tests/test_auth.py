@@ -26,6 +26,7 @@ from otp_service.auth import Callers
 from otp_service.config import DEV_TOKEN
 from otp_service.gateway import HttpServer, LocalBackend
 from tests.conftest import PHONE, TOKEN, MakeServer
+from tests.fake_interakt import FakeInterakt
 
 OTHER_TOKEN = "another-caller-token-abcdefgh"
 STATIC_TOKEN = "a-configured-token-0123456789"
@@ -117,6 +118,44 @@ async def test_a_valid_token_names_the_caller(
     # The caller's send budget is kept under the name its token maps to.
     assert redis_db.exists("otp:{senders}:caller:signup")
     assert not redis_db.exists("otp:{senders}:caller:billing")
+
+
+async def test_with_auth_off_calls_are_served_and_share_one_caller_budget(
+    make_server: MakeServer, interakt: FakeInterakt
+) -> None:
+    server = await make_server(auth_required=False, client_tokens=(), caller_sends_per_minute=2)
+    target = f"127.0.0.1:{server.port}"
+    async with (
+        grpc.aio.insecure_channel(target) as anonymous,
+        grpc.aio.insecure_channel(target) as other,
+    ):
+        clients = [
+            (otp_pb2_grpc.OtpServiceStub(anonymous), ()),
+            # A token is not looked at: it names no caller, so it buys no budget of its own.
+            (otp_pb2_grpc.OtpServiceStub(other), (("authorization", f"Bearer {OTHER_TOKEN}"),)),
+        ]
+        for (stub, metadata), phone in zip(
+            clients, ("+917003848502", "+917003848503"), strict=True
+        ):
+            await stub.SendOtp(
+                otp_pb2.SendOtpRequest(phone_number=phone), metadata=metadata, timeout=10
+            )
+        answer = await verify_as(anonymous, None)
+        assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+        for stub, metadata in clients:
+            before = caller_refusals()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.SendOtp(
+                    otp_pb2.SendOtpRequest(phone_number=PHONE), metadata=metadata, timeout=10
+                )
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == "caller: at most 2 sends a minute"
+            assert caller_refusals() == before + 1
+    assert len(interakt.received) == 2
+
+
+def caller_refusals() -> float:
+    return REGISTRY.get_sample_value("otp_limit_refusals_total", {"kind": "caller"}) or 0.0
 
 
 async def test_health_and_reflection_stay_open(

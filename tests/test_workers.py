@@ -1,4 +1,5 @@
-"""``otp-service serve --workers N``: N processes share one port and all of them serve."""
+"""``otp-service serve --workers N``: N processes share one port and all of them serve; a
+worker that dies takes the others down with it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,8 +36,8 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def established_on(pid: int, port: int) -> int:
-    """How many TCP connections to ``port`` the process ``pid`` holds open."""
+def sockets_on(pid: int, port: int, state: str) -> int:
+    """How many TCP sockets on local ``port`` in ``state`` the process ``pid`` holds open."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -49,9 +51,29 @@ def established_on(pid: int, port: int) -> int:
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+            if local_port == port and fields[3] == state and fields[9] in inodes:
                 count += 1
     return count
+
+
+# The states of /proc/net/tcp.
+ESTABLISHED = "01"
+LISTEN = "0A"
+
+
+def listening_workers(process: subprocess.Popen[bytes], port: int) -> list[int]:
+    """The two workers' pids, once both listen on ``port`` (each starts on its own schedule)."""
+    bound = time.monotonic() + 60
+    while time.monotonic() < bound:
+        assert process.poll() is None, "the server exited"
+        workers = children_of(process.pid)
+        try:
+            if len(workers) == 2 and all(sockets_on(pid, port, LISTEN) for pid in workers):
+                return workers
+        except FileNotFoundError:
+            pass  # a process went away between the two looks
+        time.sleep(0.05)
+    raise AssertionError("two workers never listened")
 
 
 @pytest.fixture
@@ -67,6 +89,7 @@ def two_workers(redis_server: EmbeddedRedis) -> Iterator[tuple[subprocess.Popen[
         "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
         # Both workers serve HTTP on one port too.
         "OTP_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
+        "OTP_SHUTDOWN_GRACE_SECONDS": "1",
     }
     command = [sys.executable, "-m", "otp_service", "serve", "--workers", "2"]
     process = subprocess.Popen(command, env=env)
@@ -83,6 +106,8 @@ def test_two_workers_share_the_port_and_both_serve(
     two_workers: tuple[subprocess.Popen[bytes], int],
 ) -> None:
     process, port = two_workers
+    # Until both listen, the kernel gives every connection to the one that does.
+    workers = listening_workers(process, port)
     request = otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="123456")
     channels = []
     try:
@@ -100,9 +125,7 @@ def test_two_workers_share_the_port_and_both_serve(
                 metadata=(("authorization", f"Bearer {TOKEN}"),),
             )
             assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
-        workers = children_of(process.pid)
-        assert len(workers) == 2
-        per_worker = [established_on(pid, port) for pid in workers]
+        per_worker = [sockets_on(pid, port, ESTABLISHED) for pid in workers]
         assert sum(per_worker) == CONNECTIONS
         assert all(count > 0 for count in per_worker), per_worker
     finally:
@@ -110,3 +133,14 @@ def test_two_workers_share_the_port_and_both_serve(
             channel.close()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0
+
+
+def test_a_worker_that_dies_stops_the_others_and_the_service_exits_non_zero(
+    two_workers: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    process, port = two_workers
+    killed, other = listening_workers(process, port)
+    os.kill(killed, signal.SIGKILL)
+    # Not left serving short-handed: the supervisor sees the whole service exit, and restarts it.
+    assert process.wait(timeout=60) != 0
+    assert not Path(f"/proc/{other}").exists()

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import aiohttp
@@ -93,6 +93,44 @@ async def test_metrics_move_with_the_calls(
     # Labels are closed sets: no number, code or key anywhere in the exposition.
     for secret in (PHONE, PHONE[3:], code, API_KEY, SECRET.decode()):
         assert secret not in text
+
+
+LIMIT_KINDS = ("cooldown", "hourly", "paused", "caller", "account")
+
+
+async def test_each_limit_refusal_is_counted_under_its_own_kind(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, interakt: FakeInterakt
+) -> None:
+    gateway = await make_gateway(
+        resend_cooldown_seconds=0,
+        max_sends_per_hour=1,
+        max_failed_verifies_per_hour=1,
+        interakt_sends_per_minute=2,
+    )
+
+    async def refused(kind: str, call: Coroutine[Any, Any, None]) -> None:
+        _, before = await scrape(http, gateway.url)
+        with pytest.raises(grpc.aio.AioRpcError) as refusal:
+            await call
+        assert refusal.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        _, after = await scrape(http, gateway.url)
+        counted = {k: delta(before, after, "otp_limit_refusals_total", kind=k) for k in LIMIT_KINDS}
+        assert counted == {k: float(k == kind) for k in LIMIT_KINDS}
+
+    # Coroutines, so a call starts only once ``refused`` has scraped the "before".
+    async def send(phone: str) -> None:
+        await gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=phone), timeout=10)
+
+    async def verify(code: str) -> None:
+        request = otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code=code)
+        await gateway.stub.VerifyOtp(request, timeout=10)
+
+    await send(PHONE)
+    await refused("hourly", send(PHONE))
+    await verify(wrong_code(interakt.received[-1].code))
+    await refused("paused", verify(interakt.received[-1].code))
+    await send("+917003848502")
+    await refused("account", send("+917003848503"))
 
 
 class WrittenLog:

@@ -87,8 +87,8 @@ class Callers:
         return found
 
     def _reload(self) -> None:
-        """Read the file again if it changed. Fails closed: a line that cannot be read is skipped
-        and a file that cannot be read counts as empty, so removing a token always revokes it."""
+        """Read the file again if it changed. Fails closed: a malformed line is skipped and a file
+        that cannot be read counts as empty, so taking a token out of it always revokes it."""
         if self._file is None:
             return
         self._next_check = self._clock() + RELOAD_INTERVAL_SECONDS

@@ -255,7 +255,7 @@ def _retry_after(value: str | None) -> float | None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        # Ten digits are centuries: int() of more would only cost (and refuses 4,300 of them).
+        # Ten digits are centuries already; more are not converted (400 nines make a float inf).
         seconds = float(value) if len(value) <= 10 else MAX_RETRY_AFTER_SECONDS
     else:
         try:

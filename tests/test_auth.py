@@ -193,20 +193,29 @@ async def list_services(channel: grpc.aio.Channel) -> list[str]:
     raise AssertionError("no reflection answer")
 
 
-def write_tokens(path: Path, text: str, mtime_ns: int) -> None:
-    path.write_text(text)
+def write_tokens(path: Path, text: str | bytes, mtime_ns: int) -> None:
+    if isinstance(text, str):
+        text = text.encode()
+    path.write_bytes(text)
     # An explicit mtime: a rewrite within the file system's timestamp granularity still counts.
     os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+async def serve_billing_from_a_file(
+    plain_channel: OpenChannel, tokens: Path, client_tokens: tuple[tuple[str, str], ...] = ()
+) -> grpc.aio.Channel:
+    """A channel to a server whose tokens file ``tokens`` holds billing's TOKEN, accepted."""
+    write_tokens(tokens, f"# one a line\nbilling:{TOKEN}\n", 1_000_000_000_000_000_000)
+    channel = await plain_channel(client_tokens=client_tokens, client_tokens_file=str(tokens))
+    await verify_as(channel, f"Bearer {TOKEN}")
+    return channel
 
 
 async def test_a_rotated_token_file_takes_effect_without_a_restart(
     plain_channel: OpenChannel, tmp_path: Path
 ) -> None:
     tokens = tmp_path / "tokens"
-    write_tokens(tokens, f"# one a line\nbilling:{TOKEN}\n", 1_000_000_000_000_000_000)
-    channel = await plain_channel(client_tokens=(), client_tokens_file=str(tokens))
-    await verify_as(channel, f"Bearer {TOKEN}")
-
+    channel = await serve_billing_from_a_file(plain_channel, tokens)
     write_tokens(tokens, f"billing:{OTHER_TOKEN}\n", 1_000_000_001_000_000_000)
     await eventually(channel, OTHER_TOKEN, accepted=True)
     await refused(channel, TOKEN)
@@ -218,20 +227,16 @@ async def test_a_token_removed_from_a_partly_malformed_file_is_revoked(
     """Only the bad lines are skipped: a bad edit cannot keep a revoked token alive."""
     caplog.set_level(logging.ERROR, logger="otp_service.auth")
     tokens = tmp_path / "tokens"
-    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
-    channel = await plain_channel(client_tokens=(), client_tokens_file=str(tokens))
-    await verify_as(channel, f"Bearer {TOKEN}")
-
+    channel = await serve_billing_from_a_file(plain_channel, tokens)
     swapped = "swapped-token-0123456789"
     lines = [
         "# billing's token is revoked",
         f"signup:{OTHER_TOKEN}",
         "billing without a colon",
         f"{swapped}:billing",  # token and name the wrong way round
-        "latin1:token-caf\xe9-0123456789",
+        "latin1:token-caf\xe9-0123456789",  # not UTF-8
     ]
-    tokens.write_bytes("\n".join(lines).encode("latin-1"))
-    os.utime(tokens, ns=(1_000_000_001_000_000_000,) * 2)
+    write_tokens(tokens, "\n".join(lines).encode("latin-1"), 1_000_000_001_000_000_000)
     await eventually(channel, OTHER_TOKEN, accepted=True)
     await refused(channel, TOKEN)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -246,12 +251,9 @@ async def test_a_deleted_tokens_file_accepts_none_of_its_tokens_until_it_is_back
 ) -> None:
     caplog.set_level(logging.ERROR, logger="otp_service.auth")
     tokens = tmp_path / "tokens"
-    write_tokens(tokens, f"billing:{TOKEN}\n", 1_000_000_000_000_000_000)
-    channel = await plain_channel(
-        client_tokens=(("static", STATIC_TOKEN),), client_tokens_file=str(tokens)
+    channel = await serve_billing_from_a_file(
+        plain_channel, tokens, client_tokens=(("static", STATIC_TOKEN),)
     )
-    await verify_as(channel, f"Bearer {TOKEN}")
-
     tokens.unlink()
     await eventually(channel, TOKEN, accepted=False)
     # The configured tokens do not depend on the file.

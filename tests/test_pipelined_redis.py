@@ -22,7 +22,7 @@ SCRIPT = "return {KEYS[1], ARGV[1]}"
 
 @pytest.fixture
 async def client(private_redis: EmbeddedRedis) -> AsyncIterator[PipelinedRedis]:
-    pipelined = PipelinedRedis(private_redis.url, timeout=TIMEOUT)
+    pipelined = PipelinedRedis.from_url(private_redis.url, timeout=TIMEOUT)
     yield pipelined
     await pipelined.aclose()
 
@@ -97,7 +97,7 @@ async def test_a_caller_that_gives_up_does_not_shift_later_replies(
 async def test_unreachable_redis_fails_fast() -> None:
     with EmbeddedRedis() as server:
         url = server.url
-    client = PipelinedRedis(url, timeout=TIMEOUT)
+    client = PipelinedRedis.from_url(url, timeout=TIMEOUT)
     with pytest.raises(RedisConnectionError):
         await client.execute_command("PING")
     assert not await _ping_ok(client)
@@ -115,7 +115,7 @@ async def test_callers_waiting_on_a_silent_server_share_one_connection_attempt(
     silent_redis: SilentRedis,
 ) -> None:
     """A server that accepts and never answers: N callers must not queue N connect attempts."""
-    client = PipelinedRedis(silent_redis.url, timeout=TIMEOUT)
+    client = PipelinedRedis.from_url(silent_redis.url, timeout=TIMEOUT)
     results = await asyncio.gather(
         *(client.execute_command("PING") for _ in range(20)), return_exceptions=True
     )

@@ -164,7 +164,7 @@ async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(
         await send(stub, OTHER_PHONES[0])
     assert upstream.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await send(stub, OTHER_PHONES[1])
-    assert redis_db.llen("otp:{senders}:caller:tests") == 2
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 2
 
 
 async def test_a_phone_over_its_wrong_code_budget_is_refused_even_with_the_right_code(

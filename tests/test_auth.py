@@ -116,8 +116,8 @@ async def test_a_valid_token_names_the_caller(
         timeout=10,
     )
     # The caller's send budget is kept under the name its token maps to.
-    assert redis_db.exists("otp:{senders}:caller:signup")
-    assert not redis_db.exists("otp:{senders}:caller:billing")
+    assert redis_db.exists("otp:{senders}:caller-sends:signup")
+    assert not redis_db.exists("otp:{senders}:caller-sends:billing")
 
 
 async def test_with_auth_off_calls_are_served_and_share_one_caller_budget(

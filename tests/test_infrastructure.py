@@ -77,8 +77,8 @@ async def test_keys_share_a_hash_tag_and_expire(
     assert keys == [
         f"otp:{{{PHONE}}}:c",
         f"otp:{{{PHONE}}}:s",
-        f"otp:{{senders}}:caller:{CALLER}",
-        "otp:{senders}:interakt",
+        "otp:{senders}:account-sends",
+        f"otp:{{senders}}:caller-sends:{CALLER}",
     ]
     for key in keys:
         assert redis_db.pttl(key) > 0

@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aioredis
 
 from otp_service.embedded_redis import EmbeddedRedis
-from otp_service.errors import LimitExceeded
+from otp_service.errors import LimitExceeded, StoreUnavailable
 from otp_service.pipelined_redis import PipelinedRedis
 from otp_service.results import VerifyOutcome
 from otp_service.store import RedisStore, Rules, Store
@@ -22,6 +22,8 @@ from otp_service.store import RedisStore, Rules, Store
 PHONE = "+917003848501"
 RIGHT = "a" * 32
 WRONG = "b" * 32
+SEND = "send-1"
+CALLER = "billing"
 RULES = Rules(
     ttl_seconds=600,
     max_attempts=5,
@@ -34,7 +36,7 @@ RULES = Rules(
 
 Client = PipelinedRedis | aioredis.Redis
 CLIENTS: dict[str, Callable[[str], Client]] = {
-    "pipelined": lambda url: PipelinedRedis(url, timeout=1.0),
+    "pipelined": lambda url: PipelinedRedis.from_url(url, timeout=1.0),
     "redis-py": lambda url: aioredis.Redis.from_url(url),
 }
 
@@ -58,14 +60,14 @@ async def make_store(
 
 async def test_a_stored_code_verifies_once(make_store: Callable[..., Store]) -> None:
     store = make_store()
-    await store.add_code(PHONE, RIGHT)
+    await store.add_code(PHONE, RIGHT, SEND)
     assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.VERIFIED
     assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
 
 
 async def test_wrong_codes_count_down_then_lock(make_store: Callable[..., Store]) -> None:
     store = make_store(max_attempts=2)
-    await store.add_code(PHONE, RIGHT)
+    await store.add_code(PHONE, RIGHT, SEND)
     assert (await store.verify(PHONE, WRONG)).attempts_remaining == 1
     assert (await store.verify(PHONE, WRONG)).attempts_remaining == 0
     assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.TOO_MANY_ATTEMPTS
@@ -75,7 +77,7 @@ async def test_fifty_concurrent_wrong_guesses_spend_exactly_the_budget(
     make_store: Callable[..., Store],
 ) -> None:
     store = make_store()
-    await store.add_code(PHONE, RIGHT)
+    await store.add_code(PHONE, RIGHT, SEND)
     results = await asyncio.gather(*(store.verify(PHONE, f"{i:032x}") for i in range(50)))
     outcomes = [r.outcome for r in results]
     assert outcomes.count(VerifyOutcome.WRONG_CODE) == RULES.max_attempts
@@ -86,30 +88,64 @@ async def test_fifty_concurrent_wrong_guesses_spend_exactly_the_budget(
 
 async def test_of_concurrent_right_codes_one_wins(make_store: Callable[..., Store]) -> None:
     store = make_store()
-    await store.add_code(PHONE, RIGHT)
+    await store.add_code(PHONE, RIGHT, SEND)
     results = await asyncio.gather(*(store.verify(PHONE, RIGHT) for _ in range(50)))
     assert sum(r.verified for r in results) == 1
     # The others found the code already used, not a wrong one.
     assert sum(r.outcome is VerifyOutcome.NO_ACTIVE_CODE for r in results) == 49
 
 
-async def test_a_cancelled_code_is_gone_and_its_send_given_back(
-    make_store: Callable[..., Store],
+async def test_a_withdrawn_send_leaves_no_code_and_nothing_counted(
+    make_store: Callable[..., Store], redis_db: redis.Redis
 ) -> None:
     store = make_store()
-    await store.add_code(PHONE, RIGHT)
-    await store.cancel_code(PHONE, RIGHT)
+    await store.add_code(PHONE, RIGHT, SEND)
+    await store.count_caller_send(CALLER, SEND)
+    await store.withdraw(SEND, phone=PHONE, digest=RIGHT, caller=CALLER, in_doubt=False)
     assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
-    await store.add_code(PHONE, RIGHT)  # not held in the cooldown
+    assert counted(redis_db) == []
+    await store.add_code(PHONE, RIGHT, "send-2")  # not held in the cooldown
+
+
+async def test_a_send_withdrawn_before_redis_ran_it_stores_and_counts_nothing(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    """A failed send's own commands may reach Redis after its withdrawal (a dropped connection
+    delivers them late): they must find the tombstone and do nothing."""
+    store = make_store()
+    await store.withdraw(SEND, phone=PHONE, digest=RIGHT, caller=CALLER, in_doubt=True)
+    with pytest.raises(StoreUnavailable):
+        await store.add_code(PHONE, RIGHT, SEND)
+    with pytest.raises(StoreUnavailable):
+        await store.count_caller_send(CALLER, SEND)
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
+    assert counted(redis_db) == []
+    # Another send is not affected by that tombstone.
+    await store.add_code(PHONE, RIGHT, "send-2")
+    await store.count_caller_send(CALLER, "send-2")
+    assert (await store.verify(PHONE, RIGHT)).verified
+
+
+def counted(db: redis.Redis) -> list[bytes]:
+    """Every send counted against the number's limits or the caller's and account's budgets."""
+    return [
+        member
+        for key in (
+            f"otp:{{{PHONE}}}:s",
+            f"otp:{{senders}}:caller-sends:{CALLER}",
+            "otp:{senders}:account-sends",
+        )
+        for member in db.zrange(key, 0, -1)
+    ]
 
 
 async def test_a_second_send_in_the_cooldown_is_refused_with_the_wait(
     make_store: Callable[..., Store],
 ) -> None:
     store = make_store()
-    await store.add_code(PHONE, RIGHT)
+    await store.add_code(PHONE, RIGHT, SEND)
     with pytest.raises(LimitExceeded) as refused:
-        await store.add_code(PHONE, WRONG)
+        await store.add_code(PHONE, WRONG, "send-2")
     assert 29 <= refused.value.retry_after <= 30
 
 
@@ -117,7 +153,7 @@ async def test_scripts_are_loaded_again_after_script_flush(
     make_store: Callable[..., Store], redis_db: redis.Redis
 ) -> None:
     store = make_store()
-    await store.add_code(PHONE, RIGHT)
+    await store.add_code(PHONE, RIGHT, SEND)
     redis_db.script_flush()
     assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.WRONG_CODE
     redis_db.script_flush()

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
-import logging
 import secrets
+from collections.abc import AsyncIterator
 
 from otp_service import context
-from otp_service.errors import InvalidInput, NotAllowed
+from otp_service.errors import InvalidInput, LimitExceeded, NotAllowed, StoreUnavailable
 from otp_service.phone import parse_phone
 from otp_service.results import SendResult, VerifyResult
 from otp_service.sender import Sender
-from otp_service.store import Store
-
-log = logging.getLogger(__name__)
+from otp_service.store import STORE_UNAVAILABLE, Store
 
 # 128 bits of HMAC-SHA256 identify a code; more would only cost Redis memory.
 _DIGEST_HEX_CHARS = 32
@@ -30,6 +29,7 @@ class OtpService:
         sender: Sender,
         secret: bytes,
         code_length: int,
+        store_timeout_seconds: float,
         send_timeout_seconds: float,
         allowed_countries: frozenset[str],
     ) -> None:
@@ -37,14 +37,17 @@ class OtpService:
         self._sender = sender
         self._secret = secret
         self._code_length = code_length
+        self._store_timeout = store_timeout_seconds
         self._send_timeout = send_timeout_seconds
         self._allowed_countries = allowed_countries
 
     async def send(self, phone_number: str, *, budget: float | None = None) -> SendResult:
         """Store a new code for the number and deliver it within ``budget`` seconds.
 
-        Raises InvalidInput, NotAllowed, LimitExceeded, DeliveryRefused, DeliveryUnavailable or
-        StoreUnavailable. A code the provider did not accept is removed again.
+        Takes at most one Redis timeout plus the delivery budget. Raises InvalidInput,
+        NotAllowed, LimitExceeded, DeliveryRefused, DeliveryUnavailable or StoreUnavailable.
+        A send that fails, however (a cancelled call too), is withdrawn: once Redis answers,
+        neither its code nor its count against any limit is left.
         """
         phone = parse_phone(phone_number)
         if phone.country_code[1:] not in self._allowed_countries:
@@ -55,19 +58,52 @@ class OtpService:
             )
         code = "".join(secrets.choice("0123456789") for _ in range(self._code_length))
         digest = self._digest(phone.e164, code)
-        # Stored before it is sent, so a code is never in a user's hands without being in Redis.
-        # The number's limits are checked first: they refuse far more often than the caller's
-        # budget, and then nothing needs undoing.
-        expires_at_ms, resend_after_ms = await self._store.add_code(phone.e164, digest)
+        send_id = secrets.token_hex(8)
         caller = context.caller.get()
-        ticket: int | None = None
-        budget = self._send_timeout if budget is None else min(budget, self._send_timeout)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # How far the send got, for what a failure must withdraw: each store step that may have
+        # run (it did, or its answer never came), and when the store was done with.
+        stored = counted = False
+        store_done: float | None = None
         try:
-            ticket = await self._store.count_caller_send(caller)
-            delivery = await self._sender.send(phone, code, budget=budget)
-        except BaseException:
-            # Shielded: a caller that cancels must still not leave an undelivered code behind.
-            await asyncio.shield(self._forget(phone.e164, digest, caller, ticket))
+            # Stored before it is sent, so a code is never in a user's hands without being in
+            # Redis. The number's limits are checked first: they refuse far more often than the
+            # caller's budget, and then nothing needs undoing. Both calls share one Redis
+            # timeout, so a slow Redis cannot hold the caller for more than that before delivery.
+            async with _store_deadline(self._store_timeout):
+                stored = True
+                expires_at_ms, resend_after_ms = await self._store.add_code(
+                    phone.e164, digest, send_id
+                )
+                counted = True
+                await self._store.count_caller_send(caller, send_id)
+            store_done = loop.time()
+            remaining = self._send_timeout
+            if budget is not None:
+                remaining = min(remaining, budget - (store_done - started))
+            delivery = await self._sender.send(phone, code, budget=remaining)
+        except BaseException as exc:
+            refused = isinstance(exc, LimitExceeded)
+            if refused:
+                # The step that refused changed nothing: only a code the caller's budget refused
+                # is withdrawn.
+                stored, counted = counted, False
+            if stored:
+                answered = refused or store_done is not None
+                withdrawal = self._store.withdraw(
+                    send_id,
+                    phone=phone.e164,
+                    digest=digest,
+                    caller=caller if counted else None,
+                    in_doubt=not answered,
+                )
+                if answered and not isinstance(exc, asyncio.CancelledError):
+                    # Redis is answering: the caller is told once the send is withdrawn, so its
+                    # next call finds it gone, within what is left of the one Redis timeout the
+                    # send may spend on the store. The rest is left to the background.
+                    left = self._store_timeout - ((store_done or loop.time()) - started)
+                    await asyncio.wait([withdrawal], timeout=max(left, 0.001))
             raise
         return SendResult(
             expires_at_ms=expires_at_ms,
@@ -93,11 +129,12 @@ class OtpService:
         mac = hmac.digest(self._secret, f"{phone}:{code}".encode(), "sha256")
         return mac.hex()[:_DIGEST_HEX_CHARS]
 
-    async def _forget(self, phone: str, digest: str, caller: str, ticket: int | None) -> None:
-        """Undo the storing (and the counting, with ``ticket``) of a send that did not happen."""
-        undo = [self._store.cancel_code(phone, digest)]
-        if ticket is not None:
-            undo.append(self._store.uncount_caller_send(caller, ticket))
-        for result in await asyncio.gather(*undo, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.error("could not undo an unsent code, it expires with its TTL: %r", result)
+
+@contextlib.asynccontextmanager
+async def _store_deadline(seconds: float) -> AsyncIterator[None]:
+    """Store calls inside must all be answered within ``seconds``, or StoreUnavailable."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise StoreUnavailable(STORE_UNAVAILABLE) from exc

@@ -104,6 +104,7 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         sender=deps.sender,
         secret=settings.otp_secret,
         code_length=settings.code_length,
+        store_timeout_seconds=settings.redis_timeout_seconds,
         send_timeout_seconds=settings.interakt_timeout_seconds,
         allowed_countries=settings.allowed_countries,
     )

@@ -8,25 +8,44 @@ own clock (``TIME``), so replicas with skewed clocks still agree on expiry and c
 Keys for one number:
     otp:{+917003848501}:c   hash   <digest> -> expiry in ms (one field per live code),
                                    "n" -> verification attempts used since the last lockout;
-                                   expires with the newest code.
-    otp:{+917003848501}:s   zset   <digest> scored by send time in ms: the sends of the last hour.
+                                   expires with the newest code; expired fields are dropped at
+                                   each send.
+    otp:{+917003848501}:s   zset   send ids scored by send time in ms: the sends of the last
+                                   hour.
     otp:{+917003848501}:f   list   times in ms of the latest wrong codes, newest first, at most
-                                   the hourly failed-verify budget of them.
+                                   the hourly failed-verify budget of them; expires an hour
+                                   after the newest.
+    otp:{+917003848501}:withdrawn:<send id>
+                            string a failed send with an unanswered command was withdrawn:
+                                   that command, should Redis run it late, stores and counts
+                                   nothing. Lives one code TTL.
 
 Send budgets shared by every number (one hash slot of their own, so a second round trip before
 a send):
-    otp:{senders}:caller:billing  list  times in ms of a calling service's latest sends, newest
-                                        first, at most its per-minute budget of them.
-    otp:{senders}:interakt        list  the same for the whole Interakt account, whose rate limit
-                                        every replica shares.
+    otp:{senders}:caller-sends:billing  zset  send ids of a calling service scored by send time
+                                              in ms: its sends of the last minute.
+    otp:{senders}:account-sends         zset  the same for the whole Interakt account, whose
+                                              rate limit every replica shares.
+    otp:{senders}:withdrawn:<send id>   string  the same as above, for the budgets' count.
+
+A send that fails is withdrawn (``Store.withdraw``) in the background until Redis has done it,
+whatever happened to the commands of the send: answered, timed out (they may still run), or
+still on their way on a dropped connection when the withdrawal arrives on a new one. Send ids
+make that exact: the withdrawal removes that send's entries, and when a command of the send went
+unanswered it leaves a tombstone; the scripts that store and count a send do nothing for a
+withdrawn one, so the order in which Redis sees them does not matter.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -37,26 +56,31 @@ from otp_service.errors import LimitExceeded, StoreUnavailable
 from otp_service.pipelined_redis import PipelinedRedis
 from otp_service.results import VerifyOutcome, VerifyResult
 
+log = logging.getLogger(__name__)
+
 SEND_WINDOW_MS = 3_600_000
 FAILED_VERIFY_WINDOW_MS = 3_600_000
 SEND_BUDGET_WINDOW_MS = 60_000
 
-# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] wrong-code times list
-# ARGV[1] digest of the new code, ARGV[2] ttl ms, ARGV[3] cooldown ms,
-# ARGV[4] max sends per window, ARGV[5] window ms, ARGV[6] max attempts,
-# ARGV[7] max wrong codes per failed-verify window, ARGV[8] that window in ms
+# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] wrong-code times list, KEYS[4] this send's
+# withdrawal tombstone
+# ARGV[1] digest of the new code, ARGV[2] send id, ARGV[3] ttl ms, ARGV[4] cooldown ms,
+# ARGV[5] max sends per window, ARGV[6] window ms, ARGV[7] max attempts,
+# ARGV[8] max wrong codes per failed-verify window, ARGV[9] that window in ms
 # Returns {0, expiry ms, wait ms until the next send} when the code is stored, {1, wait ms} in
 # the cooldown, {2, wait ms} over the hourly cap, {3, wait ms} while the number is over its
-# wrong-code budget (no code could verify before then, so sending one would only cost money).
+# wrong-code budget (no code could verify before then, so sending one would only cost money),
+# {4, 0} when the send was withdrawn before Redis ran this (nothing is stored).
 _SEND_SCRIPT = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return {4, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local failed = redis.call('LINDEX', KEYS[3], tonumber(ARGV[7]) - 1)
-if failed and tonumber(failed) > now - tonumber(ARGV[8]) then
-  return {3, tonumber(failed) + tonumber(ARGV[8]) - now}
+local failed = redis.call('LINDEX', KEYS[3], tonumber(ARGV[8]) - 1)
+if failed and tonumber(failed) > now - tonumber(ARGV[9]) then
+  return {3, tonumber(failed) + tonumber(ARGV[9]) - now}
 end
-local ttl, cooldown = tonumber(ARGV[2]), tonumber(ARGV[3])
-local cap, window = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ttl, cooldown = tonumber(ARGV[3]), tonumber(ARGV[4])
+local cap, window = tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 if last[2] and now < tonumber(last[2]) + cooldown then
@@ -66,11 +90,11 @@ if redis.call('ZCARD', KEYS[2]) >= cap then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   return {2, tonumber(oldest[2]) + window - now}
 end
-redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[2], window)
 -- A locked number gets a fresh budget only with a new code; a resend to an unlocked number
 -- keeps the attempts already used, so resending cannot extend guessing.
-if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') >= tonumber(ARGV[6]) then
+if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') >= tonumber(ARGV[7]) then
   redis.call('DEL', KEYS[1])
 end
 -- Earlier codes stay valid until their own expiry (WhatsApp can deliver late, and users type
@@ -93,12 +117,14 @@ end
 return {0, now + ttl, wait}
 """
 
-# KEYS[1] codes hash, KEYS[2] sends zset
-# ARGV[1] digest of a code the provider did not accept
-# Returns 1. Removes the code and gives the send back, so a failed delivery leaves no usable
-# code and does not hold the user in the cooldown.
+# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] the send's withdrawal tombstone
+# ARGV[1] digest of the send's code, ARGV[2] send id, ARGV[3] tombstone lifetime ms (0: none)
+# Returns 1. Removes the code and gives the send back, so a failed send leaves no usable code
+# and does not hold the user in the cooldown; the tombstone stops the send script, should it
+# run after this, from storing the code again. Running it twice changes nothing.
 _CANCEL_SCRIPT = """
-redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], 1, 'PX', ARGV[3]) end
+redis.call('ZREM', KEYS[2], ARGV[2])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 1 end
 local newest = 0
 local fields = redis.call('HGETALL', KEYS[1])
@@ -146,42 +172,58 @@ redis.call('PEXPIRE', KEYS[2], window)
 return {2, max - used}
 """
 
-# KEYS[1] the caller's send times list, KEYS[2] the Interakt account's send times list
-# ARGV[1] the caller's max sends per window, ARGV[2] the account's, ARGV[3] window ms
-# Returns {0, time ms it counted} when the send is counted in both, {1, ms until the caller's
-# oldest counted send leaves the window} or {2, the same for the account} when a budget is spent.
-# Only the newest `cap` times are kept: the cap-th newest inside the window means the budget is
-# spent, whatever happened before it.
+# KEYS[1] the caller's sends zset, KEYS[2] the Interakt account's sends zset, KEYS[3] the
+# send's withdrawal tombstone
+# ARGV[1] the caller's max sends per window, ARGV[2] the account's, ARGV[3] window ms,
+# ARGV[4] send id
+# Returns {0, 0} when the send is counted in both, {1, ms until the caller's oldest counted send
+# leaves the window} or {2, the same for the account} when a budget is spent, {3, 0} when the
+# send was withdrawn before Redis ran this (nothing is counted).
 _BUDGET_SCRIPT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {3, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[3])
 for i = 1, 2 do
-  local oldest = redis.call('LINDEX', KEYS[i], tonumber(ARGV[i]) - 1)
-  if oldest and tonumber(oldest) > now - window then
-    return {i, tonumber(oldest) + window - now}
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i]) then
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    return {i, tonumber(oldest[2]) + window - now}
   end
 end
 for i = 1, 2 do
-  redis.call('LPUSH', KEYS[i], now)
-  redis.call('LTRIM', KEYS[i], 0, tonumber(ARGV[i]) - 1)
+  redis.call('ZADD', KEYS[i], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[i], window)
 end
-return {0, now}
+return {0, 0}
 """
 
-# KEYS[1] the caller's send times list, KEYS[2] the account's
-# ARGV[1] the time a send was counted at
-# Returns 1. Gives back a send that did not happen; any entry with the same time is as good as
-# the one counted, since the lists hold only times.
+# KEYS[1] the caller's sends zset, KEYS[2] the account's, KEYS[3] the send's withdrawal tombstone
+# ARGV[1] send id, ARGV[2] tombstone lifetime ms (0: none)
+# Returns 1. Gives back a send that did not happen; the tombstone stops the budget script,
+# should it run after this, from counting it again. Running it twice changes nothing.
 _UNBUDGET_SCRIPT = """
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-redis.call('LREM', KEYS[2], 1, ARGV[1])
+if ARGV[2] ~= '0' then redis.call('SET', KEYS[3], 1, 'PX', ARGV[2]) end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
 
 _OVER_FAILED_VERIFY_BUDGET = 5
+_SEND_WITHDRAWN = 4
+_COUNT_WITHDRAWN = 3
+# A withdrawal that Redis did not take is tried again after these waits (doubling).
+_WITHDRAW_FIRST_RETRY_SECONDS = 0.1
+_WITHDRAW_LAST_RETRY_SECONDS = 1.0
+
+# What a caller is told when Redis fails it (the domain says the same when Redis is too slow).
+STORE_UNAVAILABLE = "storage is unavailable, try again shortly"
+# Redis may have run the verification before it failed: fail closed, and say so, so callers
+# do not promise users a free retry.
+_VERIFY_UNAVAILABLE = (
+    f"{STORE_UNAVAILABLE}; the check may still have run, counting this attempt or using up the code"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,28 +240,31 @@ class Rules:
 
 
 class Store(Protocol):
-    """What the domain needs from storage. Every method is atomic."""
+    """What the domain needs from storage. Every method but ``withdraw`` is atomic."""
 
-    async def add_code(self, phone: str, digest: str) -> tuple[int, int]:
-        """Store a new code's digest if the send limits allow.
+    async def add_code(self, phone: str, digest: str, send_id: str) -> tuple[int, int]:
+        """Store a new code's digest for send ``send_id`` if the send limits allow.
 
         Returns the code's expiry in epoch ms and the ms until the number's next send is allowed.
 
         Raises LimitExceeded in the cooldown or over the hourly cap, StoreUnavailable on trouble.
         """
 
-    async def count_caller_send(self, caller: str) -> int:
-        """Count one send against the caller's and the Interakt account's per-minute budgets.
+    async def count_caller_send(self, caller: str, send_id: str) -> None:
+        """Count send ``send_id`` against the caller's and the Interakt account's budgets.
 
-        Returns a ticket to give it back. Raises LimitExceeded when a budget is spent,
-        StoreUnavailable on trouble.
+        Raises LimitExceeded when a budget is spent, StoreUnavailable on trouble.
         """
 
-    async def uncount_caller_send(self, caller: str, ticket: int) -> None:
-        """Give back a send that did not happen (refused, or not delivered)."""
+    def withdraw(
+        self, send_id: str, *, phone: str, digest: str, caller: str | None, in_doubt: bool
+    ) -> asyncio.Task[None]:
+        """Take back a send that did not happen: its code, and with ``caller`` its count.
 
-    async def cancel_code(self, phone: str, digest: str) -> None:
-        """Forget a code that was never delivered, and give its send back."""
+        Runs in the background until Redis has done it (at most one code TTL). ``in_doubt``: a
+        command of the send went unanswered, so Redis may run it after the withdrawal; it will
+        then store and count nothing. Returns the task; nobody need wait for it.
+        """
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
         """Count one attempt, compare, and consume the number's codes on a match.
@@ -231,7 +276,7 @@ class Store(Protocol):
         """Whether the store answers now."""
 
     async def close(self) -> None:
-        """Release connections."""
+        """Give withdrawals in flight one last try, then release connections."""
 
 
 def _codes_key(phone: str) -> str:
@@ -246,8 +291,16 @@ def _failures_key(phone: str) -> str:
     return f"otp:{{{phone}}}:f"
 
 
-def _budget_keys(caller: str) -> list[str]:
-    return [f"otp:{{senders}}:caller:{caller}", "otp:{senders}:interakt"]
+def _withdrawn_key(phone: str, send_id: str) -> str:
+    return f"otp:{{{phone}}}:withdrawn:{send_id}"
+
+
+def _budget_keys(caller: str, send_id: str) -> list[str]:
+    return [
+        f"otp:{{senders}}:caller-sends:{caller}",
+        "otp:{senders}:account-sends",
+        f"otp:{{senders}}:withdrawn:{send_id}",
+    ]
 
 
 # The commands the scripts run inside Redis. INFO commandstats counts them too; the tests and
@@ -265,13 +318,20 @@ class _Script:
     Redis forgets scripts on a restart, a failover or SCRIPT FLUSH; the first call after that
     loads it and runs it again, so the rules keep working. (redis-py's AsyncScript does the same,
     with per-call overhead that was ~5% of VerifyOtp's CPU: bench/README.md.) Every Redis
-    failure becomes StoreUnavailable here, the one place the store's commands pass through.
+    failure becomes StoreUnavailable here, the one place the store's commands pass through,
+    with the script's own ``unavailable`` message.
     """
 
-    def __init__(self, client: aioredis.Redis | PipelinedRedis, source: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | PipelinedRedis,
+        source: str,
+        unavailable: str = STORE_UNAVAILABLE,
+    ) -> None:
         self._client = client
         self._source = source
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+        self._unavailable = unavailable
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[object]) -> Any:
         """The script's reply; any Redis failure raises StoreUnavailable."""
@@ -284,7 +344,7 @@ class _Script:
                 return await self._client.execute_command(*command)
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.inc()
-            raise StoreUnavailable("storage is unavailable, try again shortly") from exc
+            raise StoreUnavailable(self._unavailable) from exc
 
 
 class RedisStore:
@@ -295,7 +355,7 @@ class RedisStore:
         self._rules = rules
         self._send = _Script(client, _SEND_SCRIPT)
         self._cancel = _Script(client, _CANCEL_SCRIPT)
-        self._verify = _Script(client, _VERIFY_SCRIPT)
+        self._verify = _Script(client, _VERIFY_SCRIPT, _VERIFY_UNAVAILABLE)
         self._budget = _Script(client, _BUDGET_SCRIPT)
         self._unbudget = _Script(client, _UNBUDGET_SCRIPT)
         self._verify_args = (
@@ -317,6 +377,10 @@ class RedisStore:
             rules.max_failed_verifies_per_hour,
             FAILED_VERIFY_WINDOW_MS,
         )
+        # A late command of a failed send can only arrive while withdrawals are still tried.
+        self._tombstone_ms = rules.ttl_seconds * 1000
+        self._withdrawals: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
 
     @classmethod
     def from_url(cls, url: str, rules: Rules, *, timeout: float) -> RedisStore:
@@ -325,12 +389,17 @@ class RedisStore:
         One pipelined connection instead of redis-py's pool: the pool's per-command overhead
         was a quarter of VerifyOtp's CPU (bench/README.md).
         """
-        return cls(PipelinedRedis(url, timeout=timeout), rules)
+        return cls(PipelinedRedis.from_url(url, timeout=timeout), rules)
 
-    async def add_code(self, phone: str, digest: str) -> tuple[int, int]:
+    async def add_code(self, phone: str, digest: str, send_id: str) -> tuple[int, int]:
         reply = await self._send(
-            keys=[_codes_key(phone), _sends_key(phone), _failures_key(phone)],
-            args=[digest, *self._send_args],
+            keys=[
+                _codes_key(phone),
+                _sends_key(phone),
+                _failures_key(phone),
+                _withdrawn_key(phone, send_id),
+            ],
+            args=[digest, send_id, *self._send_args],
         )
         status, value = reply[0], reply[1]
         if status == 1:
@@ -345,10 +414,14 @@ class RedisStore:
             )
         if status == 3:
             raise self._paused(value)
+        if status == _SEND_WITHDRAWN:
+            raise StoreUnavailable("the send was withdrawn before Redis stored it")
         return int(value), int(reply[2])
 
-    async def count_caller_send(self, caller: str) -> int:
-        status, value = await self._budget(keys=_budget_keys(caller), args=self._budget_args)
+    async def count_caller_send(self, caller: str, send_id: str) -> None:
+        status, value = await self._budget(
+            keys=_budget_keys(caller, send_id), args=[*self._budget_args, send_id]
+        )
         if status == 1:
             raise LimitExceeded(
                 "caller",
@@ -362,13 +435,65 @@ class RedisStore:
                 "messages a minute is spent",
                 value / 1000,
             )
-        return int(value)
+        if status == _COUNT_WITHDRAWN:
+            raise StoreUnavailable("the send was withdrawn before Redis counted it")
 
-    async def uncount_caller_send(self, caller: str, ticket: int) -> None:
-        await self._unbudget(keys=_budget_keys(caller), args=[ticket])
+    def withdraw(
+        self, send_id: str, *, phone: str, digest: str, caller: str | None, in_doubt: bool
+    ) -> asyncio.Task[None]:
+        # The tombstone that stops the send's late commands; none is needed when all answered.
+        tombstone_ms = self._tombstone_ms if in_doubt else 0
+        task = asyncio.get_running_loop().create_task(
+            self._withdraw(send_id, phone=phone, digest=digest, caller=caller, ms=tombstone_ms)
+        )
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
+        return task
 
-    async def cancel_code(self, phone: str, digest: str) -> None:
-        await self._cancel(keys=[_codes_key(phone), _sends_key(phone)], args=[digest])
+    async def _withdraw(
+        self, send_id: str, *, phone: str, digest: str, caller: str | None, ms: int
+    ) -> None:
+        """Run the cancel (and uncount) scripts until Redis has run each once."""
+        steps = [
+            partial(
+                self._cancel,
+                keys=[_codes_key(phone), _sends_key(phone), _withdrawn_key(phone, send_id)],
+                args=[digest, send_id, ms],
+            )
+        ]
+        if caller is not None:
+            steps.append(
+                partial(
+                    self._unbudget,
+                    keys=_budget_keys(caller, send_id),
+                    args=[send_id, ms],
+                )
+            )
+        loop = asyncio.get_running_loop()
+        # After one TTL the code has expired by itself; the count of a send outlives it.
+        give_up = loop.time() + self._rules.ttl_seconds
+        delay = _WITHDRAW_FIRST_RETRY_SECONDS
+        while True:
+            results = await asyncio.gather(*(step() for step in steps), return_exceptions=True)
+            failed = [
+                (step, result)
+                for step, result in zip(steps, results, strict=True)
+                if isinstance(result, BaseException)
+            ]
+            if not failed:
+                return
+            steps = [step for step, _ in failed]
+            if self._closing.is_set() or loop.time() + delay >= give_up:
+                log.error(
+                    "could not withdraw a failed send: its code stays until it expires and the "
+                    "send stays counted against the limits (%r)",
+                    failed[0][1],
+                )
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
+            delay = min(delay * 2, _WITHDRAW_LAST_RETRY_SECONDS)
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
         outcome, value = await self._verify(
@@ -393,4 +518,8 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        # Withdrawals waiting to retry try once more now; one in flight ends within the timeout.
+        self._closing.set()
+        if self._withdrawals:
+            await asyncio.gather(*self._withdrawals, return_exceptions=True)
         await self._redis.aclose()

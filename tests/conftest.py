@@ -28,6 +28,8 @@ CALLER = "tests"
 TOKEN = "test-caller-token-0123456789"
 # Every country the tests send to; production allows only OTP_ALLOWED_COUNTRIES (default 91).
 TEST_COUNTRIES = frozenset({"91", "1", "44", "971", "39"})
+# Bounds on waiting for something that should happen within a second or two; never asserted.
+PATIENCE_SECONDS = 15
 
 
 @pytest.fixture(scope="session")
@@ -279,3 +281,17 @@ def assert_no_code_left(redis_db: redis.Redis, phone: str = PHONE) -> None:
     """No code is stored, and no send is counted against ``phone``."""
     assert redis_db.keys("otp:*:c") == []
     assert redis_db.zcard(f"otp:{{{phone}}}:s") == 0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``check`` is true; fail if it never becomes true."""
+    async with asyncio.timeout(PATIENCE_SECONDS):
+        # Polling: the condition lives in another process or server, no event to wait on.
+        while not await check():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+def age(db: redis.Redis, key: str, seconds: float) -> None:
+    """Move every entry of the sorted set ``key`` ``seconds`` into the past, as the clock would."""
+    entries = db.zrange(key, 0, -1, withscores=True)
+    db.zadd(key, {member: score - seconds * 1000 for member, score in entries})

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +19,23 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from otp_service import ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 from otp_service.server import SERVICE_NAME
-from tests.conftest import CALLER, PHONE, SECRET, TOKEN, Bearer, MakeGateway, delta, scrape
+from tests.conftest import (
+    CALLER,
+    PATIENCE_SECONDS,
+    PHONE,
+    SECRET,
+    TOKEN,
+    Bearer,
+    MakeGateway,
+    delta,
+    eventually,
+    scrape,
+)
 from tests.fake_interakt import API_KEY, Answer, FakeInterakt
 
 OTP_SERVICE = str(Path(sys.executable).parent / "otp-service")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# Bounds on waiting for something that should happen within a second or two; never asserted.
-PATIENCE_SECONDS = 15
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Wait until ``check`` is true; fail if it never becomes true."""
-    async with asyncio.timeout(PATIENCE_SECONDS):
-        # Polling: the condition lives in another process or server, no event to wait on.
-        while not await check():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
 
 
 async def http_status(http: aiohttp.ClientSession, url: str) -> int:

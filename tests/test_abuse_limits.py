@@ -14,13 +14,14 @@ from tests.conftest import (
     PHONE,
     MakeServer,
     MakeService,
+    age,
     redis_snapshot,
     retry_delay,
     send,
     verify,
     wrong_code,
 )
-from tests.fake_interakt import Answer, FakeInterakt
+from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
 
 OTHER_PHONES = ["+917003848502", "+917003848503", "+917003848504", "+917003848505"]
 
@@ -148,6 +149,41 @@ async def test_each_caller_has_its_own_budget(
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         await send_as(stub, "signup-token-0123456", OTHER_PHONES[1])
     assert len(interakt.received) == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "key", "message"),
+    [
+        ("caller_sends_per_minute", "otp:{senders}:caller-sends:tests", "caller: at most 1 sends"),
+        ("interakt_sends_per_minute", "otp:{senders}:account-sends", "the service's WhatsApp"),
+    ],
+)
+async def test_send_budgets_are_rolling_minutes(
+    make_service: MakeService, redis_db: redis.Redis, setting: str, key: str, message: str
+) -> None:
+    stub = await make_service(**{setting: 1})
+    await send(stub, OTHER_PHONES[0])
+    age(redis_db, key, 30)  # a send 30 s old still counts
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send(stub, OTHER_PHONES[1])
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (refused.value.details() or "").startswith(message)
+    assert 29 <= retry_delay(refused.value) <= 30
+    age(redis_db, key, 31)  # one 61 s old does not
+    await send(stub, OTHER_PHONES[1])
+
+
+async def test_a_send_interakt_did_not_accept_is_given_back_to_both_budgets(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(caller_sends_per_minute=1, interakt_sends_per_minute=1)
+    interakt.answer(refusal(NOT_A_CONTACT))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send(stub, OTHER_PHONES[0])
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 0
+    assert redis_db.zcard("otp:{senders}:account-sends") == 0
+    await send(stub, OTHER_PHONES[1])
 
 
 async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -89,12 +88,55 @@ async def test_never_sent_is_no_active_code(make_service: MakeService) -> None:
     assert result.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
 
 
-async def test_code_expires(make_service: MakeService, interakt: FakeInterakt) -> None:
-    stub = await make_service(ttl_seconds=1, resend_cooldown_seconds=0)
-    await send(stub)
-    await asyncio.sleep(1.2)
+async def test_code_expires(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(ttl_seconds=600)
+    sent = await send(stub)
+    codes = f"otp:{{{PHONE}}}:c"
+    # Redis drops the number's codes when the newest expires...
+    assert 599_000 < redis_db.pttl(codes) <= 600_000
+    [(field, expiry)] = [(f, int(v)) for f, v in redis_db.hgetall(codes).items() if f != b"n"]
+    assert expiry == sent.expires_at.ToMilliseconds()
+    # ...and a code past its own expiry does not verify while the hash still lives.
+    redis_db.hset(codes, field, expiry - 600_000)
+    result = await verify(stub, interakt.received[0].code)
+    assert not result.verified
+    redis_db.delete(codes)  # what the key's expiry does
     result = await verify(stub, interakt.received[0].code)
     assert result.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+
+
+async def test_expired_codes_are_purged_and_the_wrong_code_list_expires(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    """Redis memory stays bounded: nothing of a number outlives its window."""
+    # More attempts than wrong codes: a locked number's codes would go for that reason instead.
+    stub = await make_service(
+        resend_cooldown_seconds=0, max_failed_verifies_per_hour=3, max_attempts=10
+    )
+    codes, failures = f"otp:{{{PHONE}}}:c", f"otp:{{{PHONE}}}:f"
+    await send(stub)
+    first = interakt.received[0].code
+    for _ in range(3):
+        await verify(stub, wrong_code(first))
+    # Age the counted wrong codes past the hour, so that more are taken.
+    aged = [int(t) - 3_601_000 for t in redis_db.lrange(failures, 0, -1)]
+    redis_db.delete(failures)
+    redis_db.rpush(failures, *aged)
+    for _ in range(2):
+        await verify(stub, wrong_code(first))
+    # The wrong-code list keeps only the budget's worth of entries, and goes after an hour.
+    assert redis_db.llen(failures) == 3
+    assert 3_590_000 < redis_db.pttl(failures) <= 3_600_000
+    # A code past its expiry is dropped from the hash at the next send.
+    [old] = [f for f in redis_db.hkeys(codes) if f != b"n"]
+    redis_db.hset(codes, old, 1)
+    redis_db.delete(failures)  # let the number send again
+    await send(stub)
+    fields = [f for f in redis_db.hkeys(codes) if f != b"n"]
+    assert len(fields) == 1
+    assert old not in fields
 
 
 async def test_wrong_codes_exhaust_the_budget_then_even_the_right_code_fails(

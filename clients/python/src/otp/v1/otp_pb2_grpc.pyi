@@ -52,11 +52,17 @@ class OtpServiceStub:
     SendOtp: _grpc.UnaryUnaryMultiCallable[_otp_pb2.SendOtpRequest, _otp_pb2.SendOtpResponse]
     """SendOtp makes a new one-time code for the phone number and sends it over
     WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-    who types the first code they received still gets in.
+    who types the first code they received still gets in. A SendOtp that
+    fails, with any status, leaves nothing behind: its code never verifies and
+    it counts against no limit.
     """
     VerifyOtp: _grpc.UnaryUnaryMultiCallable[_otp_pb2.VerifyOtpRequest, _otp_pb2.VerifyOtpResponse]
     """VerifyOtp checks a code the user typed. A correct code is consumed: it,
     and every other code sent to the same number, can never verify again.
+    UNAVAILABLE does not mean that nothing happened: storage may have checked
+    the code before its answer was lost, counting the attempt or consuming the
+    code. Do not promise the user a free retry; a retry that answers
+    NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
     """
 
 @_typing.type_check_only
@@ -83,11 +89,17 @@ class OtpServiceAsyncStub(OtpServiceStub):
     SendOtp: _aio.UnaryUnaryMultiCallable[_otp_pb2.SendOtpRequest, _otp_pb2.SendOtpResponse]  # type: ignore[assignment]
     """SendOtp makes a new one-time code for the phone number and sends it over
     WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-    who types the first code they received still gets in.
+    who types the first code they received still gets in. A SendOtp that
+    fails, with any status, leaves nothing behind: its code never verifies and
+    it counts against no limit.
     """
     VerifyOtp: _aio.UnaryUnaryMultiCallable[_otp_pb2.VerifyOtpRequest, _otp_pb2.VerifyOtpResponse]  # type: ignore[assignment]
     """VerifyOtp checks a code the user typed. A correct code is consumed: it,
     and every other code sent to the same number, can never verify again.
+    UNAVAILABLE does not mean that nothing happened: storage may have checked
+    the code before its answer was lost, counting the attempt or consuming the
+    code. Do not promise the user a free retry; a retry that answers
+    NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
     """
 
 class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -117,7 +129,9 @@ class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_otp_pb2.SendOtpResponse, _abc.Awaitable[_otp_pb2.SendOtpResponse]]:
         """SendOtp makes a new one-time code for the phone number and sends it over
         WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-        who types the first code they received still gets in.
+        who types the first code they received still gets in. A SendOtp that
+        fails, with any status, leaves nothing behind: its code never verifies and
+        it counts against no limit.
         """
 
     @_abc_1.abstractmethod
@@ -128,6 +142,10 @@ class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_otp_pb2.VerifyOtpResponse, _abc.Awaitable[_otp_pb2.VerifyOtpResponse]]:
         """VerifyOtp checks a code the user typed. A correct code is consumed: it,
         and every other code sent to the same number, can never verify again.
+        UNAVAILABLE does not mean that nothing happened: storage may have checked
+        the code before its answer was lost, counting the attempt or consuming the
+        code. Do not promise the user a free retry; a retry that answers
+        NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
         """
 
 def add_OtpServiceServicer_to_server(servicer: OtpServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -82,7 +82,7 @@ async def test_a_send_redis_runs_late_leaves_nothing_and_its_caller_is_not_held(
     stub = await make_service(redis_url=private_redis.url, redis_timeout_seconds=0.3)
     await send(stub, OTHER_PHONE)  # the scripts are loaded: the late command really runs
     sleeper = asyncio.create_task(
-        asyncio.to_thread(redis.Redis(port=private_redis.port).execute_command, "DEBUG", "SLEEP", 4)
+        asyncio.to_thread(redis.Redis(port=private_redis.port).execute_command, "DEBUG", "SLEEP", 3)
     )
     await eventually(lambda: asleep(private_redis.port))
     with pytest.raises(grpc.aio.AioRpcError) as failed:

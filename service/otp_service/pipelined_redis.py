@@ -64,7 +64,7 @@ class _Link(asyncio.Protocol):
         timeout: float,
         on_down: Callable[[_Link], None],
     ) -> None:
-        self.pack = connection.pack_command
+        self._pack = connection.pack_command
         encoder = connection.encoder
         decoding: dict[str, Any] = {}
         if encoder.decode_responses:
@@ -111,7 +111,7 @@ class _Link(asyncio.Protocol):
         if self.error is not None:
             raise RedisConnectionError("lost the connection to Redis") from self.error
         # Packed first: a command that cannot be encoded must not take a reply slot.
-        chunks = self.pack(*args)
+        chunks = self._pack(*args)
         loop = self._loop
         reply: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((reply, loop.time() + self._timeout))

@@ -7,11 +7,14 @@ import re
 from dataclasses import dataclass
 
 import phonenumbers
+from phonenumbers.phonemetadata import PhoneMetadata
 
 from otp_service.errors import InvalidInput
 
 MAX_PHONE_LENGTH = 32
 _FIELD = "phone_number"
+# A plus and at most 15 digits (ITU-T E.164).
+_E164_MAX_LENGTH = 16
 # What the contract accepts: a plus, then ASCII digits with optional spaces and dashes. Checked
 # before phonenumbers, which would otherwise read letters as keypad digits, drop extensions and
 # trailing junk, and accept other scripts' digits: all numbers the caller did not write.
@@ -56,5 +59,23 @@ def _parse(raw: str) -> PhoneNumber:
     if not phonenumbers.is_valid_number(parsed):
         raise InvalidInput(_FIELD, "is not a valid phone number")
     e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if len(e164) > _E164_MAX_LENGTH:
+        # libphonenumber accepts a few longer German numbers; E.164 (and WhatsApp) do not.
+        raise InvalidInput(_FIELD, "has more than the 15 digits E.164 allows")
     country = f"+{parsed.country_code}"
-    return PhoneNumber(e164=e164, country_code=country, national_number=e164[len(country) :])
+    national = e164[len(country) :]
+    # The number sent to must be the one written: libphonenumber also rewrites digits (it reads
+    # "+1 1 201..." as "+1 201...", and some countries' rules move digits about). Only the
+    # national trunk prefix written after the country code ("+44 (0) 20...", "+91 0 70...") is
+    # a known slip it may drop; anything else that changes the digits is refused.
+    written = raw.replace(" ", "").replace("-", "")
+    if written not in (e164, f"{country}{_trunk_prefix(parsed.country_code or 0)}{national}"):
+        raise InvalidInput(_FIELD, "is not a valid phone number as written")
+    return PhoneNumber(e164=e164, country_code=country, national_number=national)
+
+
+def _trunk_prefix(country_code: int) -> str:
+    """The national (trunk) prefix of the country's main region: "0" for India, "1" for the US."""
+    region = phonenumbers.region_code_for_country_code(country_code)
+    metadata = PhoneMetadata.metadata_for_region(region)
+    return (metadata.national_prefix or "") if metadata is not None else ""

@@ -119,7 +119,9 @@ async def test_the_callers_deadline_passing_during_delivery_leaves_nothing(
             await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=0.5)
     finally:
         release.set()
-    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The delivery budget is the caller's deadline, so which side gives up first is a race:
+    # the server (UNAVAILABLE, the sender out of time) or the client (DEADLINE_EXCEEDED).
+    assert failed.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
     await settles_to(db, NOTHING_BUT_THE_FIRST_SEND)
 
 

@@ -1,9 +1,11 @@
 """``python -m bench [--smoke] [--rounds N] [--python-client]``: run every figure, write
 bench/results/results.md and chart.png.
 
-Everything runs on this machine in this run: a private redis-server, the fake Interakt with
-50 ms latency, ``otp-service serve`` in production mode (authentication and default request
-logging on), and the two empty-handler ceilings, each as its own process.
+Everything runs on this machine in this run, each as its own process: a private redis-server,
+the fake Interakt with 50 ms latency, ``otp-service serve`` in production mode (authentication
+and default request logging on), and the references it is compared with (``bench.references``):
+the empty handlers and the Redis references, gRPC and aiohttp. Servers compared with each other
+take their rounds in turn, so that a drift in the machine's speed hits them all alike.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -30,8 +35,8 @@ import redis
 from otp.v1 import otp_pb2
 
 from bench import load, report
-from bench.ceilings import GRPC_METHOD, HTTP_PATH
-from bench.load import Sample, Target
+from bench.load import Sample, Shape, Target
+from bench.references import GRPC_METHOD, HTTP_PATH, VERIFY_METHOD, VERIFY_PATH
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 from otp_service.store import SCRIPT_COMMANDS
 from tests.fake_interakt import API_KEY
@@ -41,32 +46,87 @@ TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a benchmark-only caller t
 SECRET = "bench-otp-secret-0123456789"  # noqa: S105 - a benchmark-only HMAC key
 PHONE = "+917003848501"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-FULL_IN_FLIGHT = 64
-LIGHT_IN_FLIGHT = 1
+SEND_METHOD = "/otp.v1.OtpService/SendOtp"
+
+# The loads. gRPC: the issue's two h2load shapes (-c connections, -m streams each); REST
+# (HTTP/1.1, one request in flight per connection): 64 connections. Every fast route also runs
+# at 1 in flight, and paced at half of its own peak (the last shape, at a fixed rate).
+GRPC_SHAPES = (Shape("c16 m8", 16, 8), Shape("c4 m16", 4, 16))
+REST_SHAPES = (Shape("64 conns", 64),)
+LIGHT = Shape("light", 1)
+HALF = "half"
+SEND_FULL = Shape("full", 64)  # SendOtp: the Python client, 64 in flight
+
+# The routes and references, as the tables name them, and how bench.references starts each.
+VERIFY = "VerifyOtp"
+SEND = "SendOtp"
+REST = "REST verify"
+UPSTREAM = "fake Interakt alone"
+EMPTY_GRPC = "empty gRPC"
+GRPC_REDIS = "gRPC Redis reference"
+GRPC_PROTOCOL = "gRPC Redis reference, minimal Protocol"
+EMPTY_HTTP = "empty aiohttp"
+HTTP_REDIS = "aiohttp Redis reference"
+REFERENCES = {
+    EMPTY_GRPC: "empty-grpc",
+    GRPC_REDIS: "grpc-redis",
+    GRPC_PROTOCOL: "grpc-protocol",
+    EMPTY_HTTP: "empty-http",
+    HTTP_REDIS: "http-redis",
+}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A route's throughput over a reference's, round by round; ``target``: the least allowed."""
+
+    route: str
+    reference: str
+    target: float | None = None
+
+
+RATIOS = (
+    Ratio(VERIFY, GRPC_REDIS, 0.80),
+    Ratio(GRPC_REDIS, GRPC_PROTOCOL, 0.90),
+    Ratio(REST, HTTP_REDIS, 0.75),
+    Ratio(VERIFY, EMPTY_GRPC),
+    Ratio(GRPC_REDIS, EMPTY_GRPC),
+    Ratio(REST, EMPTY_HTTP),
+    Ratio(HTTP_REDIS, EMPTY_HTTP),
+)
 
 
 @dataclass(frozen=True)
 class Sizes:
     rounds: int
-    warmup: int
-    full: int  # requests per round at full load (fast routes)
+    warmup: int  # requests per server before its first round (fast routes)
+    full: int  # requests per round at each peak shape (fast routes)
     light: int  # requests per round at light load (fast routes)
+    half_seconds: float  # about how long a round at half of peak lasts (fast routes)
     send_full: int
     send_light: int
     memory_verifies: int  # verifies between the two RSS readings, measured rounds included
 
 
 FULL = Sizes(
-    rounds=5,
-    warmup=3000,
+    rounds=8,
+    warmup=10_000,
     full=20_000,
     light=1_500,
+    half_seconds=2.0,
     send_full=2_000,
     send_light=40,
     memory_verifies=200_000,
 )
 SMOKE = Sizes(
-    rounds=1, warmup=20, full=100, light=20, send_full=40, send_light=3, memory_verifies=200
+    rounds=1,
+    warmup=20,
+    full=100,
+    light=20,
+    half_seconds=0.05,
+    send_full=40,
+    send_light=3,
+    memory_verifies=200,
 )
 
 
@@ -75,13 +135,46 @@ class Figure:
     """One route at one load: its rounds and what the server spent on them."""
 
     route: str
-    load: str
-    in_flight: str
+    load: str  # the shape's name
+    in_flight: str  # what the load means: requests in flight, or the paced rate
     samples: list[Sample] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
-    round_trips: float | None = None
-    commands: float | None = None
-    ceiling: str | None = None
+    redis_counted: bool = False
+    round_trip_calls: int = 0  # top-level Redis commands during its rounds
+    redis_calls: int = 0  # the same, with the commands our scripts run inside Redis
+
+    @property
+    def requests(self) -> int:
+        return sum(s.requests for s in self.samples)
+
+    @property
+    def round_trips(self) -> float | None:
+        return self.round_trip_calls / self.requests if self.redis_counted else None
+
+    @property
+    def commands(self) -> float | None:
+        return self.redis_calls / self.requests if self.redis_counted else None
+
+
+@dataclass(frozen=True)
+class Contestant:
+    """What one round of a figure runs, on which server process; ``db``: count its commands."""
+
+    figure: Figure
+    run_round: Callable[[], Sample]
+    pid: int
+    db: redis.Redis | None = None
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server under load: where its requests go, what they carry, its process."""
+
+    route: str
+    target: Target
+    body: bytes
+    pid: int
+    uses_redis: bool
 
 
 class Processes:
@@ -159,41 +252,80 @@ def command_counts(db: redis.Redis) -> dict[str, int]:
     }
 
 
-def measure(
-    figure: Figure,
-    rounds: int,
-    run_round: Callable[[], Sample],
-    pid: int,
-    db: redis.Redis | None = None,
-) -> Figure:
-    """Run ``rounds`` rounds, recording the server's CPU and (for the service) Redis calls."""
+def record(contestant: Contestant) -> None:
+    """Run one round, recording the server's CPU and, with ``db``, the Redis commands run."""
+    figure, db = contestant.figure, contestant.db
     before = command_counts(db) if db else {}
-    for _ in range(rounds):
-        cpu = cpu_seconds(pid)
-        sample = run_round()
-        figure.cpu_seconds.append(cpu_seconds(pid) - cpu)
-        figure.samples.append(sample)
+    cpu = cpu_seconds(contestant.pid)
+    sample = contestant.run_round()
+    figure.cpu_seconds.append(cpu_seconds(contestant.pid) - cpu)
+    figure.samples.append(sample)
     if db:
         after = command_counts(db)
         delta = {k: after[k] - before.get(k, 0) for k in after}
-        total = sum(s.requests for s in figure.samples)
-        figure.commands = sum(delta.values()) / total
-        figure.round_trips = sum(v for k, v in delta.items() if k not in SCRIPT_COMMANDS) / total
-    return figure
+        figure.redis_counted = True
+        figure.redis_calls += sum(delta.values())
+        figure.round_trip_calls += sum(v for k, v in delta.items() if k not in SCRIPT_COMMANDS)
 
 
-def check_answers(port: int, method: str, bodies: list[bytes]) -> list[str]:
-    """Send ``bodies`` with a real gRPC client: h2load counts HTTP 200, not grpc-status 0."""
-    codes = []
+def interleave(rounds: int, bouts: Sequence[Sequence[Contestant]]) -> None:
+    """Run ``rounds`` rounds of every bout; in a round, a bout's contestants run one by one.
+
+    The contestants of one bout are compared with each other: each round, every one of them runs
+    once, the first of them moving on by one each round, so that a drift in the machine's speed
+    (other work on it, a warming cache) hits them all alike and no one always follows the same.
+    """
+    for number in range(rounds):
+        for bout in bouts:
+            first = number % len(bout)
+            for contestant in [*bout[first:], *bout[:first]]:
+                record(contestant)
+
+
+def grpc_answer(port: int, method: str, body: bytes) -> bytes:
+    """The serialized answer to one gRPC call (with the caller token); raises grpc.RpcError."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(method)
-        for body in bodies:
-            try:
-                call(body, metadata=AUTH, timeout=10, wait_for_ready=True)
-                codes.append("OK")
-            except grpc.RpcError as exc:
-                codes.append(f"{exc.code().name}: {exc.details()}")
+        answer: bytes = channel.unary_unary(method)(
+            body, metadata=AUTH, timeout=10, wait_for_ready=True
+        )
+        return answer
+
+
+def json_answer(port: int, path: str, body: bytes) -> Any:
+    """The parsed JSON answer to one POST (with the caller token); raises HTTPError unless 2xx."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=body,
+        headers={"Content-Type": "application/json", **dict(AUTH)},
+    )
+    # A loopback http:// URL of ours.
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+def check(
+    call: Callable[[bytes], object], bodies: list[bytes], expected: object = None
+) -> list[str]:
+    """A verdict per body: "OK" when answered with success (and, given ``expected``, with it)."""
+    codes = []
+    for body in bodies:
+        try:
+            answer = call(body)
+        except grpc.RpcError as exc:
+            codes.append(f"{exc.code().name}: {exc.details()}")
+        except urllib.error.HTTPError as exc:
+            codes.append(f"HTTP {exc.code}: {exc.read()[:200]!r}")
+        else:
+            ok = expected is None or answer == expected
+            codes.append("OK" if ok else f"answered {answer!r}, not {expected!r}")
     return codes
+
+
+def check_answers(
+    port: int, method: str, bodies: list[bytes], expected: bytes | None = None
+) -> list[str]:
+    """Send ``bodies`` with a real gRPC client: h2load counts HTTP 200, not grpc-status 0."""
+    return check(functools.partial(grpc_answer, port, method), bodies, expected)
 
 
 def phone(i: int) -> str:
@@ -248,118 +380,139 @@ def service_env(
         # of one caller and of a real Interakt account: lift only those two.
         "OTP_CALLER_SENDS_PER_MINUTE": "100000",
         "INTERAKT_SENDS_PER_MINUTE": "100000",
+        # The code sent before the verifies must outlive the run, so that every verify takes
+        # the same path through the script; how long a code lives costs nothing per request.
+        "OTP_TTL_SECONDS": "86400",
     }
 
 
+@dataclass(frozen=True)
+class Running:
+    """The processes of a run, by name: "service", "gateway" (the service's own JSON gateway:
+    same process), "upstream" (the fake Interakt) and each reference's route name."""
+
+    ports: dict[str, int]
+    pids: dict[str, int]
+    redis_port: int
+
+
 @contextlib.contextmanager
-def services(workdir: Path) -> Iterator[dict[str, int]]:
-    """Redis, fake Interakt, the service and both ceilings; yields their ports and pids."""
+def services(workdir: Path) -> Iterator[Running]:
+    """Redis, the fake Interakt, the service and every reference, until the block ends."""
     processes = Processes(workdir)
     with EmbeddedRedis() as redis_server:
         try:
             base_url, upstream_pid = processes.start_upstream()
-            ports = {name: free_port() for name in ("service", "gateway", "grpc", "http")}
+            ports = {name: free_port() for name in ("service", "gateway", *REFERENCES)}
+            # The references read the service's configuration, so they get its environment.
             env = service_env(
                 redis_server.url,
                 base_url,
                 f"127.0.0.1:{ports['service']}",
                 f"127.0.0.1:{ports['gateway']}",
             )
-            pids = {
-                "service": processes.start(
-                    "service", [sys.executable, "-m", "otp_service", "serve"], env
-                ).pid,
-                "grpc": processes.start(
-                    "grpc", [sys.executable, "-m", "bench.ceilings", "grpc", str(ports["grpc"])]
-                ).pid,
-                "http": processes.start(
-                    "http", [sys.executable, "-m", "bench.ceilings", "http", str(ports["http"])]
-                ).pid,
-            }
+            command = [sys.executable, "-m", "otp_service", "serve"]
+            service = processes.start("service", command, env).pid
+            pids = {"service": service, "gateway": service, "upstream": upstream_pid}
+            for route, kind in REFERENCES.items():
+                command = [sys.executable, "-m", "bench.references", kind, str(ports[route])]
+                pids[route] = processes.start(kind, command, env).pid
             for port in ports.values():
                 wait_listening(port)
-            yield {
-                "upstream_port": urlsplit(base_url).port or 80,
-                "upstream_pid": upstream_pid,
-                **{f"{k}_port": v for k, v in ports.items()},
-                **{f"{k}_pid": v for k, v in pids.items()},
-                "redis_port": redis_server.port,
-            }
+            ports["upstream"] = urlsplit(base_url).port or 80
+            yield Running(ports, pids, redis_server.port)
         finally:
             processes.stop()
 
 
 def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(prefix="otp-bench-") as tmp, services(Path(tmp)) as env:
-        db = redis.Redis(port=env["redis_port"])
+    with tempfile.TemporaryDirectory(prefix="otp-bench-") as tmp, services(Path(tmp)) as running:
+        db = redis.Redis(port=running.redis_port)
         figures: list[Figure] = []
         checks: dict[str, list[str]] = {}
-        svc, svc_pid = env["service_port"], env["service_pid"]
+        svc, svc_pid = running.ports["service"], running.pids["service"]
 
-        def one(target: Target, body: bytes, requests: int, in_flight: int) -> Sample:
+        def server(name: str, route: str, path: str, body: bytes, *, over_grpc: bool) -> Server:
+            """Process ``name`` serving ``route`` at ``path``."""
+            target = Target(running.ports[name], path, grpc=over_grpc, headers=AUTH)
+            uses_redis = route not in (EMPTY_GRPC, EMPTY_HTTP)
+            return Server(route, target, body, running.pids[name], uses_redis)
+
+        def one(target: Target, body: bytes, requests: int, shape: Shape) -> Sample:
             """One round of the same request, by h2load or, without it, the Python client."""
             if use_h2load:
-                return load.h2load(target, body, requests=requests, in_flight=in_flight)
-            return load.python_client(
-                target, [body], requests=requests, in_flight=in_flight, processes=2
-            )
+                return load.h2load(target, body, requests=requests, shape=shape)
+            return load.python_client(target, [body], requests=requests, shape=shape, processes=2)
 
-        def fast_route(
-            route: str,
-            target: Target,
-            body: bytes,
-            pid: int,
-            ceiling: str | None,
-            *,
-            counted: bool,
-            warm: bool = True,
-        ) -> None:
-            if warm:
-                one(target, body, sizes.warmup, FULL_IN_FLIGHT)
-            for name, requests, in_flight in (
-                ("full", sizes.full, FULL_IN_FLIGHT),
-                ("light", sizes.light, LIGHT_IN_FLIGHT),
-            ):
-                figure = Figure(route, name, str(in_flight), ceiling=ceiling)
-                figures.append(
-                    measure(
-                        figure,
-                        sizes.rounds,
-                        functools.partial(one, target, body, requests, in_flight),
-                        pid,
-                        db if counted else None,
-                    )
+        def warm_up(servers: list[Server], shape: Shape) -> None:
+            for server in servers:
+                one(server.target, server.body, sizes.warmup, shape)
+
+        def compare(servers: list[Server], shapes: Sequence[Shape]) -> list[Figure]:
+            """Every server at every shape and at light load, their rounds interleaved; then
+            each at half of its own peak (the best median of the shapes), interleaved again."""
+
+            def contestant(server: Server, shape: Shape, requests: int, label: str) -> Contestant:
+                figure = Figure(server.route, shape.name, label)
+                run_round = functools.partial(one, server.target, server.body, requests, shape)
+                return Contestant(figure, run_round, server.pid, db if server.uses_redis else None)
+
+            bouts = [
+                [contestant(s, shape, sizes.full, str(shape.in_flight)) for s in servers]
+                for shape in shapes
+            ]
+            bouts.append([contestant(s, LIGHT, sizes.light, str(LIGHT.in_flight)) for s in servers])
+            interleave(sizes.rounds, bouts)
+            half = []
+            for k, server in enumerate(servers):
+                peak = max(
+                    statistics.median(s.rps for s in b[k].figure.samples) for b in bouts[:-1]
                 )
+                rate = peak / 2
+                requests = max(sizes.light, round(rate * sizes.half_seconds))
+                shape = shapes[-1].paced(HALF, rate)
+                half.append(contestant(server, shape, requests, f"{rate:,.0f}/s"))
+            interleave(sizes.rounds, [half])
+            return [c.figure for b in [*bouts, half] for c in b]
 
         # VerifyOtp, the hot path: one number with a live code, a wrong code typed, so every
         # call runs the verify script's attempt counting (then its over-budget answer).
         checks["SendOtp (seed)"] = check_answers(
-            svc,
-            "/otp.v1.OtpService/SendOtp",
-            [otp_pb2.SendOtpRequest(phone_number=PHONE).SerializeToString()],
+            svc, SEND_METHOD, [otp_pb2.SendOtpRequest(phone_number=PHONE).SerializeToString()]
         )
         verify_body = otp_pb2.VerifyOtpRequest(
             phone_number=PHONE, otp_code="000000"
         ).SerializeToString()
-        verify = Target(svc, "/otp.v1.OtpService/VerifyOtp", grpc=True, headers=AUTH)
-        fast_route("VerifyOtp", verify, verify_body, svc_pid, "empty gRPC", counted=False)
-        figures.clear()  # that was the warm-up
+
+        grpc_servers = [
+            server("service", VERIFY, VERIFY_METHOD, verify_body, over_grpc=True),
+            server(GRPC_REDIS, GRPC_REDIS, VERIFY_METHOD, verify_body, over_grpc=True),
+            server(GRPC_PROTOCOL, GRPC_PROTOCOL, VERIFY_METHOD, verify_body, over_grpc=True),
+            server(EMPTY_GRPC, EMPTY_GRPC, GRPC_METHOD, b"", over_grpc=True),
+        ]
+        warm_up(grpc_servers, GRPC_SHAPES[-1])
+        # The memory figures: RSS once warm, and again after the rounds (topped up to as many
+        # verifies as the target says).
         rss_before = rss_mib(svc_pid)
-        fast_route(
-            "VerifyOtp", verify, verify_body, svc_pid, "empty gRPC", counted=True, warm=False
-        )
-        verifies = sum(s.requests for f in figures for s in f.samples)
+        grpc_figures = compare(grpc_servers, GRPC_SHAPES)
+        figures += grpc_figures
+        verifies = sum(f.requests for f in grpc_figures if f.route == VERIFY)
         if verifies < sizes.memory_verifies:
-            # Unmeasured load, only so that RSS is read after as many verifies as the target says.
             extra = sizes.memory_verifies - verifies
-            one(verify, verify_body, extra, FULL_IN_FLIGHT)
+            one(grpc_servers[0].target, verify_body, extra, GRPC_SHAPES[-1])
             verifies += extra
         rss_after = rss_mib(svc_pid)
-        checks["VerifyOtp"] = check_answers(svc, verify.path, [verify_body] * 20)
+        # The references must answer exactly as the service does: same script, same path.
+        service_answer = grpc_answer(svc, VERIFY_METHOD, verify_body)
+        checks[VERIFY] = check_answers(svc, VERIFY_METHOD, [verify_body] * 20)
+        for reference in grpc_servers[1:]:
+            port, path = reference.target.port, reference.target.path
+            expected = service_answer if reference.uses_redis else None
+            checks[reference.route] = check_answers(port, path, [reference.body] * 5, expected)
 
         # SendOtp: every request a new number (limits are per number), so always the Python
         # client: h2load sends one body.
-        send = Target(svc, "/otp.v1.OtpService/SendOtp", grpc=True, headers=AUTH)
+        send = Target(svc, SEND_METHOD, grpc=True, headers=AUTH)
         numbers = iter(range(1, 1_000_000))
 
         def send_bodies(n: int) -> list[bytes]:
@@ -368,32 +521,23 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
                 for _ in range(n)
             ]
 
-        def sends(n: int, in_flight: int, rate: float | None = None) -> Callable[[], Sample]:
+        def sends(n: int, shape: Shape) -> Callable[[], Sample]:
             """A round of ``n`` SendOtp calls, each to a new number."""
-            return lambda: load.python_client(
-                send, send_bodies(n), requests=n, in_flight=in_flight, rate=rate
-            )
+            return lambda: load.python_client(send, send_bodies(n), requests=n, shape=shape)
 
-        def send_figure(
-            name: str, label: str, n: int, in_flight: int, rate: float | None = None
-        ) -> Figure:
-            return measure(
-                Figure("SendOtp", name, label),
-                sizes.rounds,
-                sends(n, in_flight, rate),
-                svc_pid,
-                db,
-            )
+        def send_figure(shape: Shape, label: str, n: int) -> Figure:
+            figure = Figure(SEND, shape.name, label)
+            interleave(sizes.rounds, [[Contestant(figure, sends(n, shape), svc_pid, db)]])
+            return figure
 
-        sends(sizes.send_full // 4, FULL_IN_FLIGHT)()  # warm-up
-        full = send_figure("full", str(FULL_IN_FLIGHT), sizes.send_full, FULL_IN_FLIGHT)
+        sends(sizes.send_full // 4, SEND_FULL)()  # warm-up
+        full = send_figure(SEND_FULL, str(SEND_FULL.in_flight), sizes.send_full)
         half_rate = statistics.median(s.rps for s in full.samples) / 2
-        half = send_figure(
-            "half", f"{half_rate:.0f}/s", sizes.send_full // 2, FULL_IN_FLIGHT, half_rate
-        )
+        half_shape = SEND_FULL.paced(HALF, half_rate)
+        half = send_figure(half_shape, f"{half_rate:,.0f}/s", sizes.send_full // 2)
         # The fake Interakt alone, at the same rate: what of SendOtp's latency is upstream's.
         upstream = Target(
-            env["upstream_port"],
+            running.ports["upstream"],
             "/v1/public/message/",
             grpc=False,
             headers=(("Authorization", f"Basic {API_KEY}"),),
@@ -406,42 +550,44 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
                 "data": {"message": "Your OTP for MinServe is 123456. "},
             }
         ).encode()
-        alone = measure(
-            Figure("fake Interakt alone", "half", f"{half_rate:.0f}/s"),
-            sizes.rounds,
-            lambda: load.python_client(
-                upstream,
-                [upstream_body],
-                requests=sizes.send_full // 2,
-                in_flight=FULL_IN_FLIGHT,
-                rate=half_rate,
-            ),
-            env["upstream_pid"],
+        alone = Figure(UPSTREAM, HALF, f"{half_rate:,.0f}/s")
+        upstream_round = functools.partial(
+            load.python_client,
+            upstream,
+            [upstream_body],
+            requests=sizes.send_full // 2,
+            shape=half_shape,
         )
-        light = send_figure("light", str(LIGHT_IN_FLIGHT), sizes.send_light, LIGHT_IN_FLIGHT)
+        interleave(sizes.rounds, [[Contestant(alone, upstream_round, running.pids["upstream"])]])
+        light = send_figure(LIGHT, str(LIGHT.in_flight), sizes.send_light)
         figures += [full, half, light, alone]
-        checks["SendOtp"] = check_answers(svc, send.path, send_bodies(5))
+        checks[SEND] = check_answers(svc, SEND_METHOD, send_bodies(5))
         fresh = phone(999_999)
         check_answers(
-            svc, send.path, [otp_pb2.SendOtpRequest(phone_number=fresh).SerializeToString()]
+            svc, SEND_METHOD, [otp_pb2.SendOtpRequest(phone_number=fresh).SerializeToString()]
         )
         code_bytes = sum(db.memory_usage(k) or 0 for k in db.keys(f"otp:{{{fresh}}}:*"))
 
         # REST verify: the legacy JSON route, through the gateway inside the same process.
-        rest = Target(env["gateway_port"], "/api/v1/auth/verify-otp", grpc=False, headers=AUTH)
         rest_body = json.dumps({"phone_number": PHONE, "otp_code": "000000"}).encode()
-        fast_route("REST verify", rest, rest_body, svc_pid, "empty aiohttp", counted=True)
-
-        # The ceilings.
-        empty_grpc = Target(env["grpc_port"], GRPC_METHOD, grpc=True, headers=AUTH)
-        fast_route("empty gRPC", empty_grpc, b"", env["grpc_pid"], None, counted=False)
-        checks["empty gRPC"] = check_answers(env["grpc_port"], GRPC_METHOD, [b""] * 5)
-        empty_http = Target(env["http_port"], HTTP_PATH, grpc=False)
-        fast_route("empty aiohttp", empty_http, b"{}", env["http_pid"], None, counted=False)
+        rest_servers = [
+            server("gateway", REST, VERIFY_PATH, rest_body, over_grpc=False),
+            server(HTTP_REDIS, HTTP_REDIS, VERIFY_PATH, rest_body, over_grpc=False),
+            server(EMPTY_HTTP, EMPTY_HTTP, HTTP_PATH, b"{}", over_grpc=False),
+        ]
+        warm_up(rest_servers, REST_SHAPES[-1])
+        figures += compare(rest_servers, REST_SHAPES)
+        gateway_answer = json_answer(running.ports["gateway"], VERIFY_PATH, rest_body)
+        for rest_server in rest_servers:
+            post = functools.partial(json_answer, rest_server.target.port, rest_server.target.path)
+            expected = gateway_answer if rest_server.uses_redis else None
+            checks[rest_server.route] = check(post, [rest_server.body] * 5, expected)
 
         results = {
             "machine": machine(),
             "figures": figures,
+            "ratios": RATIOS,
+            "peak_loads": [shape.name for shape in (*GRPC_SHAPES, *REST_SHAPES)],
             "checks": checks,
             "memory": {
                 "service RSS after warm-up (MiB)": rss_before,
@@ -458,7 +604,7 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks it runs")
-    parser.add_argument("--rounds", type=int, help="rounds per figure (default 5)")
+    parser.add_argument("--rounds", type=int, help=f"rounds per figure (default {FULL.rounds})")
     parser.add_argument("--python-client", action="store_true", help="do not use h2load")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args()
@@ -473,7 +619,7 @@ def main() -> int:
     print((args.out / "results.md").read_text())
     bad = {k: v for k, v in results["checks"].items() if any(c != "OK" for c in v)}  # type: ignore[union-attr]
     if bad:
-        print(f"bench: some sampled answers were not grpc-status 0: {bad}", file=sys.stderr)
+        print(f"bench: some sampled answers were wrong: {bad}", file=sys.stderr)
         return 1
     return 0
 

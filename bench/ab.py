@@ -2,16 +2,18 @@
 
 A and B are git revisions (``HEAD~1``, a branch; ``.`` is the working tree). Each is exported
 to a temporary directory and served as ``otp-service serve`` (production mode, token, default
-logging) against one shared private Redis. h2load then drives VerifyOtp (gRPC, 64 in flight) or,
-with ``--rest``, the REST verify route, alternating rounds between A and B. The same load and
-the same moment hit both, so a drift in the machine's speed shows in both columns, not as a
-difference. Prints each one's median req/s and server CPU microseconds per request with the
-rounds' spread. This is how the levers in bench/README.md were weighed. Needs h2load.
+logging) against one shared private Redis. h2load then drives VerifyOtp (gRPC, ``c4 m16``: 64 in
+flight) or, with ``--rest``, the REST verify route (64 connections), alternating rounds between
+A and B as ``make bench`` does (``bench.__main__.interleave``). The same load and the same
+moment hit both, so a drift in the machine's speed shows in both columns, not as a difference.
+Prints each one's median req/s and server CPU microseconds per request with the rounds' spread.
+This is how the levers in bench/README.md were weighed. Needs h2load.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -19,7 +21,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -28,30 +29,24 @@ from otp.v1 import otp_pb2
 from bench import load
 from bench.__main__ import (
     AUTH,
-    FULL_IN_FLIGHT,
+    GRPC_SHAPES,
     PHONE,
+    REST_SHAPES,
+    SEND_METHOD,
+    Contestant,
+    Figure,
     Processes,
     check_answers,
-    cpu_seconds,
+    interleave,
     service_env,
     wait_listening,
 )
 from bench.load import Target
+from bench.references import VERIFY_METHOD, VERIFY_PATH
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).parent.parent
 REQUESTS = 15_000
-
-
-@dataclass
-class Version:
-    """One version under test: its server and what its rounds measured."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    target: Target
-    rps: list[float] = field(default_factory=list)
-    cpu_us: list[float] = field(default_factory=list)
 
 
 def export(revision: str, into: Path) -> Path:
@@ -77,8 +72,11 @@ def main() -> int:
 
     if args.rest:
         body = json.dumps({"phone_number": PHONE, "otp_code": "000000"}).encode()
+        shape = REST_SHAPES[-1]
     else:
         body = otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="000000").SerializeToString()
+        shape = GRPC_SHAPES[-1]
+    route = "REST verify" if args.rest else "VerifyOtp"
     with (
         tempfile.TemporaryDirectory(prefix="otp-ab-") as tmp,
         EmbeddedRedis() as redis_server,
@@ -86,7 +84,7 @@ def main() -> int:
         processes = Processes(Path(tmp))
         try:
             interakt_url, _ = processes.start_upstream()
-            versions: list[Version] = []
+            versions: list[Contestant] = []
             for name in (args.a, args.b):
                 source = export(name, Path(tmp) / f"v{len(versions)}")
                 grpc_port, http_port = free_port(), free_port()
@@ -100,36 +98,37 @@ def main() -> int:
                 command = [sys.executable, "-m", "otp_service", "serve"]
                 process = processes.start(f"v{len(versions)}", command, env)
                 target = (
-                    Target(http_port, "/api/v1/auth/verify-otp", grpc=False, headers=AUTH)
+                    Target(http_port, VERIFY_PATH, grpc=False, headers=AUTH)
                     if args.rest
-                    else Target(grpc_port, "/otp.v1.OtpService/VerifyOtp", grpc=True, headers=AUTH)
+                    else Target(grpc_port, VERIFY_METHOD, grpc=True, headers=AUTH)
                 )
-                versions.append(Version(name, process, target))
                 wait_listening(target.port)
                 wait_listening(grpc_port)
+                run_round = functools.partial(
+                    load.h2load, target, body, requests=REQUESTS, shape=shape
+                )
+                versions.append(
+                    Contestant(Figure(f"{route} {name}", shape.name, ""), run_round, process.pid)
+                )
             # A live code, so each verify runs the attempt counting, as in `make bench`.
             send = otp_pb2.SendOtpRequest(phone_number=PHONE).SerializeToString()
-            if check_answers(grpc_port, "/otp.v1.OtpService/SendOtp", [send]) != ["OK"]:
+            if check_answers(grpc_port, SEND_METHOD, [send]) != ["OK"]:
                 raise RuntimeError("could not send the seed code")
             for version in versions:
-                load.h2load(version.target, body, requests=5_000, in_flight=FULL_IN_FLIGHT)
-            for _ in range(args.rounds):
-                for version in versions:
-                    before = cpu_seconds(version.process.pid)
-                    sample = load.h2load(
-                        version.target, body, requests=REQUESTS, in_flight=FULL_IN_FLIGHT
-                    )
-                    used = cpu_seconds(version.process.pid) - before
-                    version.cpu_us.append(used / sample.requests * 1e6)
-                    version.rps.append(sample.rps)
+                version.run_round()  # warm-up, not recorded
+            interleave(args.rounds, [versions])
         finally:
             processes.stop()
-    route = "REST verify" if args.rest else "VerifyOtp"
     for version in versions:
-        cpu = version.cpu_us
+        figure = version.figure
+        rounds = [
+            cpu / sample.requests * 1e6
+            for cpu, sample in zip(figure.cpu_seconds, figure.samples, strict=True)
+        ]
         print(
-            f"{route} {version.name}: {statistics.median(version.rps):,.0f} req/s, "
-            f"{statistics.median(cpu):.0f} us CPU per request [{min(cpu):.0f}-{max(cpu):.0f}]"
+            f"{figure.route}: {statistics.median(s.rps for s in figure.samples):,.0f} req/s, "
+            f"{statistics.median(rounds):.0f} us CPU per request "
+            f"[{min(rounds):.0f}-{max(rounds):.0f}]"
         )
     return 0
 

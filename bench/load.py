@@ -1,6 +1,6 @@
 """Load generators: h2load (preferred: not Python, not the code under test) and a fallback
-multi-process Python client. Both run a fixed number of requests at a fixed concurrency and
-return every request's latency.
+multi-process Python client. Both run a fixed number of requests in a given ``Shape`` (as fast
+as answers come, or paced at a fixed rate) and return every request's latency.
 """
 
 from __future__ import annotations
@@ -31,6 +31,29 @@ class Target:
         return f"http://127.0.0.1:{self.port}{self.path}"
 
 
+@dataclass(frozen=True)
+class Shape:
+    """How a round loads a server.
+
+    ``connections`` x ``streams`` requests in flight (h2load's ``-c`` and ``-m``; HTTP/1.1 has
+    one in flight per connection, so ``streams`` is 1). With ``rate`` the requests start at that
+    many per second overall whatever the answers (open loop), so latency is measured at a chosen
+    load; ``streams`` then only bounds how many may wait at once.
+    """
+
+    name: str
+    connections: int
+    streams: int = 1
+    rate: float | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.connections * self.streams
+
+    def paced(self, name: str, rate: float) -> Shape:
+        return Shape(name, self.connections, self.streams, rate)
+
+
 @dataclass
 class Sample:
     """One round as the client saw it."""
@@ -58,17 +81,18 @@ _FINISHED = re.compile(r"finished in ([\d.]+)(us|ms|s), ([\d.]+) req/s")
 _SUCCEEDED = re.compile(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout")
 
 
-def h2load(target: Target, body: bytes, *, requests: int, in_flight: int) -> Sample:
-    """One h2load round; gRPC multiplexes up to 16 streams per connection, HTTP/1.1 one."""
+def h2load(target: Target, body: bytes, *, requests: int, shape: Shape) -> Sample:
+    """One h2load round of ``requests`` requests in ``shape``."""
     if target.grpc:
-        connections = max(1, in_flight // 16)
-        streams = max(1, in_flight // connections)
-        protocol = ["-m", str(streams)]
+        protocol = ["-m", str(shape.streams)]
         headers = [("content-type", "application/grpc"), ("te", "trailers")]
     else:
-        connections, protocol = in_flight, ["--h1"]
+        protocol = ["--h1"]
         headers = [("content-type", "application/json")]
-    connections = min(connections, requests)  # h2load refuses more clients than requests
+    connections = min(shape.connections, requests)  # h2load refuses more clients than requests
+    if shape.rate:
+        # h2load paces each connection (client) on its own: --rps is per client.
+        protocol += ["--rps", f"{shape.rate / connections:.3f}"]
     with tempfile.TemporaryDirectory(prefix="otp-bench-") as tmp:
         body_file, log_file = Path(tmp, "body"), Path(tmp, "log")
         body_file.write_bytes(grpc_frame(body) if target.grpc else body)
@@ -99,22 +123,22 @@ def python_client(
     bodies: list[bytes],
     *,
     requests: int,
-    in_flight: int,
-    rate: float | None = None,
+    shape: Shape,
     processes: int = 1,
 ) -> Sample:
     """One round from ``processes`` Python processes; request i carries ``bodies[i % len]``.
 
-    With ``rate`` the requests start at that many per second regardless of answers (open
-    loop), so latency is measured at a chosen load rather than at whatever load results.
+    Each process keeps its share of ``shape.in_flight`` requests going, or with ``shape.rate``
+    starts its share of that rate (connections and streams are h2load's; here only their
+    product counts).
     """
     jobs = [
         (
             target,
             bodies[k::processes] if len(bodies) >= processes else bodies,
             requests // processes + (k < requests % processes),
-            max(1, in_flight // processes),
-            rate / processes if rate else None,
+            max(1, shape.in_flight // processes),
+            shape.rate / processes if shape.rate else None,
         )
         for k in range(processes)
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -96,15 +97,66 @@ def test_production_without_configuration_exits_2_before_listening() -> None:
     ]
 
 
-def test_busy_port_is_one_clear_line() -> None:
+@pytest.mark.parametrize("busy", ["OTP_GRPC_ADDRESS", "OTP_HTTP_ADDRESS"])
+def test_busy_port_is_one_clear_line_and_exit_2(busy: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        finished = run({**VALID, "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}", "OTP_HTTP_ADDRESS": ""})
-    assert finished.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in finished.stderr
-    assert "Traceback" not in finished.stderr
+        addresses = {"OTP_GRPC_ADDRESS": "127.0.0.1:0", "OTP_HTTP_ADDRESS": "127.0.0.1:0"}
+        finished = run({**VALID, **addresses, busy: f"127.0.0.1:{port}"})
+    assert finished.returncode == 2
+    side = "gRPC" if busy == "OTP_GRPC_ADDRESS" else "HTTP"
+    # Only our line: not gRPC's raw `add_port.cc` line before it, nor a trace.
+    assert finished.stderr.splitlines() == [
+        f"otp-service: cannot listen on 127.0.0.1:{port} ({side}): Address already in use"
+    ]
+
+
+def test_unknown_variables_stop_production_and_warn_in_development(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    typos = {"OTP_MAX_ATTEMPT": "3", "INTERAKT_APIKEY": "k", "REDIS_TIMEOUT": "2"}
+    # What Kubernetes injects for a Service named "redis" in the namespace is not ours.
+    kubernetes = {
+        "REDIS_SERVICE_HOST": "10.0.0.7",
+        "REDIS_SERVICE_PORT": "6379",
+        "REDIS_SERVICE_PORT_REDIS": "6379",
+        "REDIS_PORT": "tcp://10.0.0.7:6379",
+        "REDIS_PORT_6379_TCP": "tcp://10.0.0.7:6379",
+        "REDIS_PORT_6379_TCP_ADDR": "10.0.0.7",
+        "REDIS_PORT_6379_TCP_PROTO": "tcp",
+        "REDIS_PORT_6379_TCP_PORT": "6379",
+        "OTP_SERVICE_SERVICE_HOST": "10.0.0.8",
+    }
+    finished = run({**VALID, **typos, **kubernetes, "OTP_MAX_ATTEMPTS": "4"})
+    assert finished.returncode == 2
+    assert finished.stderr.splitlines() == [
+        f"otp-service: configuration error: {name}: not a variable otp-service reads (a typo?)"
+        for name in sorted(typos)
+    ]
+    # Development mode says so and starts all the same.
+    with caplog.at_level(logging.WARNING, logger="otp_service.config"):
+        assert Settings.from_env({**typos, **kubernetes}, dev=True).dev
+    assert [(r.levelname, r.event, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "config_unknown_variable",
+            f"{name}: not a variable otp-service reads (a typo?)",
+        )
+        for name in sorted(typos)
+    ]
+
+
+def test_every_documented_variable_is_a_known_one() -> None:
+    """Each variable the README's configuration table names is read (not taken for a typo)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"`((?:OTP|INTERAKT|REDIS)_[A-Z_]+)`", table))
+    assert len(names) > 25
+    with pytest.raises(ConfigError) as failed:
+        Settings.from_env(dict.fromkeys(names, "?"))
+    assert not [p for p in failed.value.problems if "not a variable" in p]
 
 
 @pytest.fixture

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import grpc
@@ -134,15 +137,23 @@ def test_http_settings() -> None:
 # --- real processes ----------------------------------------------------------------------------
 
 
+# What each started process writes: into files, not pipes, which a busy server would fill up
+# (and then block on) while the test is not reading them.
+_OUTPUT: dict[int, tuple[IO[bytes], IO[bytes]]] = {}
+
+
 async def start_process(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # noqa: SIM115 - closed on stop
+    process = await asyncio.create_subprocess_exec(
         OTP_SERVICE,
         *args,
         env={"PATH": os.environ.get("PATH", ""), **env},
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=out,
+        stderr=err,
     )
+    _OUTPUT[process.pid] = (out, err)
+    return process
 
 
 async def stop_process(
@@ -152,8 +163,44 @@ async def stop_process(
     if terminate:
         process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(PATIENCE_SECONDS):
-        out, err = await process.communicate()
-    return process.returncode or 0, out.decode(), err.decode()
+        await process.wait()
+    written = []
+    for file in _OUTPUT.pop(process.pid):
+        file.seek(0)
+        written.append(file.read().decode())
+        file.close()
+    return process.returncode or 0, *written
+
+
+def serve_env(
+    redis_server: EmbeddedRedis,
+    interakt: FakeInterakt,
+    grpc_port: int,
+    http_port: int,
+    **extra: str,
+) -> dict[str, str]:
+    """``otp-service serve`` in production mode against the test Redis and the fake Interakt."""
+    return {
+        "REDIS_URL": redis_server.url,
+        "INTERAKT_API_KEY": API_KEY,
+        "INTERAKT_BASE_URL": interakt.base_url,
+        "OTP_SECRET": SECRET.decode(),
+        "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
+        "OTP_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
+        **extra,
+    }
+
+
+async def until_serving(channel: grpc.aio.Channel) -> Any:
+    """Wait for the server behind ``channel`` to answer health checks; its health stub."""
+    health: Any = health_pb2_grpc.HealthStub(channel)
+    await health.Check(
+        health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+        wait_for_ready=True,
+        timeout=PATIENCE_SECONDS,
+    )
+    return health
 
 
 async def test_sigterm_drains_in_flight_rpcs_then_exits_0(
@@ -164,16 +211,7 @@ async def test_sigterm_drains_in_flight_rpcs_then_exits_0(
 ) -> None:
     grpc_port, http_port = free_port(), free_port()
     process = await start_process(
-        "serve",
-        env={
-            "REDIS_URL": redis_server.url,
-            "INTERAKT_API_KEY": API_KEY,
-            "INTERAKT_BASE_URL": interakt.base_url,
-            "OTP_SECRET": SECRET.decode(),
-            "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
-            "OTP_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
-            "OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-        },
+        "serve", env=serve_env(redis_server, interakt, grpc_port, http_port)
     )
     base_url = f"http://127.0.0.1:{http_port}"
     signalled = False
@@ -181,12 +219,7 @@ async def test_sigterm_drains_in_flight_rpcs_then_exits_0(
         async with grpc.aio.insecure_channel(
             f"127.0.0.1:{grpc_port}", interceptors=[Bearer(TOKEN)]
         ) as channel:
-            health: Any = health_pb2_grpc.HealthStub(channel)
-            await health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                wait_for_ready=True,
-                timeout=PATIENCE_SECONDS,
-            )
+            await until_serving(channel)
             stub = otp_pb2_grpc.OtpServiceStub(channel)
             release = asyncio.Event()
             phones = [f"+9170038485{i}" for i in range(10, 15)]  # not PHONE: REST sends to it
@@ -215,10 +248,17 @@ async def test_sigterm_drains_in_flight_rpcs_then_exits_0(
             process.send_signal(signal.SIGTERM)
             signalled = True
 
-            async def not_ready() -> bool:
-                return await http_status(http, base_url + "/readyz") == 503
+            async def new_calls_refused() -> bool:
+                # No shutdown delay: the drain begins at once, so the ports take no new work.
+                try:
+                    await stub.VerifyOtp(otp_pb2.VerifyOtpRequest(phone_number=PHONE), timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code() == grpc.StatusCode.UNAVAILABLE
+                return False
 
-            await eventually(not_ready)  # readiness is off while the calls are still held
+            await eventually(new_calls_refused)  # while the calls in flight are still held
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await http_status(http, base_url + "/readyz")
             assert not any(rpc.done() for rpc in rpcs)
             release.set()
             answers = await asyncio.gather(*rpcs)
@@ -234,12 +274,201 @@ async def test_sigterm_drains_in_flight_rpcs_then_exits_0(
     assert status == 0, err
     lines = [json.loads(line) for line in out.splitlines()]  # production logs: JSON only
     events = [line["event"] for line in lines]
-    # The six calls finished during the drain, and all of them OK.
-    shutting_down = events.index(next(e for e in events if e.startswith("shutting down")))
-    assert [line["status"] for line in lines[shutting_down:] if line["event"] == "rpc"] == [
-        "OK"
-    ] * 6
+    # The six sends finished during the drain, and all of them OK.
+    shutting_down = events.index("shutting_down")
+    sends = [line for line in lines[shutting_down:] if line.get("rpc") == "SendOtp"]
+    assert [line["status"] for line in sends] == ["OK"] * 6
     assert events[-1] == "stopped"
+
+
+async def test_shutdown_delay_keeps_both_ports_serving_while_unready(
+    redis_db: object,
+    redis_server: EmbeddedRedis,
+    interakt: FakeInterakt,
+    http: aiohttp.ClientSession,
+) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    env = serve_env(redis_server, interakt, grpc_port, http_port, OTP_SHUTDOWN_DELAY_SECONDS="3")
+    process = await start_process("serve", env=env)
+    base_url = f"http://127.0.0.1:{http_port}"
+    request = otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="123456")
+    # Each call's status, and whether readiness had already been seen off when it was made.
+    answers: list[tuple[str, bool]] = []
+    unready_seen = False
+    signalled = False
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{grpc_port}", interceptors=[Bearer(TOKEN)]
+        ) as channel:
+            health = await until_serving(channel)
+            stub = otp_pb2_grpc.OtpServiceStub(channel)
+
+            async def keep_calling() -> None:
+                """A client that calls without pause until the port is gone."""
+                while True:
+                    seen = unready_seen
+                    try:
+                        await stub.VerifyOtp(request, timeout=PATIENCE_SECONDS)
+                    except grpc.aio.AioRpcError as exc:
+                        answers.append((exc.code().name, seen))
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                            return
+                    else:
+                        answers.append(("OK", seen))
+
+            caller = asyncio.create_task(keep_calling())
+
+            async def calling() -> bool:
+                return len(answers) >= 3
+
+            await eventually(calling)
+            process.send_signal(signal.SIGTERM)
+            signalled = True
+
+            async def not_ready() -> bool:
+                return await http_status(http, base_url + "/readyz") == 503
+
+            await eventually(not_ready)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            assert status.status == NOT_SERVING
+            unready_seen = True
+
+            async def served_while_unready() -> bool:
+                return sum(1 for answer in answers if answer == ("OK", True)) >= 3
+
+            await eventually(served_while_unready)
+            # The JSON routes answer too: not connection refused.
+            async with http.post(
+                base_url + "/api/v1/auth/verify-otp",
+                json={"phone_number": PHONE, "otp_code": "123456"},
+            ) as response:
+                assert (await response.json())["outcome"] == "VERIFY_OUTCOME_NO_ACTIVE_CODE"
+            # Then the drain: the port closes, and the client's calls fail over to UNAVAILABLE.
+            async with asyncio.timeout(PATIENCE_SECONDS):
+                await caller
+    finally:
+        status_code, out, err = await stop_process(process, terminate=not signalled)
+    assert status_code == 0, err
+    # Every call succeeded until the port closed; then they failed (one that raced the close
+    # may have been cancelled), and the client saw the port gone.
+    codes = [code for code, _ in answers]
+    closed = codes.index(next(code for code in codes if code != "OK"))
+    assert set(codes[closed:]) <= {"CANCELLED", "UNAVAILABLE"}
+    assert codes[-1] == "UNAVAILABLE"
+    lines = [json.loads(line) for line in out.splitlines()]
+    events = [line["event"] for line in lines]
+    shutting_down, draining = events.index("shutting_down"), events.index("draining")
+    assert shutting_down < draining < events.index("stopped")
+    # Between the signal and the drain, calls were served (the delay), all of them OK.
+    served = [line["status"] for line in lines[shutting_down:draining] if line["event"] == "rpc"]
+    assert len(served) >= 3
+    assert set(served) == {"OK"}
+
+
+async def test_a_call_longer_than_the_grace_is_cut_at_the_grace(
+    redis_db: object,
+    redis_server: EmbeddedRedis,
+    interakt: FakeInterakt,
+    http: aiohttp.ClientSession,
+) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    # Interakt's budget far beyond the grace: only the grace can end these calls.
+    env = serve_env(
+        redis_server,
+        interakt,
+        grpc_port,
+        http_port,
+        OTP_SHUTDOWN_GRACE_SECONDS="1",
+        INTERAKT_TIMEOUT_SECONDS="60",
+    )
+    process = await start_process("serve", env=env)
+    base_url = f"http://127.0.0.1:{http_port}"
+    never = asyncio.Event()  # Interakt holds both sends until the end of the test
+    interakt.answer(*[Answer(body={"result": True, "id": "late"}, hold=never)] * 2)
+    signalled = False
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{grpc_port}", interceptors=[Bearer(TOKEN)]
+        ) as channel:
+            await until_serving(channel)
+            stub = otp_pb2_grpc.OtpServiceStub(channel)
+            rpc = asyncio.ensure_future(
+                stub.SendOtp(otp_pb2.SendOtpRequest(phone_number="+917003848510"), timeout=60)
+            )
+            rest = asyncio.create_task(
+                http.post(base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
+            )
+
+            async def both_held() -> bool:
+                return len(interakt.received) == 2
+
+            await eventually(both_held)
+            process.send_signal(signal.SIGTERM)
+            signalled = True
+            # The process ends on its own though Interakt still holds both calls.
+            status, out, err = await stop_process(process, terminate=False)
+            assert not never.is_set()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await rpc
+            with pytest.raises(aiohttp.ClientError):
+                await rest
+    finally:
+        never.set()
+        if not signalled:
+            await stop_process(process)
+    assert status == 0, err
+    rpcs = [json.loads(line) for line in out.splitlines() if '"event": "rpc"' in line]
+    assert sorted((line["transport"], line["status"]) for line in rpcs) == [
+        ("grpc", "CANCELLED"),
+        ("http", "CANCELLED"),
+    ]
+
+
+async def test_probes_stay_open_when_metrics_need_a_token(
+    redis_db: object,
+    redis_server: EmbeddedRedis,
+    interakt: FakeInterakt,
+) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    env = serve_env(redis_server, interakt, grpc_port, http_port, OTP_METRICS_AUTH="true")
+    process = await start_process("serve", env=env)
+    base_url = f"http://127.0.0.1:{http_port}"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            await until_serving(channel)
+        async with aiohttp.ClientSession() as anonymous:
+            # A kubelet has no token: both probes answer it.
+            assert await http_status(anonymous, base_url + "/healthz") == 200
+            assert await http_status(anonymous, base_url + "/readyz") == 200
+            for path in ("/metrics", "/openapi.json"):
+                assert await http_status(anonymous, base_url + path) == 401
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as ops:
+            _, samples = await scrape(ops, base_url)
+    finally:
+        status, _, err = await stop_process(process)
+    assert status == 0, err
+    [build] = [labels for (name, labels) in samples if name == "otp_service_build_info"]
+    assert dict(build) == {
+        "version": "1.0.0",
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+    }
+
+
+def git_commit() -> str:
+    """The commit the build-info series should name: this checkout's, if git can tell."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return done.stdout.strip()
 
 
 async def test_gateway_command_fronts_a_remote_server(
@@ -275,10 +504,27 @@ async def test_gateway_command_fronts_a_remote_server(
             json={"phone_number": PHONE, "otp_code": interakt.received[0].code},
         ) as response:
             assert (await response.json())["verified"] is True
+        _, samples = await scrape(http, base_url)
     finally:
         status, out, err = await stop_process(process)
     assert status == 0, err
     assert json.loads(out.splitlines()[-1])["event"] == "stopped"
+    # Its own series (the HTTP side's, the build's), none of the service's that it does not run.
+    families = {name for name, _ in samples}
+    assert (
+        samples[
+            (
+                "http_server_requests_total",
+                frozenset({("route", "/api/v1/auth/send-otp"), ("code", "200")}),
+            )
+        ]
+        == 1
+    )
+    assert "otp_service_build_info" in families
+    assert "process_cpu_seconds_total" in families
+    assert not {name for name in families if name.startswith(("grpc_server_", "otp_"))} - {
+        "otp_service_build_info"
+    }
 
 
 async def test_gateway_without_an_address_is_a_config_error() -> None:

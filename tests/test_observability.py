@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import io
 import json
 import logging
 import re
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
 from otp.v1 import otp_pb2
+from prometheus_client.metrics import MetricWrapperBase
 
-from otp_service import observability
+from otp_service import metrics, observability
 from otp_service.observability import (
     REQUEST_LOGGER,
     DevFormatter,
@@ -30,14 +33,15 @@ from tests.conftest import (
     TOKEN,
     MakeGateway,
     delta,
+    eventually,
     scrape,
     wrong_code,
 )
-from tests.fake_interakt import API_KEY, Answer, FakeInterakt
+from tests.fake_interakt import API_KEY, NOT_A_CONTACT, Answer, FakeInterakt
 
 SEND = "/api/v1/auth/send-otp"
 VERIFY = "/api/v1/auth/verify-otp"
-SERVICE = {"grpc_service": "otp.v1.OtpService"}
+SERVICE = {"grpc_type": "unary", "grpc_service": "otp.v1.OtpService"}
 
 
 async def test_metrics_move_with_the_calls(
@@ -82,6 +86,15 @@ async def test_metrics_move_with_the_calls(
     seconds = "grpc_server_handling_seconds_count"
     assert delta(before, after, seconds, **SERVICE, grpc_method="SendOtp") == 2
     assert delta(before, after, seconds, **SERVICE, grpc_method="VerifyOtp") == 3
+    started = "grpc_server_started_total"
+    assert delta(before, after, started, **SERVICE, grpc_method="SendOtp") == 2
+    assert delta(before, after, started, **SERVICE, grpc_method="VerifyOtp") == 3
+    # The HTTP side counts its own answers by route and status: the 200, the 429, the scrape.
+    requests = "http_server_requests_total"
+    assert delta(before, after, requests, route=SEND, code="200") == 1
+    assert delta(before, after, requests, route=SEND, code="429") == 1
+    assert delta(before, after, requests, route="/metrics", code="200") == 1
+    assert delta(before, after, "http_server_request_duration_seconds_count", route=SEND) == 2
     assert delta(before, after, "otp_verifications_total", outcome="verified") == 1
     assert delta(before, after, "otp_verifications_total", outcome="wrong_code") == 1
     assert delta(before, after, "otp_sends_total", channel="text", result="server_error") == 1
@@ -89,6 +102,8 @@ async def test_metrics_move_with_the_calls(
     assert delta(before, after, "otp_upstream_request_seconds_count") == 2
     assert delta(before, after, "otp_limit_refusals_total", kind="cooldown") == 1
     assert "otp_redis_errors_total" in text
+    # No `_created` timestamps beside every counter and histogram.
+    assert "_created" not in text
 
     # Labels are closed sets: no number, code or key anywhere in the exposition.
     for secret in (PHONE, PHONE[3:], code, API_KEY, SECRET.decode()):
@@ -190,9 +205,10 @@ async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines
     assert retry["level"] == "WARNING"
 
     send, verify = [line for line in lines if line["event"] == "rpc"]
-    assert set(send) == {
-        "time", "level", "event", "rpc", "caller", "phone", "status", "duration_ms", "request_id"
-    }  # fmt: skip
+    assert list(send) == [
+        "time", "level", "event", "rpc", "transport", "caller", "phone", "status", "outcome",
+        "duration_ms", "request_id",
+    ]  # fmt: skip
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", send["time"])
     assert send["level"] == "INFO"
     assert send["rpc"] == "SendOtp"
@@ -202,9 +218,12 @@ async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines
     assert send["caller"] == CALLER
     assert send["request_id"] == "req-log-1"
     assert isinstance(send["duration_ms"], float)
+    # It came over HTTP, served in process; a send has no outcome.
+    assert (send["transport"], send["outcome"]) == ("http", "-")
     # A direct gRPC call without x-request-id gets one made up.
     assert verify["rpc"] == "VerifyOtp"
     assert verify["request_id"] not in ("", "-", "req-log-1")
+    assert (verify["transport"], verify["outcome"]) == ("grpc", "verified")
 
     text = json_log.text()
     for secret in (PHONE, PHONE[3:], code, API_KEY):
@@ -276,7 +295,7 @@ async def test_lines_leave_in_batches_within_the_flush_interval(json_log: Writte
     async with asyncio.timeout(10):
         while json_log.written().count("\n") < 2:  # noqa: ASYNC110 - nothing to wait on
             await asyncio.sleep(0.01)
-    assert [json.loads(line)["event"] for line in json_log.written().splitlines()] == [
+    assert [json.loads(line)["message"] for line in json_log.written().splitlines()] == [
         "first",
         "second",
     ]
@@ -288,8 +307,12 @@ async def test_lines_leave_in_batches_within_the_flush_interval(json_log: Writte
 
 def test_lines_outside_an_event_loop_are_written_at_once(json_log: WrittenLog) -> None:
     logger = logging.getLogger("otp_service.test")
-    logger.warning("starting")
-    assert json.loads(json_log.written())["event"] == "starting"
+    logger.warning("starting at %d", 9, extra={"event": "starting"})
+    line = json.loads(json_log.written())
+    assert (line["event"], line["message"]) == ("starting", "starting at 9")
+    # A library's line, without an event of its own, is named after its logger.
+    logging.getLogger("aiohttp.server").warning("something")
+    assert json.loads(json_log.written().splitlines()[-1])["event"] == "aiohttp_server"
 
 
 def test_dev_format_is_readable() -> None:
@@ -298,13 +321,13 @@ def test_dev_format_is_readable() -> None:
             "name": "otp_service.requests",
             "levelno": logging.INFO,
             "levelname": "INFO",
-            "msg": RequestLine("SendOtp", "-", "+91******8501", "OK", 1.5, "req-9"),
+            "msg": RequestLine("SendOtp", "grpc", "-", "+91******8501", "OK", "-", 1.5, "req-9"),
         }
     )
     line = DevFormatter().format(record)
     assert line.endswith(
-        "INFO    otp_service.requests: SendOtp OK 1.5ms phone=+91******8501 caller=- "
-        "request_id=req-9"
+        "INFO    otp_service.requests: SendOtp OK - 1.5ms transport=grpc phone=+91******8501 "
+        "caller=- request_id=req-9"
     )
 
 
@@ -315,7 +338,16 @@ def test_json_request_line_escapes_what_callers_control() -> None:
             "levelno": logging.INFO,
             "levelname": "INFO",
             "created": 1_764_000_000.25,
-            "msg": RequestLine("VerifyOtp", 'say "hi"', "+91******8501", "OK", 0.42, "a\\b\u00e9"),
+            "msg": RequestLine(
+                "VerifyOtp",
+                "http",
+                'say "hi"',
+                "+91******8501",
+                "OK",
+                "wrong_code",
+                0.42,
+                "a\\b\u00e9",
+            ),
         }
     )
     line = JsonFormatter().format(record)
@@ -324,10 +356,104 @@ def test_json_request_line_escapes_what_callers_control() -> None:
         "level": "INFO",
         "event": "rpc",
         "rpc": "VerifyOtp",
+        "transport": "http",
         "caller": 'say "hi"',
         "phone": "+91******8501",
         "status": "OK",
+        "outcome": "wrong_code",
         "duration_ms": 0.42,
         "request_id": "a\\b\u00e9",
     }
     assert "\n" not in line
+
+
+async def test_dependency_and_upstream_failures_are_warnings_refusals_info(
+    make_gateway: MakeGateway, interakt: FakeInterakt, json_log: WrittenLog
+) -> None:
+    gateway = await make_gateway()
+    interakt.answer(*[Answer(status=503, body={})] * 3)  # Interakt down: UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=10)
+    interakt.answer(Answer(status=400, body={"result": False, "message": NOT_A_CONTACT}))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number="12"), timeout=10)
+
+    async def three_lines() -> bool:
+        return json_log.text().count('"event": "rpc"') == 3
+
+    await eventually(three_lines)
+    rpcs = [line for line in json_log.lines() if line["event"] == "rpc"]
+    assert [(line["status"], line["level"]) for line in rpcs] == [
+        ("UNAVAILABLE", "WARNING"),
+        ("FAILED_PRECONDITION", "WARNING"),
+        ("INVALID_ARGUMENT", "INFO"),
+    ]
+
+
+async def test_the_gateways_own_refusals_are_request_lines_too(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, json_log: WrittenLog
+) -> None:
+    gateway = await make_gateway()
+    async with http.get(gateway.url + "/no/such/+917003848501", headers={"X-Request-Id": "r-404"}):
+        pass
+    [line] = [line for line in json_log.lines() if line["event"] == "http_request"]
+    assert line == {
+        "time": line["time"],
+        "level": "INFO",
+        "event": "http_request",
+        "message": "no such path; the routes are listed in /openapi.json",
+        "logger": "otp_service.requests",
+        "request_id": "r-404",
+        "transport": "http",
+        "method": "GET",
+        "route": "other",
+        "http_status": 404,
+        "status": "NOT_FOUND",
+        "reason": "no_such_path",
+        "duration_ms": line["duration_ms"],
+    }
+
+
+SERVICE_SOURCE = Path(observability.__file__).parent
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
+
+
+def test_every_log_call_names_a_stable_event() -> None:
+    """Each log call of the service passes ``extra={"event": "snake_case_name", ...}``."""
+    calls = 0
+    for path in sorted(SERVICE_SOURCE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LOG_METHODS
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id.endswith("log")
+            ):
+                continue
+            calls += 1
+            where = f"{path.name}:{node.lineno}"
+            extra = next((k.value for k in node.keywords if k.arg == "extra"), None)
+            assert isinstance(extra, ast.Dict), f"{where}: no extra={{'event': ...}}"
+            events = [
+                value.value
+                for key, value in zip(extra.keys, extra.values, strict=True)
+                if isinstance(key, ast.Constant) and key.value == "event"
+            ]
+            assert len(events) == 1, f"{where}: no event in extra"
+            assert re.fullmatch(r"[a-z]+(_[a-z]+)*", events[0]), f"{where}: {events[0]!r}"
+    assert calls > 20  # the walk found the service's log calls
+
+
+def test_every_service_metric_is_left_out_of_a_gateway_alone() -> None:
+    """A new ``otp_*`` or RPC metric joins SERVICE_METRICS, or a bare gateway would export it."""
+    service = {
+        value
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+        and value._name.startswith(("otp_", "grpc_"))
+        and value is not metrics.BUILD
+    }
+    assert service == set(metrics.SERVICE_METRICS)

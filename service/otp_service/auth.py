@@ -106,16 +106,23 @@ class Callers:
                 "it can",
                 self._file,
                 type(exc).__name__,
+                extra={"event": "tokens_file_unreadable"},
             )
             return
         self._file_version = version
         self._from_file = tuple((name, _fingerprint(token)) for name, token in tokens)
         for problem in problems:
-            log.error("caller tokens file %s: %s; that line is skipped", self._file, problem)
+            log.error(
+                "caller tokens file %s: %s; that line is skipped",
+                self._file,
+                problem,
+                extra={"event": "tokens_file_bad_line"},
+            )
         log.info(
             "caller tokens loaded from %s: %s",
             self._file,
             ", ".join(sorted({name for name, _ in tokens})) or "none",
+            extra={"event": "tokens_loaded"},
         )
 
 

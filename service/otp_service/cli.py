@@ -17,12 +17,13 @@ from typing import Any
 import grpc
 import uvloop
 
+from otp_service import metrics
 from otp_service.auth import Callers
 from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from otp_service.gateway import Backend, HttpServer, LocalBackend, RemoteBackend
 from otp_service.observability import configure_logging
-from otp_service.server import build_deps, create_server
+from otp_service.server import ListenError, OtpServer, build_deps, create_server
 
 log = logging.getLogger("otp_service")
 
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"otp-service: configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    metrics.record_build_info()
     try:
         if args.command == "gateway":
             run_event_loop(gateway_forever(settings, args.target))
@@ -72,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_event_loop(serve_forever(settings))
         else:
             return _run_workers(settings, args.workers)
+    except ListenError as exc:
+        # An address in use or not ours is the deployment's to fix, like a bad setting.
+        print(f"otp-service: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except EmbeddedRedisError as exc:
         print(f"otp-service: {exc}", file=sys.stderr)
         return 1
@@ -108,7 +114,11 @@ def _run_workers(settings: Settings, workers: int) -> int:
         if settings.redis_url is None:
             # One private Redis for all workers, or each would enforce its own limits.
             embedded = stack.enter_context(EmbeddedRedis())
-            log.warning("DEV MODE: started a private redis-server at %s", embedded.url)
+            log.warning(
+                "DEV MODE: started a private redis-server at %s",
+                embedded.url,
+                extra={"event": "dev_redis_started"},
+            )
             settings = dataclasses.replace(settings, redis_url=embedded.url)
         children: list[int] = []
 
@@ -131,12 +141,17 @@ def _run_workers(settings: Settings, workers: int) -> int:
                     print(f"otp-service: worker cannot listen: {exc}", file=sys.stderr)
                     code = 1
                 except BaseException:
-                    log.exception("worker failed")
+                    log.exception("worker failed", extra={"event": "worker_failed"})
                     code = 1
                 logging.shutdown()  # os._exit skips the exit hooks that write the last lines
                 os._exit(code)
             children.append(pid)
-        log.info("started %d workers: %s", workers, " ".join(map(str, children)))
+        log.info(
+            "started %d workers: %s",
+            workers,
+            " ".join(map(str, children)),
+            extra={"event": "workers_started"},
+        )
         status = 0
         while children:
             pid, wait_status = os.wait()
@@ -152,20 +167,22 @@ def _run_workers(settings: Settings, workers: int) -> int:
 
 
 async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Run until SIGTERM or SIGINT, then drain in-flight RPCs and release everything."""
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and release everything."""
     async with contextlib.AsyncExitStack() as stack:
         redis_url = settings.redis_url
         if redis_url is None:
             embedded = stack.enter_context(EmbeddedRedis())
             redis_url = embedded.url
-            log.warning("DEV MODE: started a private redis-server at %s", redis_url)
+            log.warning(
+                "DEV MODE: started a private redis-server at %s",
+                redis_url,
+                extra={"event": "dev_redis_started"},
+            )
         deps = build_deps(settings, redis_url)
         stack.push_async_callback(deps.close)
 
-        try:
-            server = await create_server(settings, deps, reuse_port=reuse_port)
-        except OSError as exc:
-            raise OSError(f"cannot listen on {settings.grpc_address} (gRPC): {exc}") from exc
+        server = await create_server(settings, deps, reuse_port=reuse_port)
+        http = None
         if settings.http_address:
             # The gateway calls this server's own wrapped methods: the same auth, logs, metrics.
             backend = LocalBackend(server.behaviors, server.health)
@@ -178,32 +195,63 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
         # the garbage collector need not scan it again on every collection (bench/README.md).
         gc.freeze()
         host = settings.grpc_address.rpartition(":")[0]
-        log.info("listening on %s:%d (gRPC)", host, server.port)
-        if settings.dev:
-            log.warning(
-                "DEV MODE: codes are written to this log and NOT sent; never run --dev in "
-                "production"
-            )
-        if not settings.auth_required:
-            log.warning(
-                "OTP_AUTH=none: caller authentication is OFF, anyone who can connect may call"
-            )
-        elif settings.dev and settings.client_tokens == ((DEV_CALLER, DEV_TOKEN),):
-            log.warning(
-                "DEV MODE: no caller token configured, so the fixed dev token is accepted: "
-                "send 'authorization: Bearer %s'",
-                DEV_TOKEN,
-            )
-
-        await _until_signal()
         log.info(
-            "shutting down: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds
+            "listening on %s:%d (gRPC)",
+            host,
+            server.port,
+            extra={"event": "listening", "transport": "grpc"},
         )
-        # gRPC first: health says NOT_SERVING (so /readyz answers 503) while gRPC drains and the
-        # JSON routes still answer; then the HTTP server (its exit callback) stops and finishes
-        # the JSON calls in progress.
-        await server.stop(settings.shutdown_grace_seconds)
-    log.info("stopped")
+        _warn_about_modes(settings)
+        await _until_signal()
+        await _shut_down(settings, server, http)
+    log.info("stopped", extra={"event": "stopped"})
+
+
+def _warn_about_modes(settings: Settings) -> None:
+    if settings.dev:
+        log.warning(
+            "DEV MODE: codes are written to this log and NOT sent; never run --dev in production",
+            extra={"event": "dev_mode"},
+        )
+    if not settings.auth_required:
+        log.warning(
+            "OTP_AUTH=none: caller authentication is OFF, anyone who can connect may call",
+            extra={"event": "auth_off"},
+        )
+    elif settings.dev and settings.client_tokens == ((DEV_CALLER, DEV_TOKEN),):
+        log.warning(
+            "DEV MODE: no caller token configured, so the fixed dev token is accepted: "
+            "send 'authorization: Bearer %s'",
+            DEV_TOKEN,
+            extra={"event": "dev_token"},
+        )
+
+
+async def _shut_down(settings: Settings, server: OtpServer | None, http: HttpServer | None) -> None:
+    """Unready at once, keep serving for the delay, then drain both ports within the grace.
+
+    A load balancer notices an unready endpoint only after its next probe or endpoint update:
+    during the delay calls routed here meanwhile are still answered. Then the gRPC port refuses
+    new calls and the HTTP port stops listening; both give the calls in progress up to
+    OTP_SHUTDOWN_GRACE_SECONDS, together, and cut what is still running then.
+    """
+    delay, grace = settings.shutdown_delay_seconds, settings.shutdown_grace_seconds
+    if http is not None:
+        http.unready()
+    if server is not None:
+        await server.unready()  # gRPC health NOT_SERVING, and so /readyz too
+    log.info(
+        "shutting down: not ready; serving for %ss more, then draining for up to %ss",
+        delay,
+        grace,
+        extra={"event": "shutting_down"},
+    )
+    await asyncio.sleep(delay)
+    log.info("draining in-flight calls for up to %ss", grace, extra={"event": "draining"})
+    await asyncio.gather(
+        *([] if server is None else [server.stop(grace)]),
+        *([] if http is None else [http.close()]),
+    )
 
 
 async def gateway_forever(settings: Settings, target: str) -> None:
@@ -212,16 +260,21 @@ async def gateway_forever(settings: Settings, target: str) -> None:
         callers = None
         if settings.metrics_auth:
             callers = Callers(settings.client_tokens, settings.client_tokens_file)
-        http = await _start_http(settings, RemoteBackend(channel), callers)
-        log.info("forwarding to %s (gRPC)", target)
+        # Its /metrics shows the HTTP side's series: the RPCs are the target server's to count.
+        http = await _start_http(settings, RemoteBackend(channel), callers, service_metrics=False)
+        log.info("forwarding to %s (gRPC)", target, extra={"event": "forwarding"})
         await _until_signal()
-        log.info("shutting down: finishing requests in progress")
-        await http.close()
-    log.info("stopped")
+        await _shut_down(settings, None, http)
+    log.info("stopped", extra={"event": "stopped"})
 
 
 async def _start_http(
-    settings: Settings, backend: Backend, callers: Callers | None, *, reuse_port: bool = False
+    settings: Settings,
+    backend: Backend,
+    callers: Callers | None,
+    *,
+    reuse_port: bool = False,
+    service_metrics: bool = True,
 ) -> HttpServer:
     try:
         http = await HttpServer.start(
@@ -230,10 +283,16 @@ async def _start_http(
             shutdown_timeout=settings.shutdown_grace_seconds,
             reuse_port=reuse_port,
             callers=callers,
+            service_metrics=service_metrics,
         )
     except OSError as exc:
-        raise OSError(f"cannot listen on {settings.http_address} (HTTP): {exc}") from exc
-    log.info("listening on %s (HTTP: JSON gateway, /metrics, /healthz, /readyz)", http.address)
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {settings.http_address} (HTTP): {why}") from exc
+    log.info(
+        "listening on %s (HTTP: JSON gateway, /metrics, /healthz, /readyz)",
+        http.address,
+        extra={"event": "listening", "transport": "http"},
+    )
     return http
 
 

@@ -7,6 +7,7 @@ one line each, so an operator fixes a bad deployment in one pass.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ DEFAULT_TEMPLATE_LANGUAGE = "en"
 DEFAULT_GRPC_ADDRESS = "0.0.0.0:50051"
 DEFAULT_HTTP_ADDRESS = "0.0.0.0:8080"
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
+DEFAULT_SHUTDOWN_DELAY_SECONDS = 0.0
 DEFAULT_CODE_LENGTH = 6
 DEFAULT_TTL_SECONDS = 600
 DEFAULT_MAX_ATTEMPTS = 5
@@ -49,6 +51,15 @@ DEV_CALLER = "dev"
 DEV_TOKEN = "dev"  # noqa: S105
 MIN_TOKEN_LENGTH = 16
 _CALLER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Variables with these prefixes are ours: one the service does not read is reported (a typo).
+OWN_PREFIXES = ("OTP_", "INTERAKT_", "REDIS_")
+# Except what Kubernetes puts in every pod for each Service of the namespace: a Service named
+# "redis" brings REDIS_SERVICE_HOST, REDIS_PORT, REDIS_PORT_6379_TCP_ADDR and the like.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)"
+)
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -77,6 +88,8 @@ class Settings:
     # The JSON gateway, /metrics and the health endpoints; "" runs no HTTP server.
     http_address: str = DEFAULT_HTTP_ADDRESS
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
+    # On SIGTERM, how long both ports keep serving while unready, before the drain begins.
+    shutdown_delay_seconds: float = DEFAULT_SHUTDOWN_DELAY_SECONDS
     # Whether GET /metrics and /openapi.json need a caller token too (the probes never do).
     metrics_auth: bool = False
     code_length: int = DEFAULT_CODE_LENGTH
@@ -106,6 +119,8 @@ class Settings:
         """Build settings from environment variables; raise ConfigError listing every problem.
 
         ``gateway_only``: for ``otp-service gateway``, which holds no secrets, so none is required.
+        Every variable is read through ``_Reader``, so that the ones it never asked for are known
+        to be unknown: an error in production, a warning in development mode.
         """
         reader = _Reader(env)
         redis_url = reader.text("REDIS_URL", None if dev else DEFAULT_REDIS_URL)
@@ -183,11 +198,14 @@ class Settings:
             grpc_address=_address(reader, "OTP_GRPC_ADDRESS", DEFAULT_GRPC_ADDRESS),
             # Set but empty means "no HTTP server", unlike the other settings, where empty is unset.
             http_address=""
-            if env.get("OTP_HTTP_ADDRESS", "x").strip() == ""
+            if reader.blank("OTP_HTTP_ADDRESS")
             else _address(reader, "OTP_HTTP_ADDRESS", DEFAULT_HTTP_ADDRESS),
             metrics_auth=metrics_auth,
             shutdown_grace_seconds=reader.number(
                 "OTP_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE_SECONDS, low=0, high=300
+            ),
+            shutdown_delay_seconds=reader.number(
+                "OTP_SHUTDOWN_DELAY_SECONDS", DEFAULT_SHUTDOWN_DELAY_SECONDS, low=0, high=300
             ),
             code_length=reader.integer(
                 "OTP_CODE_LENGTH", DEFAULT_CODE_LENGTH, low=MIN_CODE_LENGTH, high=MAX_CODE_LENGTH
@@ -223,6 +241,12 @@ class Settings:
                 high=1_000,
             ),
         )
+        for name in reader.unknown():
+            problem = f"{name}: not a variable otp-service reads (a typo?)"
+            if not dev:
+                reader.problems.append(problem)
+            else:
+                log.warning(problem, extra={"event": "config_unknown_variable"})
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings
@@ -236,11 +260,31 @@ class _Reader:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
+        self._asked: set[str] = set()
         self.problems: list[str] = []
 
     def text(self, name: str, default: str | None) -> str | None:
-        value = self._env.get(name)
+        value = self._raw(name)
         return default if value is None or value.strip() == "" else value.strip()
+
+    def blank(self, name: str) -> bool:
+        """Whether ``name`` is set but empty (for the one setting where that means "off")."""
+        value = self._raw(name)
+        return value is not None and value.strip() == ""
+
+    def unknown(self) -> list[str]:
+        """Our variables (OWN_PREFIXES) in the environment that nothing asked for."""
+        return sorted(
+            name
+            for name in self._env
+            if name.startswith(OWN_PREFIXES)
+            and name not in self._asked
+            and not _SERVICE_LINK.fullmatch(name)
+        )
+
+    def _raw(self, name: str) -> str | None:
+        self._asked.add(name)
+        return self._env.get(name)
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
         return self._ranged(name, default, low, high, int, "a whole number")

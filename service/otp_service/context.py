@@ -12,3 +12,5 @@ from contextvars import ContextVar
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 # The authenticated calling service's name; "-" when unknown or not authenticated.
 caller: ContextVar[str] = ContextVar("caller", default="-")
+# How the call arrived: "grpc", or "http" for a JSON route the gateway serves in this process.
+transport: ContextVar[str] = ContextVar("transport", default="grpc")

@@ -1,33 +1,58 @@
 """The service's Prometheus metrics, in the default registry so ``/metrics`` shows every module's.
 
-Labels are small closed sets (method, status code, outcome, channel, result, kind): never a phone
-number, a code or a token. Code on the request path uses the pre-bound children below, because
-``labels()`` takes a lock and a dict lookup each time.
+Labels are small closed sets (method, status code, outcome, channel, result, kind, route): never
+a phone number, a code, a token or a path a caller chose. Code on the request path uses the
+pre-bound children below, because ``labels()`` takes a lock and a dict lookup each time.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import platform
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TypeVar
 
-from prometheus_client import Counter, Histogram
+import grpc
+from prometheus_client import (
+    REGISTRY,
+    Counter,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
+
+# Each counter and histogram would carry a `_created` series too: a timestamp per label set
+# that no dashboard reads, doubling what Prometheus scrapes and stores.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # From well under a Redis round trip up to the longest Interakt budget.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-# The names and labels of go-grpc-prometheus, so existing gRPC dashboards work unchanged.
+# The names and labels of go-grpc-prometheus, so existing gRPC dashboards work unchanged. Every
+# OtpService method is unary: grpc_type is always "unary".
+RPCS_STARTED = Counter(
+    "grpc_server_started_total",
+    "RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
 RPCS_HANDLED = Counter(
     "grpc_server_handled_total",
-    "RPCs completed, by method and status code.",
-    ["grpc_service", "grpc_method", "grpc_code"],
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
 )
 RPC_SECONDS = Histogram(
     "grpc_server_handling_seconds",
-    "Time from an RPC's arrival to its answer, by method.",
-    ["grpc_service", "grpc_method"],
+    "Time from an RPC's arrival to its answer.",
+    ["grpc_type", "grpc_service", "grpc_method"],
     buckets=_LATENCY_BUCKETS,
 )
 VERIFICATIONS = Counter(
@@ -54,6 +79,34 @@ AUTH_FAILURES = Counter(
 REDIS_ERRORS = Counter(
     "otp_redis_errors_total", "Redis commands that failed or timed out while serving requests."
 )
+# What only a process serving OtpService has: `otp-service gateway --target` leaves them out of
+# its /metrics rather than export series that stay zero there (tests keep this list complete).
+SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
+    RPCS_STARTED,
+    RPCS_HANDLED,
+    RPC_SECONDS,
+    VERIFICATIONS,
+    SENDS,
+    UPSTREAM_SECONDS,
+    LIMIT_REFUSALS,
+    AUTH_FAILURES,
+    REDIS_ERRORS,
+)
+
+# The HTTP side's own, in every process that listens on OTP_HTTP_ADDRESS. `route` is one of the
+# app's paths or "other".
+HTTP_REQUESTS = Counter(
+    "http_server_requests_total",
+    "HTTP requests answered, by route and status code.",
+    ["route", "code"],
+)
+HTTP_SECONDS = Histogram(
+    "http_server_request_duration_seconds",
+    "Time from an HTTP request's arrival to its answer, by route.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+BUILD = Info("otp_service_build", "The running build: version, git commit, Python, grpcio.")
 
 
 def child(metric: _M, *labels: str) -> _M:
@@ -76,3 +129,58 @@ def count_send(channel: str, result: str, seconds: float | None = None) -> None:
 def count_limit_refusal(kind: str) -> None:
     """A request refused by the limit named ``kind`` (LimitExceeded.kind)."""
     child(LIMIT_REFUSALS, kind).inc()
+
+
+def count_http(route: str, status: int, seconds: float | None = None) -> None:
+    """One HTTP answer; ``seconds`` unless it never reached the app (not HTTP at all)."""
+    child(HTTP_REQUESTS, route, str(status)).inc()
+    if seconds is not None:
+        child(HTTP_SECONDS, route).observe(seconds)
+
+
+def record_build_info() -> None:
+    """Fill the build-info series; once at start-up (it may run ``git``)."""
+    BUILD.info(
+        {
+            "version": importlib.metadata.version("otp-service"),
+            "commit": _git_commit(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+        }
+    )
+
+
+def _git_commit() -> str:
+    """The commit of the checkout this package runs from, or "unknown" (an installed copy)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],  # noqa: S607 - git from PATH, if there is one
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def exposition(*, service: bool) -> bytes:
+    """/metrics in the Prometheus text format; without ``service``, no SERVICE_METRICS."""
+    return generate_latest(REGISTRY if service else _WITHOUT_SERVICE)
+
+
+class _Without(Collector):
+    """The default registry's families except some: a view, so nothing is unregistered."""
+
+    def __init__(self, left_out: tuple[MetricWrapperBase, ...]) -> None:
+        self._left_out = frozenset(family.name for m in left_out for family in m.describe())
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name not in self._left_out:
+                yield family
+
+
+_WITHOUT_SERVICE = _Without(SERVICE_METRICS)

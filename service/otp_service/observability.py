@@ -35,26 +35,42 @@ REQUEST_LOGGER = "otp_service.requests"
 # Made-up request ids: a random per-process prefix and a counter, unique without a syscall.
 _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
-_ERROR_CODES = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS"})
+# A request line's level by status: a bug is an ERROR; a dependency or the upstream failing
+# (UNAVAILABLE, Interakt refusing) a WARNING; anything else, refusals included, INFO.
+_LEVELS = {
+    "UNKNOWN": logging.ERROR,
+    "INTERNAL": logging.ERROR,
+    "DATA_LOSS": logging.ERROR,
+    "UNAVAILABLE": logging.WARNING,
+    "DEADLINE_EXCEEDED": logging.WARNING,
+    "FAILED_PRECONDITION": logging.WARNING,
+}
 _OUTCOME_PREFIX = "VERIFY_OUTCOME_"
 
 _requests_log = logging.getLogger(REQUEST_LOGGER)
 
 
 class RequestLine(NamedTuple):
-    """The fields of one request's log line; the formatters render it."""
+    """The fields of one request's log line; the formatters render it.
+
+    ``transport`` is how the call came in (grpc, or http for a JSON route served in process);
+    ``outcome`` is VerifyOtp's answer (``verified``, ``wrong_code``, ...), "-" for other calls.
+    """
 
     rpc: str
+    transport: str
     caller: str
     phone: str
     status: str
+    outcome: str
     duration_ms: float
     request_id: str
 
     def __str__(self) -> str:
         return (
-            f"{self.rpc} {self.status} {self.duration_ms}ms phone={self.phone} "
-            f"caller={self.caller} request_id={self.request_id}"
+            f"{self.rpc} {self.status} {self.outcome} {self.duration_ms}ms "
+            f"transport={self.transport} phone={self.phone} caller={self.caller} "
+            f"request_id={self.request_id}"
         )
 
 
@@ -66,17 +82,21 @@ class Observability:
 
     def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
         """``behavior`` observed: the outermost wrapper (see servicer.wrap_methods)."""
-        seconds = metrics.child(metrics.RPC_SECONDS, self._service, rpc)
-        outcomes = _outcome_counters() if rpc == "VerifyOtp" else None
+        labels = ("unary", self._service, rpc)
+        started = metrics.child(metrics.RPCS_STARTED, *labels)
+        seconds = metrics.child(metrics.RPC_SECONDS, *labels)
+        outcomes = _outcomes() if rpc == "VerifyOtp" else None
 
         async def observed(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
             start = time.perf_counter()
+            started.inc()
             context.request_id.set(request_id_from(ctx.invocation_metadata()))
-            status = "OK"
+            status, outcome = "OK", "-"
             try:
                 response = await behavior(request, ctx)
                 if outcomes is not None:
-                    outcomes[response.outcome].inc()
+                    counter, outcome = outcomes[response.outcome]
+                    counter.inc()
                 return response
             except BaseException as exc:
                 status = _status_of(exc, ctx)
@@ -84,14 +104,16 @@ class Observability:
             finally:
                 elapsed = time.perf_counter() - start
                 seconds.observe(elapsed)
-                metrics.child(metrics.RPCS_HANDLED, self._service, rpc, status).inc()
+                metrics.child(metrics.RPCS_HANDLED, *labels, status).inc()
                 log_request(
-                    logging.ERROR if status in _ERROR_CODES else logging.INFO,
+                    _LEVELS.get(status, logging.INFO),
                     RequestLine(
                         rpc,
+                        context.transport.get(),
                         context.caller.get(),
                         masked_phone(getattr(request, "phone_number", "")),
                         status,
+                        outcome,
                         round(elapsed * 1000, 2),
                         context.request_id.get(),
                     ),
@@ -134,12 +156,14 @@ def masked_phone(raw: str) -> str:
 
 
 @functools.cache
-def _outcome_counters() -> dict[int, Any]:
-    return {
-        value: metrics.VERIFICATIONS.labels(name.removeprefix(_OUTCOME_PREFIX).lower())
-        for name, value in otp_pb2.VerifyOutcome.items()
-        if value != otp_pb2.VERIFY_OUTCOME_UNSPECIFIED
-    }
+def _outcomes() -> dict[int, tuple[Any, str]]:
+    """Each VerifyOutcome's counter and short name (``wrong_code``), for metrics and the log."""
+    outcomes: dict[int, tuple[Any, str]] = {}
+    for name, value in otp_pb2.VerifyOutcome.items():
+        if value != otp_pb2.VERIFY_OUTCOME_UNSPECIFIED:
+            short = name.removeprefix(_OUTCOME_PREFIX).lower()
+            outcomes[value] = (metrics.VERIFICATIONS.labels(short), short)
+    return outcomes
 
 
 def _status_of(exc: BaseException, ctx: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -162,7 +186,12 @@ _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctim
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, event, then the request's or the record's fields."""
+    """One JSON object a line: time, level, event, message, then the record's own fields.
+
+    ``event`` is a short stable name to search and alert on: the ``event`` a log call passes in
+    ``extra`` (every call in this service does; a test checks), else the logger's name with
+    underscores (a library's lines). ``message`` is the prose.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         if type(record.msg) is RequestLine:
@@ -170,7 +199,8 @@ class JsonFormatter(logging.Formatter):
         line: dict[str, Any] = {
             "time": _utc(record.created),
             "level": record.levelname,
-            "event": record.getMessage(),
+            "event": getattr(record, "event", None) or record.name.replace(".", "_"),
+            "message": record.getMessage(),
             "logger": record.name,
         }
         request_id = context.request_id.get()
@@ -191,9 +221,10 @@ def _request_json(line: RequestLine, level: str, created: float) -> str:
     """
     return (
         f'{{"time": "{_utc(created)}", "level": "{level}", '
-        f'"event": "rpc", "rpc": "{line.rpc}", "caller": {_quoted(line.caller)}, '
-        f'"phone": "{line.phone}", "status": "{line.status}", '
-        f'"duration_ms": {line.duration_ms}, "request_id": {_quoted(line.request_id)}}}'
+        f'"event": "rpc", "rpc": "{line.rpc}", "transport": "{line.transport}", '
+        f'"caller": {_quoted(line.caller)}, "phone": "{line.phone}", "status": "{line.status}", '
+        f'"outcome": "{line.outcome}", "duration_ms": {line.duration_ms}, '
+        f'"request_id": {_quoted(line.request_id)}}}'
     )
 
 

@@ -64,9 +64,12 @@ class RedisWatcher:
             if serving != self._serving:
                 self._serving = serving
                 if serving:
-                    log.info("redis answers again: SERVING")
+                    log.info("redis answers again: SERVING", extra={"event": "redis_up"})
                 else:
-                    log.error("redis is unreachable: NOT_SERVING until it answers")
+                    log.error(
+                        "redis is unreachable: NOT_SERVING until it answers",
+                        extra={"event": "redis_down"},
+                    )
                 for service in self._services:
                     await self._health.set(service, _SERVING if serving else _NOT_SERVING)
             with contextlib.suppress(TimeoutError):

@@ -150,7 +150,10 @@ class InteraktSender:
                         f"the message provider is unavailable ({exc.reason}), try again shortly",
                         retry_after=max(delay, 1.0),
                     ) from exc
-                log.warning("interakt transient failure, retrying", extra={"reason": exc.reason})
+                log.warning(
+                    "interakt transient failure, retrying",
+                    extra={"event": "interakt_retry", "reason": exc.reason},
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -221,7 +224,9 @@ class LogSender:
     """Development mode: writes the code to the log instead of sending it."""
 
     async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
-        log.warning("DEV MODE, NOT SENT: code for %s is %s", phone.e164, code)
+        log.warning(
+            "DEV MODE, NOT SENT: code for %s is %s", phone.e164, code, extra={"event": "dev_code"}
+        )
         metrics.count_send("log", "accepted")
         return Delivery(Channel.LOG, "")
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +33,10 @@ from otp_service.store import RedisStore, Rules, Store
 SERVICE_NAME = SERVICE.full_name
 # Requests are two short strings; anything bigger is refused by gRPC before our code runs.
 MAX_MESSAGE_BYTES = 4 * 1024
+
+
+class ListenError(OSError):
+    """An address the server cannot listen on (in use, not ours, not an address)."""
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,19 @@ class OtpServer:
         await self.server.start()
         self.redis_watcher.start()
 
-    async def stop(self, grace: float) -> None:
-        """Say NOT_SERVING to every health watcher first, then drain in-flight RPCs."""
-        # Stopped first, so it cannot turn the status back to SERVING during the drain.
+    async def unready(self) -> None:
+        """Say NOT_SERVING to every health watcher, for good: shutdown has begun.
+
+        The server keeps serving; ``stop`` drains it.
+        """
+        # Stopped first, so it cannot turn the status back to SERVING.
         await self.redis_watcher.stop()
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING (if not yet), then refuse new RPCs and drain those in flight for ``grace``
+        seconds; any still running then is cancelled."""
+        await self.unready()
         await self.server.stop(grace)
 
 
@@ -142,15 +159,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    credentials = _tls_credentials(settings)
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(settings.grpc_address)
-        else:
-            port = server.add_secure_port(settings.grpc_address, credentials)
-    except RuntimeError as exc:
-        # grpcio reports a busy or unusable address as RuntimeError; callers handle OSError.
-        raise OSError(str(exc)) from exc
+    port = _bind(server, settings.grpc_address, _tls_credentials(settings))
     watcher = RedisWatcher(deps.store, health_servicer, ("", SERVICE_NAME))
     return OtpServer(
         server=server,
@@ -160,6 +169,47 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         health=health_servicer,
         redis_watcher=watcher,
     )
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``address``; raise ListenError saying why it cannot be.
+
+    grpcio raises RuntimeError without the reason, after gRPC's core has written the reason to
+    stderr in a raw line of its own (``add_port.cc``). That line is caught here instead, so an
+    operator sees one clear line: ``cannot listen on ...: Address already in use``.
+    """
+    captured: list[str] = []
+    try:
+        with _stderr_captured(captured):
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
+    except RuntimeError:
+        reason = re.search(r"Error in bind for address '[^']*': ([^)\n]+)", "".join(captured))
+        why = reason.group(1) if reason else "gRPC cannot bind it"
+        raise ListenError(f"cannot listen on {address} (gRPC): {why}") from None
+
+
+@contextlib.contextmanager
+def _stderr_captured(captured: list[str]) -> Iterator[None]:
+    """What C code writes to file descriptor 2 meanwhile goes into ``captured``, not to stderr.
+
+    When the block ends without an exception, the text is passed on to stderr after all, so
+    nothing unexpected is lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+        if captured[-1]:
+            sys.stderr.write(captured[-1])
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -165,7 +165,9 @@ def _with_statuses(method: Behavior) -> Behavior:
                 metrics.count_limit_refusal(exc.kind)
             await _abort(context, status_for(exc))
         except Exception:
-            log.exception("unexpected error while handling an RPC")
+            log.exception(
+                "unexpected error while handling an RPC", extra={"event": "rpc_internal_error"}
+            )
             await _abort(
                 context, status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
             )

@@ -488,6 +488,7 @@ class RedisStore:
                     "could not withdraw a failed send: its code stays until it expires and the "
                     "send stays counted against the limits (%r)",
                     failed[0][1],
+                    extra={"event": "send_withdraw_failed"},
                 )
                 return
             with contextlib.suppress(TimeoutError):

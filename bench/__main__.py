@@ -1,5 +1,6 @@
-"""``python -m bench [--smoke] [--rounds N] [--python-client]``: run every figure, write
-bench/results/results.md and chart.png.
+"""``python -m bench [--smoke] [--rounds N] [--python-client] [--out DIR]``: run every figure,
+write results.md and chart.png: into bench/results/ (the committed figures), or with
+``--smoke`` into a new temporary directory, so a smoke run never overwrites them.
 
 Everything runs on this machine in this run, each as its own process: a private redis-server,
 the fake Interakt with 50 ms latency, ``otp-service serve`` in production mode (authentication
@@ -606,8 +607,14 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks it runs")
     parser.add_argument("--rounds", type=int, help=f"rounds per figure (default {FULL.rounds})")
     parser.add_argument("--python-client", action="store_true", help="do not use h2load")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where results go (default: bench/results, with --smoke a new temporary directory)",
+    )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="otp-bench-smoke-")) if args.smoke else RESULTS
     sizes = SMOKE if args.smoke else FULL
     if args.rounds:
         sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
@@ -617,6 +624,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(sizes, use_h2load, args.out)
     print((args.out / "results.md").read_text())
+    print(f"bench: results written to {args.out}")
     bad = {k: v for k, v in results["checks"].items() if any(c != "OK" for c in v)}  # type: ignore[union-attr]
     if bad:
         print(f"bench: some sampled answers were wrong: {bad}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from bench.__main__ import Figure, Ratio
 from bench.load import Sample
 
 ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 @pytest.mark.parametrize(
@@ -29,13 +31,20 @@ ROOT = Path(__file__).parent.parent
 def test_smoke_run_measures_every_server_and_every_sampled_answer_is_right(
     tmp_path: Path, client: str
 ) -> None:
-    command = [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "bench", "--smoke"]
     if client == "python":
         command.append("--python-client")
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    committed = {path.name: path.read_bytes() for path in RESULTS.iterdir()}
+    # The smoke run picks a temporary directory of its own: here, one under tmp_path.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+    # The committed figures are untouched.
+    assert {path.name: path.read_bytes() for path in RESULTS.iterdir()} == committed
+    [out] = tmp_path.glob("otp-bench-smoke-*")
+    assert done.stdout.rstrip().endswith(f"bench: results written to {out}")
 
-    table = (tmp_path / "results.md").read_text()
+    table = (out / "results.md").read_text()
     routes = (
         "VerifyOtp",
         "gRPC Redis reference",
@@ -61,7 +70,7 @@ def test_smoke_run_measures_every_server_and_every_sampled_answer_is_right(
     ):
         row = next(row for row in table.splitlines() if row.startswith(ratio))
         assert row.endswith(("| met |", "| **not met** |")), row
-    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "chart.png").read_bytes().startswith(b"\x89PNG")
     # Every sampled answer was a success, and each Redis reference answered as the service did.
     checks = [
         line for line in table.split("Sampled answers", 1)[1].splitlines() if line[:2] == "- "

@@ -1,4 +1,4 @@
-"""A fake of Interakt's message API on loopback, answering as ../shared/interakt-api.md says.
+"""A fake of Interakt's message API on loopback, answering as docs/interakt.md says.
 
 Tests drive it by queueing answers (``fake.answer(...)``); with none queued it behaves like a
 healthy Interakt: it checks the Basic key, validates the body and queues the message.

@@ -83,6 +83,7 @@ async def test_send_then_verify_with_the_delivered_code(
             "message": "otp_code: wrong code, 4 attempts left",
         },
     )
+    assert list(wrong) == ["verified", "outcome", "attempts_remaining", "message"]  # as in README
     status, _, verified = await post(
         http, gateway.url + VERIFY, {"phone_number": PHONE, "otp_code": code}
     )

@@ -403,7 +403,7 @@ async def test_the_gateways_own_refusals_are_request_lines_too(
         "time": line["time"],
         "level": "INFO",
         "event": "http_request",
-        "message": "no such path; the routes are listed in /openapi.json",
+        "message": "GET other answered 404: no such path; the routes are listed in /openapi.json",
         "logger": "otp_service.requests",
         "request_id": "r-404",
         "transport": "http",

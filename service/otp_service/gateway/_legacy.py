@@ -188,11 +188,14 @@ def _answer_json(route: Route, serialized: bytes) -> tuple[int, bytes]:
 
     An answer that is not a success gets the route's status for it and a ``message``.
     """
-    answer = json_format.MessageToDict(
+    unordered = json_format.MessageToDict(
         route.response_type.FromString(serialized),
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
+    # In the proto's order, whichever fields are at their defaults.
+    fields = route.response_type.DESCRIPTOR.fields
+    answer = {field.name: unordered[field.name] for field in fields if field.name in unordered}
     failed = route.failure(answer) if route.failure is not None else None
     if failed is None:
         return 200, json.dumps(answer).encode()

@@ -81,6 +81,10 @@ def _refused(request: web.Request, route: str, refusal: Refusal, start: float) -
 def log_refusal(method: str, route: str, refusal: Refusal, seconds: float) -> None:
     """The request line of an answer the gateway made itself."""
     _requests_log.info(
+        "%s %s answered %d: %s",
+        method,
+        route,
+        refusal.status,
         refusal.message,
         extra={
             "event": "http_request",

@@ -31,6 +31,7 @@ from otp_service.gateway import (
     create_app,
 )
 from tests.conftest import (
+    PATIENCE_SECONDS,
     PHONE,
     TOKEN,
     MakeGateway,
@@ -674,7 +675,7 @@ async def test_early_refusals_are_logged_and_counted_never_as_errors(
     reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(gateway.url).port)
     writer.write(raw)
     # Read to the end: the server closes the connection once it has logged all it will.
-    async with asyncio.timeout(15):
+    async with asyncio.timeout(PATIENCE_SECONDS):
         answer = await reader.read()
     writer.close()
     status_line = b" %d %s" % (status, HTTPStatus(status).phrase.encode())

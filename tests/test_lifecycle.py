@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -172,15 +175,39 @@ async def stop_process(
     return process.returncode or 0, *written
 
 
-def serve_env(
-    redis_server: EmbeddedRedis,
-    interakt: FakeInterakt,
-    grpc_port: int,
-    http_port: int,
-    **extra: str,
-) -> dict[str, str]:
-    """``otp-service serve`` in production mode against the test Redis and the fake Interakt."""
-    return {
+@dataclass
+class Served:
+    """``otp-service serve`` in production mode against the test Redis and the fake Interakt,
+    and a gRPC channel to it that sends the test caller's token."""
+
+    process: asyncio.subprocess.Process
+    base_url: str  # its HTTP side
+    stub: otp_pb2_grpc.OtpServiceStub
+    health: Any
+    signalled: bool = False
+    _exit: tuple[int, str, str] | None = None
+
+    def sigterm(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.signalled = True
+
+    async def exited(self) -> tuple[int, str, str]:
+        """Its exit status, stdout and stderr once it ends; a SIGTERM first if none was sent.
+
+        Only one SIGTERM: a second one landing after the event loop closed would kill it.
+        """
+        if self._exit is None:
+            self._exit = await stop_process(self.process, terminate=not self.signalled)
+        return self._exit
+
+
+@contextlib.asynccontextmanager
+async def served(
+    redis_server: EmbeddedRedis, interakt: FakeInterakt, **settings: str
+) -> AsyncIterator[Served]:
+    """The server, started with ``settings`` (environment variables) and serving."""
+    grpc_port, http_port = free_port(), free_port()
+    env = {
         "REDIS_URL": redis_server.url,
         "INTERAKT_API_KEY": API_KEY,
         "INTERAKT_BASE_URL": interakt.base_url,
@@ -188,19 +215,28 @@ def serve_env(
         "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
         "OTP_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
         "OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-        **extra,
+        **settings,
     }
-
-
-async def until_serving(channel: grpc.aio.Channel) -> Any:
-    """Wait for the server behind ``channel`` to answer health checks; its health stub."""
-    health: Any = health_pb2_grpc.HealthStub(channel)
-    await health.Check(
-        health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-        wait_for_ready=True,
-        timeout=PATIENCE_SECONDS,
-    )
-    return health
+    process = await start_process("serve", env=env)
+    server: Served | None = None
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{grpc_port}", interceptors=[Bearer(TOKEN)]
+        ) as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            await health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                wait_for_ready=True,
+                timeout=PATIENCE_SECONDS,
+            )
+            stub = otp_pb2_grpc.OtpServiceStub(channel)
+            server = Served(process, f"http://127.0.0.1:{http_port}", stub, health)
+            yield server
+    finally:
+        if server is not None:
+            await server.exited()
+        else:
+            await stop_process(process)
 
 
 async def test_sigterm_drains_in_flight_rpcs_then_exits_0(
@@ -209,68 +245,52 @@ async def test_sigterm_drains_in_flight_rpcs_then_exits_0(
     interakt: FakeInterakt,
     http: aiohttp.ClientSession,
 ) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    process = await start_process(
-        "serve", env=serve_env(redis_server, interakt, grpc_port, http_port)
-    )
-    base_url = f"http://127.0.0.1:{http_port}"
-    signalled = False
-    try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{grpc_port}", interceptors=[Bearer(TOKEN)]
-        ) as channel:
-            await until_serving(channel)
-            stub = otp_pb2_grpc.OtpServiceStub(channel)
-            release = asyncio.Event()
-            phones = [f"+9170038485{i}" for i in range(10, 15)]  # not PHONE: REST sends to it
-            interakt.answer(
-                *[
-                    Answer(
-                        body={"result": True, "message": "queued", "id": f"held-{i}"}, hold=release
-                    )
-                    for i in range(len(phones) + 1)
-                ]
-            )
-            rpcs = [
-                asyncio.ensure_future(
-                    stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=phone), timeout=30)
-                )
-                for phone in phones
+    async with served(redis_server, interakt) as server:
+        release = asyncio.Event()
+        phones = [f"+9170038485{i}" for i in range(10, 15)]  # not PHONE: REST sends to it
+        interakt.answer(
+            *[
+                Answer(body={"result": True, "message": "queued", "id": f"held-{i}"}, hold=release)
+                for i in range(len(phones) + 1)
             ]
-            rest = asyncio.create_task(
-                http.post(base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
+        )
+        rpcs = [
+            asyncio.ensure_future(
+                server.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=phone), timeout=30)
             )
+            for phone in phones
+        ]
+        rest = asyncio.create_task(
+            http.post(server.base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
+        )
 
-            async def all_in_flight() -> bool:
-                return len(interakt.received) == len(phones) + 1
+        async def all_in_flight() -> bool:
+            return len(interakt.received) == len(phones) + 1
 
-            await eventually(all_in_flight)
-            process.send_signal(signal.SIGTERM)
-            signalled = True
+        await eventually(all_in_flight)
+        server.sigterm()
 
-            async def new_calls_refused() -> bool:
-                # No shutdown delay: the drain begins at once, so the ports take no new work.
-                try:
-                    await stub.VerifyOtp(otp_pb2.VerifyOtpRequest(phone_number=PHONE), timeout=5)
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code() == grpc.StatusCode.UNAVAILABLE
-                return False
+        async def new_calls_refused() -> bool:
+            # No shutdown delay: the drain begins at once, so the ports take no new work.
+            try:
+                await server.stub.VerifyOtp(otp_pb2.VerifyOtpRequest(phone_number=PHONE), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAVAILABLE
+            return False
 
-            await eventually(new_calls_refused)  # while the calls in flight are still held
-            with pytest.raises(aiohttp.ClientConnectionError):
-                await http_status(http, base_url + "/readyz")
-            assert not any(rpc.done() for rpc in rpcs)
-            release.set()
-            answers = await asyncio.gather(*rpcs)
-            async with await rest as response:
-                assert response.status == 200
-                rest_id = (await response.json())["message_id"]
-        # Every call that was in flight got its answer from the provider.
-        ids = {answer.message_id for answer in answers} | {rest_id}
-        assert ids == {f"held-{i}" for i in range(len(phones) + 1)}
-    finally:
-        # Only one SIGTERM: a second one that lands after the event loop closed would kill it.
-        status, out, err = await stop_process(process, terminate=not signalled)
+        await eventually(new_calls_refused)  # while the calls in flight are still held
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http_status(http, server.base_url + "/readyz")
+        assert not any(rpc.done() for rpc in rpcs)
+        release.set()
+        answers = await asyncio.gather(*rpcs)
+        async with await rest as response:
+            assert response.status == 200
+            rest_id = (await response.json())["message_id"]
+    # Every call that was in flight got its answer from the provider.
+    ids = {answer.message_id for answer in answers} | {rest_id}
+    assert ids == {f"held-{i}" for i in range(len(phones) + 1)}
+    status, out, err = await server.exited()
     assert status == 0, err
     lines = [json.loads(line) for line in out.splitlines()]  # production logs: JSON only
     events = [line["event"] for line in lines]
@@ -287,68 +307,56 @@ async def test_shutdown_delay_keeps_both_ports_serving_while_unready(
     interakt: FakeInterakt,
     http: aiohttp.ClientSession,
 ) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    env = serve_env(redis_server, interakt, grpc_port, http_port, OTP_SHUTDOWN_DELAY_SECONDS="3")
-    process = await start_process("serve", env=env)
-    base_url = f"http://127.0.0.1:{http_port}"
     request = otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="123456")
     # Each call's status, and whether readiness had already been seen off when it was made.
     answers: list[tuple[str, bool]] = []
     unready_seen = False
-    signalled = False
-    try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{grpc_port}", interceptors=[Bearer(TOKEN)]
-        ) as channel:
-            health = await until_serving(channel)
-            stub = otp_pb2_grpc.OtpServiceStub(channel)
+    async with served(redis_server, interakt, OTP_SHUTDOWN_DELAY_SECONDS="3") as server:
 
-            async def keep_calling() -> None:
-                """A client that calls without pause until the port is gone."""
-                while True:
-                    seen = unready_seen
-                    try:
-                        await stub.VerifyOtp(request, timeout=PATIENCE_SECONDS)
-                    except grpc.aio.AioRpcError as exc:
-                        answers.append((exc.code().name, seen))
-                        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                            return
-                    else:
-                        answers.append(("OK", seen))
+        async def keep_calling() -> None:
+            """A client that calls without pause until the port is gone."""
+            while True:
+                seen = unready_seen
+                try:
+                    await server.stub.VerifyOtp(request, timeout=PATIENCE_SECONDS)
+                except grpc.aio.AioRpcError as exc:
+                    answers.append((exc.code().name, seen))
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        return
+                else:
+                    answers.append(("OK", seen))
 
-            caller = asyncio.create_task(keep_calling())
+        caller = asyncio.create_task(keep_calling())
 
-            async def calling() -> bool:
-                return len(answers) >= 3
+        async def calling() -> bool:
+            return len(answers) >= 3
 
-            await eventually(calling)
-            process.send_signal(signal.SIGTERM)
-            signalled = True
+        await eventually(calling)
+        server.sigterm()
 
-            async def not_ready() -> bool:
-                return await http_status(http, base_url + "/readyz") == 503
+        async def not_ready() -> bool:
+            return await http_status(http, server.base_url + "/readyz") == 503
 
-            await eventually(not_ready)
-            status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-            assert status.status == NOT_SERVING
-            unready_seen = True
+        await eventually(not_ready)
+        health = await server.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert health.status == NOT_SERVING
+        unready_seen = True
 
-            async def served_while_unready() -> bool:
-                return sum(1 for answer in answers if answer == ("OK", True)) >= 3
+        async def served_while_unready() -> bool:
+            return sum(1 for answer in answers if answer == ("OK", True)) >= 3
 
-            await eventually(served_while_unready)
-            # The JSON routes answer too: not connection refused.
-            async with http.post(
-                base_url + "/api/v1/auth/verify-otp",
-                json={"phone_number": PHONE, "otp_code": "123456"},
-            ) as response:
-                assert (await response.json())["outcome"] == "VERIFY_OUTCOME_NO_ACTIVE_CODE"
-            # Then the drain: the port closes, and the client's calls fail over to UNAVAILABLE.
-            async with asyncio.timeout(PATIENCE_SECONDS):
-                await caller
-    finally:
-        status_code, out, err = await stop_process(process, terminate=not signalled)
-    assert status_code == 0, err
+        await eventually(served_while_unready)
+        # The JSON routes answer too: not connection refused.
+        async with http.post(
+            server.base_url + "/api/v1/auth/verify-otp",
+            json={"phone_number": PHONE, "otp_code": "123456"},
+        ) as response:
+            assert (await response.json())["outcome"] == "VERIFY_OUTCOME_NO_ACTIVE_CODE"
+        # Then the drain: the port closes, and the client's calls fail over to UNAVAILABLE.
+        async with asyncio.timeout(PATIENCE_SECONDS):
+            await caller
+    status, out, err = await server.exited()
+    assert status == 0, err
     # Every call succeeded until the port closed; then they failed (one that raced the close
     # may have been cancelled), and the client saw the port gone.
     codes = [code for code, _ in answers]
@@ -360,9 +368,9 @@ async def test_shutdown_delay_keeps_both_ports_serving_while_unready(
     shutting_down, draining = events.index("shutting_down"), events.index("draining")
     assert shutting_down < draining < events.index("stopped")
     # Between the signal and the drain, calls were served (the delay), all of them OK.
-    served = [line["status"] for line in lines[shutting_down:draining] if line["event"] == "rpc"]
-    assert len(served) >= 3
-    assert set(served) == {"OK"}
+    answered = [line["status"] for line in lines[shutting_down:draining] if line["event"] == "rpc"]
+    assert len(answered) >= 3
+    assert set(answered) == {"OK"}
 
 
 async def test_a_call_longer_than_the_grace_is_cut_at_the_grace(
@@ -371,42 +379,28 @@ async def test_a_call_longer_than_the_grace_is_cut_at_the_grace(
     interakt: FakeInterakt,
     http: aiohttp.ClientSession,
 ) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    # Interakt's budget far beyond the grace: only the grace can end these calls.
-    env = serve_env(
-        redis_server,
-        interakt,
-        grpc_port,
-        http_port,
-        OTP_SHUTDOWN_GRACE_SECONDS="1",
-        INTERAKT_TIMEOUT_SECONDS="60",
-    )
-    process = await start_process("serve", env=env)
-    base_url = f"http://127.0.0.1:{http_port}"
     never = asyncio.Event()  # Interakt holds both sends until the end of the test
     interakt.answer(*[Answer(body={"result": True, "id": "late"}, hold=never)] * 2)
-    signalled = False
+    # Interakt's budget far beyond the grace: only the grace can end these calls.
+    settings = {"OTP_SHUTDOWN_GRACE_SECONDS": "1", "INTERAKT_TIMEOUT_SECONDS": "60"}
     try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{grpc_port}", interceptors=[Bearer(TOKEN)]
-        ) as channel:
-            await until_serving(channel)
-            stub = otp_pb2_grpc.OtpServiceStub(channel)
+        async with served(redis_server, interakt, **settings) as server:
             rpc = asyncio.ensure_future(
-                stub.SendOtp(otp_pb2.SendOtpRequest(phone_number="+917003848510"), timeout=60)
+                server.stub.SendOtp(
+                    otp_pb2.SendOtpRequest(phone_number="+917003848510"), timeout=60
+                )
             )
             rest = asyncio.create_task(
-                http.post(base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
+                http.post(server.base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
             )
 
             async def both_held() -> bool:
                 return len(interakt.received) == 2
 
             await eventually(both_held)
-            process.send_signal(signal.SIGTERM)
-            signalled = True
+            server.sigterm()
             # The process ends on its own though Interakt still holds both calls.
-            status, out, err = await stop_process(process, terminate=False)
+            status, out, err = await server.exited()
             assert not never.is_set()
             with pytest.raises(grpc.aio.AioRpcError):
                 await rpc
@@ -414,8 +408,6 @@ async def test_a_call_longer_than_the_grace_is_cut_at_the_grace(
                 await rest
     finally:
         never.set()
-        if not signalled:
-            await stop_process(process)
     assert status == 0, err
     rpcs = [json.loads(line) for line in out.splitlines() if '"event": "rpc"' in line]
     assert sorted((line["transport"], line["status"]) for line in rpcs) == [
@@ -429,23 +421,16 @@ async def test_probes_stay_open_when_metrics_need_a_token(
     redis_server: EmbeddedRedis,
     interakt: FakeInterakt,
 ) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    env = serve_env(redis_server, interakt, grpc_port, http_port, OTP_METRICS_AUTH="true")
-    process = await start_process("serve", env=env)
-    base_url = f"http://127.0.0.1:{http_port}"
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            await until_serving(channel)
+    async with served(redis_server, interakt, OTP_METRICS_AUTH="true") as server:
         async with aiohttp.ClientSession() as anonymous:
             # A kubelet has no token: both probes answer it.
-            assert await http_status(anonymous, base_url + "/healthz") == 200
-            assert await http_status(anonymous, base_url + "/readyz") == 200
+            assert await http_status(anonymous, server.base_url + "/healthz") == 200
+            assert await http_status(anonymous, server.base_url + "/readyz") == 200
             for path in ("/metrics", "/openapi.json"):
-                assert await http_status(anonymous, base_url + path) == 401
+                assert await http_status(anonymous, server.base_url + path) == 401
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as ops:
-            _, samples = await scrape(ops, base_url)
-    finally:
-        status, _, err = await stop_process(process)
+            _, samples = await scrape(ops, server.base_url)
+    status, _, err = await server.exited()
     assert status == 0, err
     [build] = [labels for (name, labels) in samples if name == "otp_service_build_info"]
     assert dict(build) == {

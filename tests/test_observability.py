@@ -453,7 +453,7 @@ def test_every_service_metric_is_left_out_of_a_gateway_alone() -> None:
         value
         for value in vars(metrics).values()
         if isinstance(value, MetricWrapperBase)
-        and value._name.startswith(("otp_", "grpc_"))
+        and value.describe()[0].name.startswith(("otp_", "grpc_"))
         and value is not metrics.BUILD
     }
     assert service == set(metrics.SERVICE_METRICS)

@@ -28,7 +28,7 @@ BACKOFF_BASE_SECONDS = 0.2
 # mistake, and the caller is told to wait this long instead.
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
-# Interakt's known refusals (shared contract): the substring of its message, and what the caller
+# Interakt's known refusals (docs/interakt.md): the substring of its message, and what the caller
 # is told. Matching is on a substring because the template refusal embeds the template's name.
 _NOT_A_CONTACT = "Customer is not available for the organization"
 _OUTSIDE_24H = "Customer has not messaged within last 24 hours"

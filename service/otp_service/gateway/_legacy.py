@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -81,9 +82,9 @@ def add_legacy_routes(app: web.Application, backend: Backend) -> None:
         app.router.add_post(route.path, _handler(route, backend))
 
 
-def _handler(route: Route, backend: Backend) -> Callable[[web.Request], Any]:
+def _handler(route: Route, backend: Backend) -> Handler:
     async def handle(request: web.Request) -> web.Response:
-        message = request_from(parse_json(await read_body(request)), route)
+        message = _request_from(parse_json(await read_body(request)), route)
         metadata: Metadata = [
             (REQUEST_ID_KEY, context.request_id.get()),  # set by the middleware
             *_authorization(request),
@@ -107,7 +108,7 @@ def _authorization(request: web.Request) -> list[tuple[str, str]]:
     return [("authorization", value) for value in values]
 
 
-def request_from(data: Any, route: Route) -> Message:
+def _request_from(data: Any, route: Route) -> Message:
     """``data`` as the route's request message, by the protobuf JSON mapping.
 
     A request is a few string fields named by their proto names; those are set directly, as

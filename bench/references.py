@@ -11,7 +11,7 @@
   instead of the product's connection: the yardstick for that connection.
 - ``empty-http``: an empty aiohttp handler answering ``{}``.
 - ``http-redis``: REST verify doing nothing but its round trip: the same JSON in, the same
-  script through the product's store and connection, the same JSON out.
+  script through the product's store and connection, the same JSON and HTTP status out.
 
 Every one runs on the service's event loop (uvloop, ``run_event_loop``); the gRPC ones with its
 server options, the aiohttp ones without an access log, as the gateway. The Redis ones read the
@@ -38,6 +38,7 @@ from otp.v1 import otp_pb2
 from bench.protocol_redis import ProtocolRedis
 from otp_service.cli import run_event_loop
 from otp_service.config import Settings
+from otp_service.gateway import ROUTES
 from otp_service.results import VerifyResult
 from otp_service.server import build_deps, build_service, server_options
 from otp_service.store import RedisStore
@@ -46,6 +47,9 @@ GRPC_METHOD = "/bench.Empty/Call"
 HTTP_PATH = "/empty"
 VERIFY_METHOD = "/otp.v1.OtpService/VerifyOtp"
 VERIFY_PATH = "/api/v1/auth/verify-otp"
+# The legacy route's rule for the status of an answer that is not a success.
+[_not_verified] = [route.failure for route in ROUTES if route.path == VERIFY_PATH]
+assert _not_verified is not None
 
 _Verify = Callable[[str, str], Awaitable[VerifyResult]]
 
@@ -136,13 +140,19 @@ async def serve_http_redis(port: int) -> None:
     async def verify_otp(request: web.Request) -> web.Response:
         data = json.loads(await request.read())
         result = await verify(data["phone_number"], data["otp_code"])
-        # The gateway's JSON for the answer: proto field names, the enum by name.
-        answer = {
+        # The gateway's JSON for the answer: proto field names, the enum by name; and, for a
+        # code that did not verify, the legacy route's 4xx with its message.
+        answer: dict[str, Any] = {
             "verified": result.verified,
             "outcome": f"VERIFY_OUTCOME_{result.outcome.name}",
             "attempts_remaining": result.attempts_remaining,
         }
-        return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
+        status, failed = 200, _not_verified(answer)
+        if failed is not None:
+            status, answer["message"] = failed
+        return web.Response(
+            status=status, body=json.dumps(answer).encode(), content_type="application/json"
+        )
 
     await _serve_http(port, VERIFY_PATH, verify_otp)
 

@@ -25,25 +25,26 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10otp/v1/otp.proto\x12\x06otp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"&\n\x0eSendOtpRequest\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\"\x95\x01\n\x0fSendOtpResponse\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14resend_after_seconds\x18\x02 \x01(\x05\x12 \n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x0f.otp.v1.Channel\x12\x12\n\nmessage_id\x18\x04 \x01(\t\":\n\x10VerifyOtpRequest\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x12\x10\n\x08otp_code\x18\x02 \x01(\t\"i\n\x11VerifyOtpResponse\x12\x10\n\x08verified\x18\x01 \x01(\x08\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.otp.v1.VerifyOutcome\x12\x1a\n\x12\x61ttempts_remaining\x18\x03 \x01(\x05*[\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43HANNEL_TEXT\x10\x01\x12\x14\n\x10\x43HANNEL_TEMPLATE\x10\x02\x12\x0f\n\x0b\x43HANNEL_LOG\x10\x03*\xb4\x01\n\rVerifyOutcome\x12\x1e\n\x1aVERIFY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERIFY_OUTCOME_VERIFIED\x10\x01\x12\x1d\n\x19VERIFY_OUTCOME_WRONG_CODE\x10\x02\x12!\n\x1dVERIFY_OUTCOME_NO_ACTIVE_CODE\x10\x03\x12$\n VERIFY_OUTCOME_TOO_MANY_ATTEMPTS\x10\x04\x32\x8a\x01\n\nOtpService\x12:\n\x07SendOtp\x12\x16.otp.v1.SendOtpRequest\x1a\x17.otp.v1.SendOtpResponse\x12@\n\tVerifyOtp\x12\x18.otp.v1.VerifyOtpRequest\x1a\x19.otp.v1.VerifyOtpResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10otp/v1/otp.proto\x12\x06otp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\x0eSendOtpRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\"\xc8\x01\n\x0fSendOtpResponse\x12\x39\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\texpiresAt\x12\x30\n\x14resend_after_seconds\x18\x02 \x01(\x05R\x12resendAfterSeconds\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x0f.otp.v1.ChannelR\x07\x63hannel\x12\x1d\n\nmessage_id\x18\x04 \x01(\tR\tmessageId\"P\n\x10VerifyOtpRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\x12\x19\n\x08otp_code\x18\x02 \x01(\tR\x07otpCode\"\x8f\x01\n\x11VerifyOtpResponse\x12\x1a\n\x08verified\x18\x01 \x01(\x08R\x08verified\x12/\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.otp.v1.VerifyOutcomeR\x07outcome\x12-\n\x12\x61ttempts_remaining\x18\x03 \x01(\x05R\x11\x61ttemptsRemaining*m\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43HANNEL_TEXT\x10\x01\x12\x14\n\x10\x43HANNEL_TEMPLATE\x10\x02\x12\x0f\n\x0b\x43HANNEL_LOG\x10\x03\x12\x10\n\x0c\x43HANNEL_TEST\x10\x04*\xb4\x01\n\rVerifyOutcome\x12\x1e\n\x1aVERIFY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERIFY_OUTCOME_VERIFIED\x10\x01\x12\x1d\n\x19VERIFY_OUTCOME_WRONG_CODE\x10\x02\x12!\n\x1dVERIFY_OUTCOME_NO_ACTIVE_CODE\x10\x03\x12$\n VERIFY_OUTCOME_TOO_MANY_ATTEMPTS\x10\x04\x32\x8a\x01\n\nOtpService\x12:\n\x07SendOtp\x12\x16.otp.v1.SendOtpRequest\x1a\x17.otp.v1.SendOtpResponse\x12@\n\tVerifyOtp\x12\x18.otp.v1.VerifyOtpRequest\x1a\x19.otp.v1.VerifyOtpResponseBF\n\x13\x63om.minserve.otp.v1B\x08OtpProtoP\x01Z#otp-service/clients/go/otp/v1;otpv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'otp.v1.otp_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=420
-  _globals['_CHANNEL']._serialized_end=511
-  _globals['_VERIFYOUTCOME']._serialized_start=514
-  _globals['_VERIFYOUTCOME']._serialized_end=694
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\023com.minserve.otp.v1B\010OtpProtoP\001Z#otp-service/clients/go/otp/v1;otpv1'
+  _globals['_CHANNEL']._serialized_start=545
+  _globals['_CHANNEL']._serialized_end=654
+  _globals['_VERIFYOUTCOME']._serialized_start=657
+  _globals['_VERIFYOUTCOME']._serialized_end=837
   _globals['_SENDOTPREQUEST']._serialized_start=61
-  _globals['_SENDOTPREQUEST']._serialized_end=99
-  _globals['_SENDOTPRESPONSE']._serialized_start=102
-  _globals['_SENDOTPRESPONSE']._serialized_end=251
-  _globals['_VERIFYOTPREQUEST']._serialized_start=253
-  _globals['_VERIFYOTPREQUEST']._serialized_end=311
-  _globals['_VERIFYOTPRESPONSE']._serialized_start=313
-  _globals['_VERIFYOTPRESPONSE']._serialized_end=418
-  _globals['_OTPSERVICE']._serialized_start=697
-  _globals['_OTPSERVICE']._serialized_end=835
+  _globals['_SENDOTPREQUEST']._serialized_end=112
+  _globals['_SENDOTPRESPONSE']._serialized_start=115
+  _globals['_SENDOTPRESPONSE']._serialized_end=315
+  _globals['_VERIFYOTPREQUEST']._serialized_start=317
+  _globals['_VERIFYOTPREQUEST']._serialized_end=397
+  _globals['_VERIFYOTPRESPONSE']._serialized_start=400
+  _globals['_VERIFYOTPRESPONSE']._serialized_end=543
+  _globals['_OTPSERVICE']._serialized_start=840
+  _globals['_OTPSERVICE']._serialized_end=978
 # @@protoc_insertion_point(module_scope)

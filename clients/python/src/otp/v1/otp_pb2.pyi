@@ -34,6 +34,10 @@ class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.Value
     """An approved WhatsApp template message."""
     CHANNEL_LOG: _Channel.ValueType  # 3
     """Development mode only: the code was written to the server's log."""
+    CHANNEL_TEST: _Channel.ValueType  # 4
+    """A test number (the server's OTP_TEST_NUMBERS): nothing was sent; the code
+    is the one configured for the number. Every limit still applies.
+    """
 
 class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
     """Channel is the kind of message that carried the code."""
@@ -48,6 +52,10 @@ CHANNEL_TEMPLATE: Channel.ValueType  # 2
 """An approved WhatsApp template message."""
 CHANNEL_LOG: Channel.ValueType  # 3
 """Development mode only: the code was written to the server's log."""
+CHANNEL_TEST: Channel.ValueType  # 4
+"""A test number (the server's OTP_TEST_NUMBERS): nothing was sent; the code
+is the one configured for the number. Every limit still applies.
+"""
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
 class _VerifyOutcome:
@@ -121,7 +129,8 @@ class SendOtpResponse(_message.Message):
     channel: Global___Channel.ValueType
     """How the code was delivered."""
     message_id: _builtins.str
-    """The delivery provider's id for the message (empty in development mode).
+    """The delivery provider's id for the message (empty in development mode
+    and for test numbers).
     Delivery reports from the provider refer to this id.
     """
     @_builtins.property

@@ -32,8 +32,10 @@ class OtpServiceStub:
     Expected results of a verification (wrong code, expired code, too many
     tries) are answered with status OK and an outcome. Every call needs the
     metadata "authorization: Bearer <token>" of its calling service.
-    Error statuses mean:
-    INVALID_ARGUMENT    the request is malformed; the message names the field.
+    Every error status carries a google.rpc.ErrorInfo whose reason names an
+    ErrorReason (error_reason.proto), for a program to act on. Statuses mean:
+    INVALID_ARGUMENT    the request is malformed; the message names the field,
+    and so does a google.rpc.BadRequest detail.
     UNAUTHENTICATED     no valid caller token.
     PERMISSION_DENIED   codes are not sent to this number's country.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
@@ -69,8 +71,10 @@ class OtpServiceServicer:
     Expected results of a verification (wrong code, expired code, too many
     tries) are answered with status OK and an outcome. Every call needs the
     metadata "authorization: Bearer <token>" of its calling service.
-    Error statuses mean:
-    INVALID_ARGUMENT    the request is malformed; the message names the field.
+    Every error status carries a google.rpc.ErrorInfo whose reason names an
+    ErrorReason (error_reason.proto), for a program to act on. Statuses mean:
+    INVALID_ARGUMENT    the request is malformed; the message names the field,
+    and so does a google.rpc.BadRequest detail.
     UNAUTHENTICATED     no valid caller token.
     PERMISSION_DENIED   codes are not sent to this number's country.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
@@ -132,8 +136,10 @@ class OtpService:
     Expected results of a verification (wrong code, expired code, too many
     tries) are answered with status OK and an outcome. Every call needs the
     metadata "authorization: Bearer <token>" of its calling service.
-    Error statuses mean:
-    INVALID_ARGUMENT    the request is malformed; the message names the field.
+    Every error status carries a google.rpc.ErrorInfo whose reason names an
+    ErrorReason (error_reason.proto), for a program to act on. Statuses mean:
+    INVALID_ARGUMENT    the request is malformed; the message names the field,
+    and so does a google.rpc.BadRequest detail.
     UNAUTHENTICATED     no valid caller token.
     PERMISSION_DENIED   codes are not sent to this number's country.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says

@@ -7,10 +7,12 @@ import string
 
 import grpc
 import redis
+from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from otp.v1 import otp_pb2
 
+from otp_service.server import MAX_MESSAGE_BYTES
 from tests.conftest import PHONE, TOKEN, MakeServer, redis_snapshot
 
 # What a caller may get; UNKNOWN or INTERNAL would mean a request reached code that did not
@@ -81,8 +83,24 @@ def _fuzz(target: str, db: redis.Redis) -> None:
                 rpc(body, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+                reason = error_reason(exc)
                 assert code in EXPECTED, (code, details)
                 assert details, code
+                # Every refusal of the service names its reason; only gRPC's own size check
+                # (before any code of ours runs) answers without one.
+                if len(body) <= MAX_MESSAGE_BYTES:
+                    assert reason, (method, code, details)
                 assert redis_snapshot(db) == before, (method, code, details)
 
         one_call()
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The reason of the otp-service ErrorInfo detail of a failed call, or ""."""
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info) and info.domain == "otp-service":
+                    return info.reason
+    return ""

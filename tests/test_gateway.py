@@ -94,7 +94,7 @@ async def test_send_then_verify_with_the_delivered_code(
     )
 
 
-async def test_limit_is_429_with_retry_after_and_the_retry_info_detail(
+async def test_limit_is_429_with_retry_after_and_the_error_info_and_retry_info_details(
     make_gateway: MakeGateway, http: aiohttp.ClientSession
 ) -> None:
     gateway = await make_gateway()
@@ -105,8 +105,36 @@ async def test_limit_is_429_with_retry_after_and_the_retry_info_detail(
     assert body == {
         "code": grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
         "message": "phone_number: a code was sent moments ago",
-        "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retry_delay": "30s"}],
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "RESEND_COOLDOWN",
+                "domain": "otp-service",
+                "metadata": {"cooldown_seconds": "30"},
+            },
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retry_delay": "30s"},
+        ],
     }
+
+
+async def test_invalid_input_carries_error_info_and_bad_request_in_the_json_mapping(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway()
+    status, _, body = await post(http, gateway.url + VERIFY, {"phone_number": PHONE})
+    assert status == 400
+    assert body["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "INVALID_CODE",
+            "domain": "otp-service",
+            "metadata": {"field": "otp_code"},
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "field_violations": [{"field": "otp_code", "description": "is required"}],
+        },
+    ]
 
 
 async def test_service_errors_keep_their_message(

@@ -21,7 +21,8 @@ import grpc
 
 from otp_service import context, metrics
 from otp_service.config import read_client_tokens_file
-from otp_service.servicer import Behavior
+from otp_service.errors import NotAuthenticated
+from otp_service.servicer import Behavior, abort
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class CallerAuth:
             values = [str(v) for k, v in metadata if k == "authorization"]
             name = self._callers.authenticate(values)
             if name is None:
-                await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+                await abort(ctx, NotAuthenticated(DENIED))
             context.caller.set(name)
             return await behavior(request, ctx)
 

@@ -225,6 +225,13 @@ def _warn_about_modes(settings: Settings) -> None:
             DEV_TOKEN,
             extra={"event": "dev_token"},
         )
+    if settings.test_numbers:
+        log.warning(
+            "OTP_TEST_NUMBERS: %d test numbers configured; their codes are fixed and never sent, "
+            "and each use is logged",
+            len(settings.test_numbers),
+            extra={"event": "test_numbers"},
+        )
 
 
 async def _shut_down(settings: Settings, server: OtpServer | None, http: HttpServer | None) -> None:

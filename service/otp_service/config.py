@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
+from otp_service.errors import InvalidInput
+from otp_service.phone import parse_phone
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_INTERAKT_BASE_URL = "https://api.interakt.ai/v1/public"
 DEFAULT_TEMPLATE_LANGUAGE = "en"
@@ -111,6 +114,8 @@ class Settings:
     interakt_sends_per_minute: int = DEFAULT_INTERAKT_SENDS_PER_MINUTE
     allowed_countries: frozenset[str] = DEFAULT_ALLOWED_COUNTRIES
     max_failed_verifies_per_hour: int = DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR
+    # Numbers in E.164 with their fixed code (OTP_TEST_NUMBERS): never sent, every limit holds.
+    test_numbers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(
@@ -207,8 +212,13 @@ class Settings:
             shutdown_delay_seconds=reader.number(
                 "OTP_SHUTDOWN_DELAY_SECONDS", DEFAULT_SHUTDOWN_DELAY_SECONDS, low=0, high=300
             ),
-            code_length=reader.integer(
-                "OTP_CODE_LENGTH", DEFAULT_CODE_LENGTH, low=MIN_CODE_LENGTH, high=MAX_CODE_LENGTH
+            code_length=(
+                code_length := reader.integer(
+                    "OTP_CODE_LENGTH",
+                    DEFAULT_CODE_LENGTH,
+                    low=MIN_CODE_LENGTH,
+                    high=MAX_CODE_LENGTH,
+                )
             ),
             ttl_seconds=ttl,
             max_attempts=reader.integer("OTP_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, low=1, high=100),
@@ -240,6 +250,7 @@ class Settings:
                 low=1,
                 high=1_000,
             ),
+            test_numbers=_test_numbers(reader, code_length),
         )
         for name in reader.unknown():
             problem = f"{name}: not a variable otp-service reads (a typo?)"
@@ -385,6 +396,31 @@ def _countries(reader: _Reader) -> frozenset[str]:
             f"OTP_ALLOWED_COUNTRIES: expected calling codes such as 91,44 (not ones: {unknown})"
         )
     return codes
+
+
+def _test_numbers(reader: _Reader, code_length: int) -> tuple[tuple[str, str], ...]:
+    """OTP_TEST_NUMBERS: ``+E164:code`` entries, each number once, codes of ``code_length``."""
+    raw = reader.text("OTP_TEST_NUMBERS", None)
+    if raw is None:
+        return ()
+    numbers: dict[str, str] = {}
+    for position, entry in enumerate(raw.split(","), start=1):
+        if not entry.strip():
+            continue
+        number, _, code = (part.strip() for part in entry.partition(":"))
+        problem = f"OTP_TEST_NUMBERS: entry {position}"
+        try:
+            e164 = parse_phone(number).e164
+        except InvalidInput as exc:
+            reader.problems.append(f"{problem}: expected +number:code; the number {exc.problem}")
+            continue
+        if not (code.isascii() and code.isdigit() and len(code) == code_length):
+            reader.problems.append(f"{problem} ({e164}): the code must be {code_length} digits")
+        elif e164 in numbers:
+            reader.problems.append(f"{problem} ({e164}): the number is given twice")
+        else:
+            numbers[e164] = code
+    return tuple(numbers.items())
 
 
 def _path(reader: _Reader, name: str) -> str | None:

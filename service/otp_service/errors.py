@@ -2,6 +2,7 @@
 
     OtpError
     ├── InvalidInput          a request field is malformed             INVALID_ARGUMENT
+    ├── NotAuthenticated      no valid caller token                    UNAUTHENTICATED
     ├── LimitExceeded         a number's or caller's limit was hit     RESOURCE_EXHAUSTED
     ├── NotAllowed            policy forbids it (country not allowed)  PERMISSION_DENIED
     ├── DeliveryRefused       Interakt refused for a lasting reason    FAILED_PRECONDITION
@@ -9,47 +10,120 @@
         ├── StoreUnavailable      Redis unreachable, slow or failing
         └── DeliveryUnavailable   Interakt unreachable, slow, 5xx or rate-limited
 
+Each error also carries its ``reason`` (an ``ErrorReason``) and ``metadata``, the specifics a
+calling program acts on: they become the status' google.rpc.ErrorInfo.
 Expected verification results (wrong code, expired, ...) are not errors: see ``otp.VerifyResult``.
 Messages are safe to show a caller: they never contain a code, a key or a stack trace.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
+
+
+class ErrorReason(enum.Enum):
+    """Why a call failed, as ErrorInfo.reason names it (mirrors otp.v1.ErrorReason).
+
+    proto/otp/v1/error_reason.proto documents each one for callers.
+    """
+
+    INVALID_PHONE_NUMBER = 1
+    INVALID_CODE = 2
+    INVALID_REQUEST = 3
+    CALLER_NOT_AUTHENTICATED = 4
+    COUNTRY_NOT_SERVED = 5
+    RESEND_COOLDOWN = 6
+    HOURLY_SEND_CAP = 7
+    NUMBER_LOCKED = 8
+    CALLER_SEND_BUDGET = 9
+    ACCOUNT_SEND_BUDGET = 10
+    RECIPIENT_NOT_A_CONTACT = 11
+    OUTSIDE_24_HOUR_WINDOW = 12
+    TEMPLATE_NOT_APPROVED = 13
+    PROVIDER_KEY_REJECTED = 14
+    PROVIDER_REFUSED = 15
+    PROVIDER_UNAVAILABLE = 16
+    STORE_UNAVAILABLE = 17
+    INTERNAL_ERROR = 18
+
+
+# The reason of a malformed field, by field; any other field is INVALID_REQUEST.
+_FIELD_REASONS = {
+    "phone_number": ErrorReason.INVALID_PHONE_NUMBER,
+    "otp_code": ErrorReason.INVALID_CODE,
+}
+# The reason of each limit, by LimitExceeded.kind (the metrics' label).
+_LIMIT_REASONS = {
+    "cooldown": ErrorReason.RESEND_COOLDOWN,
+    "hourly": ErrorReason.HOURLY_SEND_CAP,
+    "paused": ErrorReason.NUMBER_LOCKED,
+    "caller": ErrorReason.CALLER_SEND_BUDGET,
+    "account": ErrorReason.ACCOUNT_SEND_BUDGET,
+}
+
 
 class OtpError(Exception):
     """Base of every error the service reports to a caller."""
 
-    def __init__(self, message: str) -> None:
+    reason: ErrorReason
+
+    def __init__(self, message: str, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.metadata = dict(metadata or {})
 
 
 class InvalidInput(OtpError):
-    """A request field is malformed; ``field`` names it."""
+    """A request field is malformed; ``field`` names it, ``problem`` says what is wrong."""
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
+        super().__init__(f"{field}: {problem}", {"field": field})
         self.field = field
+        self.problem = problem
+        self.reason = _FIELD_REASONS.get(field, ErrorReason.INVALID_REQUEST)
+
+
+class NotAuthenticated(OtpError):
+    """The call carries no known caller token."""
+
+    reason = ErrorReason.CALLER_NOT_AUTHENTICATED
 
 
 class LimitExceeded(OtpError):
     """A limit was reached; the caller may try again after ``retry_after`` seconds.
 
-    ``kind`` names the limit (cooldown, hourly, paused, caller, account) for the metrics.
+    ``kind`` names the limit (cooldown, hourly, paused, caller, account): the metrics' label,
+    from which the reason follows.
     """
 
-    def __init__(self, kind: str, message: str, retry_after: float) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        retry_after: float,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata)
         self.kind = kind
         self.retry_after = retry_after
+        self.reason = _LIMIT_REASONS[kind]
 
 
 class NotAllowed(OtpError):
     """The request is well-formed but policy forbids it (a country outside the allowlist)."""
 
+    reason = ErrorReason.COUNTRY_NOT_SERVED
+
 
 class DeliveryRefused(OtpError):
     """The message provider refused the message; retrying the same request will not help."""
+
+    def __init__(
+        self, reason: ErrorReason, message: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, metadata)
+        self.reason = reason
 
 
 class Unavailable(OtpError):
@@ -63,6 +137,10 @@ class Unavailable(OtpError):
 class StoreUnavailable(Unavailable):
     """Redis did not answer in time or answered with an error."""
 
+    reason = ErrorReason.STORE_UNAVAILABLE
+
 
 class DeliveryUnavailable(Unavailable):
     """Interakt did not answer in time, failed, or asked us to slow down."""
+
+    reason = ErrorReason.PROVIDER_UNAVAILABLE

@@ -76,6 +76,11 @@ AUTH_FAILURES = Counter(
     "Calls refused with UNAUTHENTICATED, by why: missing, malformed or unknown credential.",
     ["reason"],
 )
+TEST_NUMBER_USES = Counter(
+    "otp_test_number_uses_total",
+    "SendOtp and VerifyOtp calls for a test number (OTP_TEST_NUMBERS), by method.",
+    ["rpc"],
+)
 REDIS_ERRORS = Counter(
     "otp_redis_errors_total", "Redis commands that failed or timed out while serving requests."
 )
@@ -91,6 +96,7 @@ SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
     LIMIT_REFUSALS,
     AUTH_FAILURES,
     REDIS_ERRORS,
+    TEST_NUMBER_USES,
 )
 
 # The HTTP side's own, in every process that listens on OTP_HTTP_ADDRESS. `route` is one of the

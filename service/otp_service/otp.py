@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
-from otp_service import context
+from otp_service import context, metrics
 from otp_service.errors import InvalidInput, LimitExceeded, NotAllowed, StoreUnavailable
-from otp_service.phone import parse_phone
-from otp_service.results import SendResult, VerifyResult
+from otp_service.phone import PhoneNumber, parse_phone
+from otp_service.results import Channel, Delivery, SendResult, VerifyResult
 from otp_service.sender import Sender
 from otp_service.store import STORE_UNAVAILABLE, Store
+
+log = logging.getLogger(__name__)
 
 # 128 bits of HMAC-SHA256 identify a code; more would only cost Redis memory.
 _DIGEST_HEX_CHARS = 32
@@ -32,6 +35,7 @@ class OtpService:
         store_timeout_seconds: float,
         send_timeout_seconds: float,
         allowed_countries: frozenset[str],
+        test_numbers: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
         self._sender = sender
@@ -40,6 +44,8 @@ class OtpService:
         self._store_timeout = store_timeout_seconds
         self._send_timeout = send_timeout_seconds
         self._allowed_countries = allowed_countries
+        # E.164 number -> its fixed code (OTP_TEST_NUMBERS).
+        self._test_numbers = dict(test_numbers or {})
 
     async def send(self, phone_number: str, *, budget: float | None = None) -> SendResult:
         """Store a new code for the number and deliver it within ``budget`` seconds.
@@ -54,9 +60,14 @@ class OtpService:
             allowed = ", ".join(f"+{c}" for c in sorted(self._allowed_countries))
             raise NotAllowed(
                 f"phone_number: codes are not sent to {phone.country_code} numbers "
-                f"(allowed: {allowed})"
+                f"(allowed: {allowed})",
+                {
+                    "country_code": phone.country_code,
+                    "allowed_country_codes": allowed.replace(" ", ""),
+                },
             )
-        code = "".join(secrets.choice("0123456789") for _ in range(self._code_length))
+        test_code = self._test_numbers.get(phone.e164)
+        code = test_code or "".join(secrets.choice("0123456789") for _ in range(self._code_length))
         digest = self._digest(phone.e164, code)
         send_id = secrets.token_hex(8)
         caller = context.caller.get()
@@ -77,12 +88,17 @@ class OtpService:
                     phone.e164, digest, send_id
                 )
                 counted = True
-                await self._store.count_caller_send(caller, send_id)
+                # A test number's code goes nowhere: it costs nothing of the Interakt account's
+                # budget.
+                await self._store.count_caller_send(caller, send_id, account=test_code is None)
             store_done = loop.time()
             remaining = self._send_timeout
             if budget is not None:
                 remaining = min(remaining, budget - (store_done - started))
-            delivery = await self._sender.send(phone, code, budget=remaining)
+            if test_code is None:
+                delivery = await self._sender.send(phone, code, budget=remaining)
+            else:
+                delivery = _test_number_used(phone, "SendOtp")
         except BaseException as exc:
             refused = isinstance(exc, LimitExceeded)
             if refused:
@@ -121,6 +137,8 @@ class OtpService:
             raise InvalidInput("otp_code", "must contain only the digits 0-9")
         if len(otp_code) != self._code_length:
             raise InvalidInput("otp_code", f"must be exactly {self._code_length} digits")
+        if phone.e164 in self._test_numbers:
+            _test_number_used(phone, "VerifyOtp")
         return await self._store.verify(phone.e164, self._digest(phone.e164, otp_code))
 
     def _digest(self, phone: str, code: str) -> str:
@@ -138,3 +156,18 @@ async def _store_deadline(seconds: float) -> AsyncIterator[None]:
             yield
     except TimeoutError as exc:
         raise StoreUnavailable(STORE_UNAVAILABLE) from exc
+
+
+_TEST_DELIVERY = Delivery(Channel.TEST, "")
+
+
+def _test_number_used(phone: PhoneNumber, rpc: str) -> Delivery:
+    """Log and count a call for a test number: one in production is worth noticing."""
+    log.warning(
+        "test number %s used by %s: its code is fixed and never sent",
+        phone.masked,
+        rpc,
+        extra={"event": "test_number_used"},
+    )
+    metrics.child(metrics.TEST_NUMBER_USES, rpc).inc()
+    return _TEST_DELIVERY

@@ -33,6 +33,7 @@ class Channel(enum.Enum):
     TEXT = 1
     TEMPLATE = 2
     LOG = 3
+    TEST = 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from otp_service import metrics
-from otp_service.errors import DeliveryRefused, DeliveryUnavailable
+from otp_service.errors import DeliveryRefused, DeliveryUnavailable, ErrorReason
 from otp_service.phone import PhoneNumber
 from otp_service.results import Channel, Delivery
 
@@ -28,8 +28,9 @@ BACKOFF_BASE_SECONDS = 0.2
 # mistake, and the caller is told to wait this long instead.
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
-# Interakt's known refusals (docs/interakt.md): the substring of its message, and what the caller
-# is told. Matching is on a substring because the template refusal embeds the template's name.
+# Interakt's known refusals (docs/interakt.md): the substring of its message, the reason a calling
+# program acts on, and what the caller is told. Matching is on a substring because the template
+# refusal embeds the template's name.
 _NOT_A_CONTACT = "Customer is not available for the organization"
 _OUTSIDE_24H = "Customer has not messaged within last 24 hours"
 _BAD_TOKEN = "Invalid token provided"  # noqa: S105 - an error message, not a token
@@ -37,17 +38,31 @@ _NO_TEMPLATE = "No approved template found"
 # Not Interakt's words but ours, for a 3xx (see _post): the same path as its refusals.
 _REDIRECTED = "a redirect, not followed"
 _REFUSALS = {
-    _NOT_A_CONTACT: "the number is not a contact of the WhatsApp business account",
-    _OUTSIDE_24H: (
-        "the user has not messaged the business in the last 24 hours and no template is "
-        "configured (set INTERAKT_TEMPLATE_NAME)"
+    _NOT_A_CONTACT: (
+        ErrorReason.RECIPIENT_NOT_A_CONTACT,
+        "the number is not a contact of the WhatsApp business account",
     ),
-    _BAD_TOKEN: "the message provider rejected the service's credentials (operator: check "
-    "INTERAKT_API_KEY)",
-    _NO_TEMPLATE: "the configured WhatsApp template is not approved or not synced (operator: "
-    "check INTERAKT_TEMPLATE_NAME and INTERAKT_TEMPLATE_LANGUAGE)",
-    _REDIRECTED: "INTERAKT_BASE_URL is misconfigured: it answers with a redirect, and redirects "
-    "are not followed (operator: point it at Interakt's API itself)",
+    _OUTSIDE_24H: (
+        ErrorReason.OUTSIDE_24_HOUR_WINDOW,
+        "the user has not messaged the business in the last 24 hours and no template is "
+        "configured (set INTERAKT_TEMPLATE_NAME)",
+    ),
+    _BAD_TOKEN: (
+        ErrorReason.PROVIDER_KEY_REJECTED,
+        "the message provider rejected the service's credentials (operator: check "
+        "INTERAKT_API_KEY)",
+    ),
+    _NO_TEMPLATE: (
+        ErrorReason.TEMPLATE_NOT_APPROVED,
+        "the configured WhatsApp template is not approved or not synced (operator: check "
+        "INTERAKT_TEMPLATE_NAME and INTERAKT_TEMPLATE_LANGUAGE)",
+    ),
+    # A misconfiguration as lasting as a rejected key, but not Interakt's refusal.
+    _REDIRECTED: (
+        ErrorReason.PROVIDER_REFUSED,
+        "INTERAKT_BASE_URL is misconfigured: it answers with a redirect, and redirects are not "
+        "followed (operator: point it at Interakt's API itself)",
+    ),
 }
 
 
@@ -247,10 +262,17 @@ def _upstream_errors() -> Iterator[None]:
 
 def _refusal(exc: _Refused) -> DeliveryRefused:
     upstream = exc.message[:200]
-    for needle, reason in _REFUSALS.items():
+    details = {"provider_message": upstream}
+    for needle, (reason, text) in _REFUSALS.items():
         if needle in upstream:
-            return DeliveryRefused(f"message not sent: {reason} (Interakt: {upstream!r})")
-    return DeliveryRefused(f"message not sent: Interakt refused it ({upstream!r})")
+            return DeliveryRefused(
+                reason, f"message not sent: {text} (Interakt: {upstream!r})", details
+            )
+    return DeliveryRefused(
+        ErrorReason.PROVIDER_REFUSED,
+        f"message not sent: Interakt refused it ({upstream!r})",
+        details,
+    )
 
 
 def _retry_after(value: str | None) -> float | None:

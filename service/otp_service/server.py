@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -11,8 +12,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from otp_service.auth import CallerAuth, Callers
 from otp_service.config import Settings
@@ -31,6 +33,7 @@ from otp_service.servicer import (
 from otp_service.store import RedisStore, Rules, Store
 
 SERVICE_NAME = SERVICE.full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # Requests are two short strings; anything bigger is refused by gRPC before our code runs.
 MAX_MESSAGE_BYTES = 4 * 1024
 
@@ -124,6 +127,7 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         store_timeout_seconds=settings.redis_timeout_seconds,
         send_timeout_seconds=settings.interakt_timeout_seconds,
         allowed_countries=settings.allowed_countries,
+        test_numbers=dict(settings.test_numbers),
     )
 
 
@@ -156,9 +160,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.reflection:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        _enable_reflection(server)
     port = _bind(server, settings.grpc_address, _tls_credentials(settings))
     watcher = RedisWatcher(deps.store, health_servicer, ("", SERVICE_NAME))
     return OtpServer(
@@ -210,6 +212,44 @@ def _stderr_captured(captured: list[str]) -> Iterator[None]:
             captured.append(sink.read().decode(errors="replace"))
         if captured[-1]:
             sys.stderr.write(captured[-1])
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Serve server reflection as grpc.reflection.v1 and as its older name, v1alpha.
+
+    grpcio-reflection serves only v1alpha; newer grpcurl, ``buf curl --reflect-protocol
+    grpc-v1`` and Postman ask for v1. The two protocols are the same messages under another
+    package name (same fields, same numbers), so one servicer answers both.
+    """
+    _describe_reflection_v1()
+    names = (SERVICE_NAME, health.SERVICE_NAME, REFLECTION_V1, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        reflection.aio.ReflectionServicer(names).ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_registered_method_handlers(REFLECTION_V1, {"ServerReflectionInfo": info})
+
+
+@functools.cache
+def _describe_reflection_v1() -> None:
+    """Add grpc.reflection.v1's descriptor, v1alpha's renamed, to the pool reflection serves.
+
+    So a client that lists the services can also describe each one, v1 reflection included.
+    """
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name, file.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    file.ClearField("options")
+    for message in file.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(".v1alpha.", ".v1.")
+    for method in file.service[0].method:
+        method.input_type = method.input_type.replace(".v1alpha.", ".v1.")
+        method.output_type = method.output_type.replace(".v1alpha.", ".v1.")
+    descriptor_pool.Default().Add(file)
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:

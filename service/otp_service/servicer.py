@@ -1,7 +1,7 @@
 """The gRPC face of the service: protobuf in, domain call, protobuf out.
 
-Errors become a status in exactly one place (``_with_statuses``, with ``status_for``); expected
-verification results are plain responses with status OK.
+Errors become a status in exactly one place (``status_for``, used by ``_with_statuses`` and by
+``abort`` for the wrappers); expected verification results are plain responses with status OK.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from otp_service import metrics
 from otp_service.errors import (
     DeliveryRefused,
+    ErrorReason,
     InvalidInput,
     LimitExceeded,
     NotAllowed,
+    NotAuthenticated,
     OtpError,
     Unavailable,
 )
@@ -39,6 +41,8 @@ Behavior = Callable[[Any, _Context], Coroutine[Any, Any, Any]]
 Wrapper = Callable[[str, Behavior], Behavior]
 
 SERVICE = otp_pb2.DESCRIPTOR.services_by_name["OtpService"]
+# ErrorInfo.domain of every error the service reports (error_reason.proto).
+ERROR_DOMAIN = "otp-service"
 _OUTCOMES = {
     VerifyOutcome.VERIFIED: otp_pb2.VERIFY_OUTCOME_VERIFIED,
     VerifyOutcome.WRONG_CODE: otp_pb2.VERIFY_OUTCOME_WRONG_CODE,
@@ -163,23 +167,32 @@ def _with_statuses(method: Behavior) -> Behavior:
         except OtpError as exc:
             if isinstance(exc, LimitExceeded):
                 metrics.count_limit_refusal(exc.kind)
-            await _abort(context, status_for(exc))
+            await abort(context, exc)
         except Exception:
             log.exception(
                 "unexpected error while handling an RPC", extra={"event": "rpc_internal_error"}
             )
-            await _abort(
-                context, status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
-            )
+            await _abort(context, _INTERNAL)
 
     return handle
 
 
+async def abort(context: _Context, exc: OtpError) -> NoReturn:
+    """End the call with the status of ``exc`` (for the wrappers, e.g. caller auth)."""
+    await _abort(context, status_for(exc))
+
+
 def status_for(exc: OtpError) -> status_pb2.Status:
-    """The google.rpc.Status a caller sees for ``exc``, with RetryInfo where waiting helps."""
+    """The google.rpc.Status a caller sees for ``exc``.
+
+    Its details: an ErrorInfo always, a BadRequest for a malformed field, and a RetryInfo where
+    waiting helps.
+    """
     retry_after: float | None = None
     if isinstance(exc, InvalidInput):
         code = code_pb2.INVALID_ARGUMENT
+    elif isinstance(exc, NotAuthenticated):
+        code = code_pb2.UNAUTHENTICATED
     elif isinstance(exc, LimitExceeded):
         code, retry_after = code_pb2.RESOURCE_EXHAUSTED, exc.retry_after
     elif isinstance(exc, NotAllowed):
@@ -190,12 +203,29 @@ def status_for(exc: OtpError) -> status_pb2.Status:
         code, retry_after = code_pb2.UNAVAILABLE, exc.retry_after
     else:  # pragma: no cover - every OtpError subclass is mapped above
         code = code_pb2.INTERNAL
-    status = status_pb2.Status(code=code, message=exc.message)
+    status = _status(code, exc.message, exc.reason, exc.metadata)
+    if isinstance(exc, InvalidInput):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=exc.field, description=exc.problem
+        )
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     if retry_after is not None:
         # Whole seconds, rounded up: a caller that waits the hinted time is never refused again.
         delay = duration_pb2.Duration(seconds=max(1, math.ceil(retry_after)))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     return status
+
+
+def _status(
+    code: int, message: str, reason: ErrorReason, metadata: Mapping[str, str]
+) -> status_pb2.Status:
+    status = status_pb2.Status(code=code, message=message)
+    info = error_details_pb2.ErrorInfo(reason=reason.name, domain=ERROR_DOMAIN, metadata=metadata)
+    status.details.add().Pack(info)
+    return status
+
+
+_INTERNAL = _status(code_pb2.INTERNAL, "internal error", ErrorReason.INTERNAL_ERROR, {})
 
 
 async def _abort(context: _Context, status: status_pb2.Status) -> NoReturn:

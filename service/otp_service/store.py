@@ -175,8 +175,9 @@ return {2, max - used}
 # KEYS[1] the caller's sends zset, KEYS[2] the Interakt account's sends zset, KEYS[3] the
 # send's withdrawal tombstone
 # ARGV[1] the caller's max sends per window, ARGV[2] the account's, ARGV[3] window ms,
-# ARGV[4] send id
-# Returns {0, 0} when the send is counted in both, {1, ms until the caller's oldest counted send
+# ARGV[4] send id, ARGV[5] how many budgets to count it in: 2, or 1 (the caller's only) for a
+# send that does not reach Interakt
+# Returns {0, 0} when the send is counted, {1, ms until the caller's oldest counted send
 # leaves the window} or {2, the same for the account} when a budget is spent, {3, 0} when the
 # send was withdrawn before Redis ran this (nothing is counted).
 _BUDGET_SCRIPT = """
@@ -184,14 +185,14 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return {3, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[3])
-for i = 1, 2 do
+for i = 1, tonumber(ARGV[5]) do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
   if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i]) then
     local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
     return {i, tonumber(oldest[2]) + window - now}
   end
 end
-for i = 1, 2 do
+for i = 1, tonumber(ARGV[5]) do
   redis.call('ZADD', KEYS[i], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[i], window)
 end
@@ -250,8 +251,9 @@ class Store(Protocol):
         Raises LimitExceeded in the cooldown or over the hourly cap, StoreUnavailable on trouble.
         """
 
-    async def count_caller_send(self, caller: str, send_id: str) -> None:
-        """Count send ``send_id`` against the caller's and the Interakt account's budgets.
+    async def count_caller_send(self, caller: str, send_id: str, *, account: bool = True) -> None:
+        """Count send ``send_id`` against the caller's budget and, with ``account``, the
+        Interakt account's.
 
         Raises LimitExceeded when a budget is spent, StoreUnavailable on trouble.
         """
@@ -404,13 +406,17 @@ class RedisStore:
         status, value = reply[0], reply[1]
         if status == 1:
             raise LimitExceeded(
-                "cooldown", "phone_number: a code was sent moments ago", value / 1000
+                "cooldown",
+                "phone_number: a code was sent moments ago",
+                value / 1000,
+                {"cooldown_seconds": str(self._rules.resend_cooldown_seconds)},
             )
         if status == 2:
             raise LimitExceeded(
                 "hourly",
                 f"phone_number: at most {self._rules.max_sends_per_hour} codes an hour",
                 value / 1000,
+                {"max_sends_per_hour": str(self._rules.max_sends_per_hour)},
             )
         if status == 3:
             raise self._paused(value)
@@ -418,15 +424,20 @@ class RedisStore:
             raise StoreUnavailable("the send was withdrawn before Redis stored it")
         return int(value), int(reply[2])
 
-    async def count_caller_send(self, caller: str, send_id: str) -> None:
+    async def count_caller_send(self, caller: str, send_id: str, *, account: bool = True) -> None:
         status, value = await self._budget(
-            keys=_budget_keys(caller, send_id), args=[*self._budget_args, send_id]
+            keys=_budget_keys(caller, send_id),
+            args=[*self._budget_args, send_id, 2 if account else 1],
         )
         if status == 1:
             raise LimitExceeded(
                 "caller",
                 f"caller: at most {self._rules.caller_sends_per_minute} sends a minute",
                 value / 1000,
+                {
+                    "caller": caller,
+                    "max_sends_per_minute": str(self._rules.caller_sends_per_minute),
+                },
             )
         if status == 2:
             raise LimitExceeded(
@@ -434,6 +445,7 @@ class RedisStore:
                 f"the service's WhatsApp budget of {self._rules.account_sends_per_minute} "
                 "messages a minute is spent",
                 value / 1000,
+                {"max_sends_per_minute": str(self._rules.account_sends_per_minute)},
             )
         if status == _COUNT_WITHDRAWN:
             raise StoreUnavailable("the send was withdrawn before Redis counted it")
@@ -510,6 +522,7 @@ class RedisStore:
             f"phone_number: {self._rules.max_failed_verifies_per_hour} wrong codes in the last "
             "hour; verification is paused",
             wait_ms / 1000,
+            {"max_failed_verifies_per_hour": str(self._rules.max_failed_verifies_per_hour)},
         )
 
     async def ping(self) -> bool:

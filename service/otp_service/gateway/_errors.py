@@ -53,6 +53,7 @@ class Refusal(Exception):
         message: str,
         reason: str,
         headers: dict[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -60,9 +61,12 @@ class Refusal(Exception):
         self.message = message
         self.reason = reason
         self.headers = headers or {}
+        self.details = details
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.code, self.message, headers=self.headers)
+        return error_response(
+            self.status, self.code, self.message, self.details, headers=self.headers
+        )
 
 
 def invalid(message: str, reason: str) -> Refusal:

@@ -8,13 +8,21 @@ from collections.abc import Awaitable, Callable
 import grpc
 import prometheus_client
 from aiohttp import web
+from google.protobuf import json_format
 
 from otp_service import metrics
 from otp_service.auth import DENIED, Callers
+from otp_service.errors import NotAuthenticated
 from otp_service.gateway._backends import Backend
 from otp_service.gateway._errors import Refusal
+from otp_service.servicer import status_for
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The details of an RPC refused for its token, in the JSON mapping: /metrics refuses the same way.
+_DENIED = [
+    json_format.MessageToDict(detail, preserving_proto_field_name=True)
+    for detail in status_for(NotAuthenticated(DENIED)).details
+]
 
 
 class Readiness:
@@ -68,7 +76,9 @@ def _guarded(handler: _Handler, callers: Callers | None) -> _Handler:
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         if callers.authenticate(request.headers.getall("Authorization", [])) is None:
-            raise Refusal(401, grpc.StatusCode.UNAUTHENTICATED, DENIED, "unauthenticated")
+            raise Refusal(
+                401, grpc.StatusCode.UNAUTHENTICATED, DENIED, "unauthenticated", details=_DENIED
+            )
         return await handler(request)
 
     return guarded

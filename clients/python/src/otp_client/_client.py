@@ -1,0 +1,243 @@
+"""OtpClient (blocking) and AsyncOtpClient (asyncio): one channel, a caller token, deadlines."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+import grpc.aio
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from otp_client._errors import OtpError, error_from
+
+# Seconds each call may take unless the call says otherwise: SendOtp waits for WhatsApp's
+# provider, which the service gives 5 s by default.
+DEFAULT_TIMEOUT = 10.0
+
+
+class Channel(enum.Enum):
+    """How a code reached the user (otp.v1.Channel)."""
+
+    UNSPECIFIED = otp_pb2.CHANNEL_UNSPECIFIED
+    TEXT = otp_pb2.CHANNEL_TEXT
+    TEMPLATE = otp_pb2.CHANNEL_TEMPLATE
+    LOG = otp_pb2.CHANNEL_LOG
+    TEST = otp_pb2.CHANNEL_TEST
+
+
+class VerifyOutcome(enum.Enum):
+    """Why a code was or was not accepted (otp.v1.VerifyOutcome)."""
+
+    UNSPECIFIED = otp_pb2.VERIFY_OUTCOME_UNSPECIFIED
+    VERIFIED = otp_pb2.VERIFY_OUTCOME_VERIFIED
+    WRONG_CODE = otp_pb2.VERIFY_OUTCOME_WRONG_CODE
+    NO_ACTIVE_CODE = otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+    TOO_MANY_ATTEMPTS = otp_pb2.VERIFY_OUTCOME_TOO_MANY_ATTEMPTS
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """A code that was sent: until when it is valid and when the next send is allowed."""
+
+    expires_at: datetime.datetime
+    resend_after_seconds: int
+    channel: Channel
+    message_id: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of checking a code; ``attempts_remaining`` is set with WRONG_CODE."""
+
+    outcome: VerifyOutcome
+    attempts_remaining: int
+
+    @property
+    def verified(self) -> bool:
+        return self.outcome is VerifyOutcome.VERIFIED
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS for the channel: the CA to trust (None: the system's), and a client certificate
+    and key for mutual TLS. All PEM bytes."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+
+class _Client:
+    """What both clients share: the caller token's metadata and the default deadline."""
+
+    def __init__(self, token: str, timeout: float) -> None:
+        if not token:
+            raise ValueError("token: a caller token is required")
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._timeout = timeout
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self._timeout if timeout is None else timeout
+
+
+def _sent(response: otp_pb2.SendOtpResponse) -> SendResult:
+    return SendResult(
+        expires_at=response.expires_at.ToDatetime(datetime.UTC),
+        resend_after_seconds=response.resend_after_seconds,
+        channel=_enum(Channel, response.channel),
+        message_id=response.message_id,
+    )
+
+
+def _verified(response: otp_pb2.VerifyOtpResponse) -> VerifyResult:
+    return VerifyResult(_enum(VerifyOutcome, response.outcome), response.attempts_remaining)
+
+
+_E = TypeVar("_E", Channel, VerifyOutcome)
+
+
+def _enum(kind: type[_E], value: int) -> _E:
+    # A value added to the proto after this client was built reads as UNSPECIFIED.
+    try:
+        return kind(value)
+    except ValueError:
+        return kind.UNSPECIFIED
+
+
+def _error(exc: grpc.RpcError) -> OtpError:
+    # Every RpcError a stub raises is also the grpc.Call that failed.
+    call: grpc.Call = exc  # type: ignore[assignment]
+    trailing: Sequence[tuple[str, str | bytes]] = tuple(call.trailing_metadata() or ())
+    return error_from(call.code(), call.details() or "", trailing)
+
+
+class OtpClient(_Client):
+    """A blocking client of otp.v1.OtpService.
+
+    ``target`` is "host:port"; ``token`` the calling service's token; ``tls`` turns TLS on
+    (plaintext without it). Every call has a deadline: ``timeout`` seconds unless the call
+    gives its own. Failures raise an ``OtpError`` subclass. No call is retried: a repeated
+    VerifyOtp may count a second attempt, and a repeated SendOtp sends a second code.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        tls: Tls | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(token, timeout)
+        self._channel = (
+            grpc.insecure_channel(target)
+            if tls is None
+            else grpc.secure_channel(target, tls.credentials())
+        )
+        self._stub = otp_pb2_grpc.OtpServiceStub(self._channel)
+
+    def send_otp(self, phone_number: str, *, timeout: float | None = None) -> SendResult:
+        """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501")."""
+        request = otp_pb2.SendOtpRequest(phone_number=phone_number)
+        try:
+            response = self._stub.SendOtp(
+                request, metadata=self._metadata, timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _sent(response)
+
+    def verify_otp(
+        self, phone_number: str, otp_code: str, *, timeout: float | None = None
+    ) -> VerifyResult:
+        """Check the code the user typed; a wrong code is a result, not an error."""
+        request = otp_pb2.VerifyOtpRequest(phone_number=phone_number, otp_code=otp_code)
+        try:
+            response = self._stub.VerifyOtp(
+                request, metadata=self._metadata, timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _verified(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncOtpClient(_Client):
+    """The same client for asyncio (grpc.aio): ``await client.send_otp(...)``."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        tls: Tls | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(token, timeout)
+        self._channel = (
+            grpc.aio.insecure_channel(target)
+            if tls is None
+            else grpc.aio.secure_channel(target, tls.credentials())
+        )
+        self._stub = otp_pb2_grpc.OtpServiceStub(self._channel)
+
+    async def send_otp(self, phone_number: str, *, timeout: float | None = None) -> SendResult:
+        """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501")."""
+        request = otp_pb2.SendOtpRequest(phone_number=phone_number)
+        try:
+            response = await self._stub.SendOtp(
+                request, metadata=self._metadata, timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _sent(response)
+
+    async def verify_otp(
+        self, phone_number: str, otp_code: str, *, timeout: float | None = None
+    ) -> VerifyResult:
+        """Check the code the user typed; a wrong code is a result, not an error."""
+        request = otp_pb2.VerifyOtpRequest(phone_number=phone_number, otp_code=otp_code)
+        try:
+            response = await self._stub.VerifyOtp(
+                request, metadata=self._metadata, timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _verified(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()

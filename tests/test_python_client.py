@@ -1,0 +1,240 @@
+"""The Python client (clients/python): typed results and errors, deadlines, TLS, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import redis
+from otp.v1 import otp_pb2
+from otp_client import (
+    AsyncOtpClient,
+    Channel,
+    DeliveryRefused,
+    InvalidInput,
+    NotAllowed,
+    OtpClient,
+    OtpError,
+    RateLimited,
+    Tls,
+    Unauthenticated,
+    Unavailable,
+    VerifyOutcome,
+)
+from prometheus_client import REGISTRY
+
+from otp_service.embedded_redis import free_port
+from tests.conftest import PHONE, TOKEN, MakeServer, SilentRedis, wrong_code
+from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
+from tests.test_cli import CLEAN_ENV
+from tests.test_tls import Authority
+
+OTP_CLIENT = str(Path(sys.executable).with_name("otp-client"))
+TEST_NUMBER, TEST_CODE = "+919999900001", "246810"
+
+Connect = Callable[..., Awaitable[AsyncOtpClient]]
+
+
+@pytest.fixture
+async def connect(make_server: MakeServer) -> AsyncIterator[Connect]:
+    """Start a server with settings ``overrides``; an AsyncOtpClient to it."""
+    clients: list[AsyncOtpClient] = []
+
+    async def open_client(
+        token: str = TOKEN, client_timeout: float = 10.0, **overrides: object
+    ) -> AsyncOtpClient:
+        server = await make_server(**overrides)
+        client = AsyncOtpClient(f"127.0.0.1:{server.port}", token, timeout=client_timeout)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        await client.close()
+
+
+async def test_send_and_verify_give_typed_results(connect: Connect, interakt: FakeInterakt) -> None:
+    client = await connect()
+    sent = await client.send_otp(PHONE)
+    assert sent.channel is Channel.TEXT
+    assert sent.resend_after_seconds == 30
+    assert sent.message_id == "msg-1"
+    now = datetime.datetime.now(datetime.UTC)
+    assert now < sent.expires_at <= now + datetime.timedelta(seconds=601)
+    code = interakt.received[0].code
+    wrong = await client.verify_otp(PHONE, wrong_code(code))
+    assert (wrong.outcome, wrong.attempts_remaining, wrong.verified) == (
+        VerifyOutcome.WRONG_CODE,
+        4,
+        False,
+    )
+    assert (await client.verify_otp(PHONE, code)).verified
+
+
+async def test_each_refusal_is_its_own_exception_with_the_details(
+    connect: Connect, interakt: FakeInterakt
+) -> None:
+    client = await connect(allowed_countries=frozenset({"91"}))
+    with pytest.raises(InvalidInput) as invalid:
+        await client.verify_otp(PHONE, "12a456")
+    assert (invalid.value.field, invalid.value.problem) == (
+        "otp_code",
+        "must contain only the digits 0-9",
+    )
+    assert invalid.value.reason == "INVALID_CODE"
+
+    with pytest.raises(NotAllowed) as country:
+        await client.send_otp("+14155552671")
+    assert country.value.reason == "COUNTRY_NOT_SERVED"
+    assert country.value.metadata["country_code"] == "+1"
+
+    await client.send_otp(PHONE)
+    with pytest.raises(RateLimited) as limited:
+        await client.send_otp(PHONE)
+    assert limited.value.reason == "RESEND_COOLDOWN"
+    assert 1 <= limited.value.retry_after <= 30
+    assert limited.value.message == "phone_number: a code was sent moments ago"
+
+    interakt.answer(refusal(NOT_A_CONTACT))
+    with pytest.raises(DeliveryRefused) as refused:
+        await client.send_otp("+917003848502")
+    assert refused.value.reason == "RECIPIENT_NOT_A_CONTACT"
+
+    interakt.answer(*[Answer(503, None)] * 3)
+    with pytest.raises(Unavailable) as unavailable:
+        await client.send_otp("+917003848503")
+    assert unavailable.value.reason == "PROVIDER_UNAVAILABLE"
+    assert unavailable.value.retry_after is not None
+
+    stranger = await connect(token="not-a-known-token-0123")
+    with pytest.raises(Unauthenticated) as unknown:
+        await stranger.verify_otp(PHONE, "123456")
+    assert unknown.value.reason == "CALLER_NOT_AUTHENTICATED"
+    assert isinstance(unknown.value, OtpError)
+
+
+async def test_every_call_has_a_deadline_the_call_may_override(
+    connect: Connect, interakt: FakeInterakt
+) -> None:
+    client = await connect(client_timeout=0.3)
+    interakt.answer(Answer(delay=3))
+    with pytest.raises(Unavailable) as default:
+        await client.send_otp(PHONE)
+    assert default.value.code.name == "DEADLINE_EXCEEDED"
+    assert default.value.reason == ""
+    interakt.answer(Answer(delay=0.5))
+    sent = await client.send_otp("+917003848502", timeout=10)
+    assert sent.channel is Channel.TEXT
+
+
+async def test_a_failed_verify_is_not_retried(
+    connect: Connect, silent_redis: SilentRedis, redis_db: redis.Redis
+) -> None:
+    client = await connect(redis_url=silent_redis.url, redis_timeout_seconds=0.2)
+    # Counted as a call starts, so it is counted by the time the caller has its answer.
+    started = {
+        "grpc_type": "unary",
+        "grpc_service": "otp.v1.OtpService",
+        "grpc_method": "VerifyOtp",
+    }
+    before = REGISTRY.get_sample_value("grpc_server_started_total", started) or 0.0
+    with pytest.raises(Unavailable) as failed:
+        await client.verify_otp(PHONE, "123456")
+    assert failed.value.reason == "STORE_UNAVAILABLE"
+    assert REGISTRY.get_sample_value("grpc_server_started_total", started) == before + 1
+
+
+async def test_the_blocking_client_speaks_tls_and_mutual_tls(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    ca = Authority("client test CA")
+    server_pair, client_pair = (
+        ca.issue("otp-service", server=True),
+        ca.issue("billing", server=False),
+    )
+    for name, content in (("key", server_pair.key), ("crt", server_pair.cert), ("ca", ca.cert)):
+        (tmp_path / name).write_bytes(content)
+    files = {"tls_cert": str(tmp_path / "crt"), "tls_key": str(tmp_path / "key")}
+    tls = await make_server(**files)
+    mtls = await make_server(**files, tls_client_ca=str(tmp_path / "ca"))
+
+    def verify(port: int, credentials: Tls) -> VerifyOutcome:
+        with OtpClient(f"localhost:{port}", TOKEN, tls=credentials) as client:
+            return client.verify_otp(PHONE, "123456").outcome
+
+    trust = Tls(root_certificates=ca.cert)
+    mutual = Tls(ca.cert, certificate_chain=client_pair.cert, private_key=client_pair.key)
+    no_code = VerifyOutcome.NO_ACTIVE_CODE
+    assert await asyncio.to_thread(verify, tls.port, trust) is no_code
+    assert await asyncio.to_thread(verify, mtls.port, mutual) is no_code
+    with pytest.raises(Unavailable):
+        await asyncio.to_thread(verify, mtls.port, trust)
+
+
+def test_enums_follow_the_proto() -> None:
+    channels = otp_pb2.Channel.items()
+    assert {c.name: c.value for c in Channel} == {
+        n.removeprefix("CHANNEL_"): v for n, v in channels
+    }
+    outcomes = otp_pb2.VerifyOutcome.items()
+    assert {o.name: o.value for o in VerifyOutcome} == {
+        n.removeprefix("VERIFY_OUTCOME_"): v for n, v in outcomes
+    }
+
+
+def test_a_token_is_required() -> None:
+    with pytest.raises(ValueError, match="token"):
+        OtpClient("localhost:1", "")
+
+
+def otp_client(*args: str, target: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**CLEAN_ENV, "OTP_TOKEN": TOKEN}
+    if target is not None:
+        env["OTP_TARGET"] = target
+    return subprocess.run([OTP_CLIENT, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_the_cli_exits_0_only_for_a_sent_or_verified_code(make_server: MakeServer) -> None:
+    server = await make_server(test_numbers=((TEST_NUMBER, TEST_CODE),))
+    target = f"127.0.0.1:{server.port}"
+
+    async def run(*args: str, target: str | None = target) -> tuple[int, str, str]:
+        done = await asyncio.to_thread(otp_client, *args, target=target)
+        assert "Traceback" not in done.stderr
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    code, out, _ = await run("send", TEST_NUMBER)
+    assert code == 0
+    assert out.startswith("sent (test): valid until ")
+    assert out.endswith("resend allowed in 30 s")
+    assert await run("verify", TEST_NUMBER, "111111") == (
+        1,
+        "not verified: wrong code: 4 attempts left",
+        "",
+    )
+    assert await run("verify", TEST_NUMBER, TEST_CODE) == (0, "verified", "")
+    code, out, err = await run("send", TEST_NUMBER)
+    assert (code, out) == (1, "")
+    assert re.fullmatch(
+        r"otp-client: RESEND_COOLDOWN: phone_number: a code was sent moments ago "
+        r"\(retry in \d+ s\)",
+        err,
+    )
+    assert await run("verify", TEST_NUMBER, "12") == (
+        1,
+        "",
+        "otp-client: INVALID_CODE: otp_code: must be exactly 6 digits",
+    )
+    code, _, err = await run("--timeout", "2", "send", PHONE, target=f"127.0.0.1:{free_port()}")
+    assert code == 1
+    assert err.startswith("otp-client: UNAVAILABLE: ")
+    assert len(err.splitlines()) == 1
+    code, _, err = await run("send", TEST_NUMBER, target=None)
+    assert code == 2
+    assert err.endswith("otp-client: error: --target or $OTP_TARGET is required")

@@ -1,0 +1,44 @@
+// The contract scenario every client runs against a live server (`make test-clients`).
+// OTP_TARGET and OTP_TOKEN name the server and a caller token; OTP_TEST_NUMBER is one of the
+// server's OTP_TEST_NUMBERS and OTP_TEST_CODE its code.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { Channel, OtpClient, RateLimited, Unauthenticated, VerifyOutcome } from "../src";
+
+const { OTP_TARGET, OTP_TOKEN, OTP_TEST_NUMBER, OTP_TEST_CODE } = process.env;
+const configured = OTP_TARGET && OTP_TOKEN && OTP_TEST_NUMBER && OTP_TEST_CODE;
+
+test("contract", { skip: configured ? false : "needs OTP_TARGET, OTP_TOKEN, OTP_TEST_NUMBER, OTP_TEST_CODE" }, async () => {
+  const [target, token, number, code] = [OTP_TARGET!, OTP_TOKEN!, OTP_TEST_NUMBER!, OTP_TEST_CODE!];
+  const wrong = [...code].map((digit) => String((Number(digit) + 1) % 10)).join("");
+  const client = new OtpClient(target, token);
+  try {
+    const sent = await client.sendOtp(number);
+    assert.equal(sent.channel, Channel.CHANNEL_TEST);
+
+    const result = await client.verifyOtp(number, wrong);
+    assert.equal(result.outcome, VerifyOutcome.VERIFY_OUTCOME_WRONG_CODE);
+    assert.ok(result.attemptsRemaining > 0);
+    assert.equal((await client.verifyOtp(number, code)).verified, true);
+
+    await assert.rejects(client.sendOtp(number), (error: unknown) => {
+      assert.ok(error instanceof RateLimited, String(error));
+      assert.equal(error.reason, "RESEND_COOLDOWN");
+      assert.ok(error.retryAfterMs >= 1000);
+      return true;
+    });
+  } finally {
+    client.close();
+  }
+
+  const stranger = new OtpClient(target, `not-${token}`);
+  try {
+    await assert.rejects(stranger.sendOtp(number), (error: unknown) => {
+      assert.ok(error instanceof Unauthenticated, String(error));
+      assert.equal(error.reason, "CALLER_NOT_AUTHENTICATED");
+      return true;
+    });
+  } finally {
+    stranger.close();
+  }
+});

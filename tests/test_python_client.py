@@ -120,17 +120,19 @@ async def test_each_refusal_is_its_own_exception_with_the_details(
 
 
 async def test_every_call_has_a_deadline_the_call_may_override(
-    connect: Connect, interakt: FakeInterakt
+    connect: Connect, silent_redis: SilentRedis
 ) -> None:
-    client = await connect(client_timeout=0.3)
-    interakt.answer(Answer(delay=3))
+    # A hung Redis: the server answers only after its own 1 s Redis timeout.
+    client = await connect(
+        client_timeout=0.3, redis_url=silent_redis.url, redis_timeout_seconds=1.0
+    )
     with pytest.raises(Unavailable) as default:
-        await client.send_otp(PHONE)
+        await client.verify_otp(PHONE, "123456")
     assert default.value.code.name == "DEADLINE_EXCEEDED"
     assert default.value.reason == ""
-    interakt.answer(Answer(delay=0.5))
-    sent = await client.send_otp("+917003848502", timeout=10)
-    assert sent.channel is Channel.TEXT
+    with pytest.raises(Unavailable) as longer:
+        await client.verify_otp(PHONE, "123456", timeout=10)
+    assert longer.value.reason == "STORE_UNAVAILABLE"
 
 
 async def test_a_failed_verify_is_not_retried(

@@ -24,7 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from otp_service import OtpServer, Settings, build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis, find_redis_server
 from otp_service.gateway import HttpServer, LocalBackend
+from otp_service.redis_backends import RedisTarget
 from tests.fake_interakt import API_KEY, FakeInterakt
+from tests.redis_deployments import LocalCluster, LocalSentinel
 
 PHONE = "+917003848501"
 SECRET = b"test-secret-0123456789abcdef"
@@ -68,10 +70,71 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server
 
 
+# The Redis deployments the rules run on; a module marked `redis_backends` runs on each.
+REDIS_BACKENDS = ("single", "cluster", "sentinel")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "redis_backends"
+    ):
+        metafunc.parametrize("redis_backend", REDIS_BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """Three primaries, each with a replica (so replica acks work on it too)."""
+    cluster = LocalCluster(masters=3, replicas=1).start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[LocalSentinel]:
+    """A primary and a replica behind three sentinels, passwords on all of them."""
+    deployment = LocalSentinel(password="sentinel-test-password").start()
+    yield deployment
+    deployment.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisBackend:
+    """One Redis deployment: the settings that point the service at it, and a client to look."""
+
+    name: str
+    settings: dict[str, Any]
+    admin: Callable[[], redis.Redis]
+
+    def target(self, *, timeout: float = 1.0, replica_acks: int = 0) -> RedisTarget:
+        return RedisTarget(
+            url=self.settings["redis_url"],
+            timeout=timeout,
+            sentinels=self.settings.get("redis_sentinels", ()),
+            sentinel_master=self.settings.get("redis_sentinel_master"),
+            sentinel_password=self.settings.get("redis_sentinel_password"),
+            replica_acks=replica_acks,
+        )
+
+
 @pytest.fixture
-def redis_db(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+def redis_backend(request: pytest.FixtureRequest, redis_server: EmbeddedRedis) -> RedisBackend:
+    """The deployment a test runs on: one Redis unless the module is marked `redis_backends`."""
+    name = getattr(request, "param", "single")
+    if name == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return RedisBackend(name, {"redis_url": cluster.url}, cluster.admin)
+    if name == "sentinel":
+        sentinel: LocalSentinel = request.getfixturevalue("redis_sentinel")
+        return RedisBackend(name, sentinel.settings(), lambda: sentinel.primary.client())
+    return RedisBackend(
+        name, {"redis_url": redis_server.url}, lambda: redis.Redis.from_url(redis_server.url)
+    )
+
+
+@pytest.fixture
+def redis_db(redis_backend: RedisBackend) -> Iterator[redis.Redis]:
     """A plain client to inspect what the service stored; the database starts empty."""
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis_backend.admin()
     client.flushall()
     yield client
     client.close()
@@ -126,13 +189,14 @@ class Bearer(grpc.aio.UnaryUnaryClientInterceptor):
 
 @pytest.fixture
 async def make_server(
-    redis_db: redis.Redis, redis_server: EmbeddedRedis, interakt: FakeInterakt
+    redis_db: redis.Redis, redis_backend: RedisBackend, interakt: FakeInterakt
 ) -> AsyncIterator[MakeServer]:
     """Start a real server with settings overrides; returns it (``.port`` is where it listens)."""
     cleanups: list[Callable[[], Awaitable[Any]]] = []
 
     async def make(**overrides: Any) -> OtpServer:
-        redis_url = overrides.pop("redis_url", redis_server.url)
+        overrides = {**redis_backend.settings, **overrides}
+        redis_url = overrides.pop("redis_url")
         settings = settings_for(interakt, redis_url, **overrides)
         deps = build_deps(settings, redis_url)
         server = await create_server(settings, deps)
@@ -222,6 +286,15 @@ async def verify(
     return await stub.VerifyOtp(
         otp_pb2.VerifyOtpRequest(phone_number=phone, otp_code=code), timeout=10
     )
+
+
+async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
+    """The status a call ended with: OK, or its error's."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
 
 
 def wrong_code(*codes: str) -> str:

@@ -23,6 +23,9 @@ from tests.conftest import (
 )
 from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
 
+# The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
+pytestmark = pytest.mark.redis_backends
+
 OTHER_PHONES = ["+917003848502", "+917003848503", "+917003848504", "+917003848505"]
 
 

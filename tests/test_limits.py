@@ -10,6 +10,9 @@ from otp.v1 import otp_pb2
 from tests.conftest import PHONE, MakeService, age, retry_delay, send, verify, wrong_code
 from tests.fake_interakt import NOT_A_CONTACT, FakeInterakt, refusal
 
+# The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
+pytestmark = pytest.mark.redis_backends
+
 SENDS = f"otp:{{{PHONE}}}:s"
 
 

@@ -22,6 +22,9 @@ from tests.conftest import (
 )
 from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
 
+# The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
+pytestmark = pytest.mark.redis_backends
+
 
 async def test_sent_code_verifies_once_and_only_once(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis

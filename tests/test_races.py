@@ -6,11 +6,15 @@ import asyncio
 from collections import Counter
 
 import grpc
+import pytest
 import redis
 from otp.v1 import otp_pb2
 
 from tests.conftest import PHONE, MakeService, send, verify, wrong_code
 from tests.fake_interakt import FakeInterakt
+
+# The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
+pytestmark = pytest.mark.redis_backends
 
 CALLS = 50
 

@@ -1,7 +1,9 @@
 """The Store contract: what any implementation must do, checked on each one against real Redis.
 
-Today there is one Store (RedisStore) over two Redis clients: the pipelined connection the
-service uses, and redis-py's own pooled client (what a Redis Cluster deployment would pass).
+One Store (RedisStore, the scripts) over every way the service reaches Redis: the pipelined
+connection to one node, the same to the primary the sentinels name, redis-py's Cluster client,
+each also with replica acknowledgements (OTP_REDIS_REPLICA_ACKS) where there are replicas; and
+redis-py's own pooled client.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from otp_service.embedded_redis import EmbeddedRedis
 from otp_service.errors import LimitExceeded, StoreUnavailable
-from otp_service.pipelined_redis import PipelinedRedis
+from otp_service.redis_backends import open_store
 from otp_service.results import VerifyOutcome
 from otp_service.store import RedisStore, Rules, Store
+from tests.conftest import RedisBackend
 
 PHONE = "+917003848501"
 RIGHT = "a" * 32
@@ -34,22 +36,39 @@ RULES = Rules(
     account_sends_per_minute=300,
 )
 
-Client = PipelinedRedis | aioredis.Redis
-CLIENTS: dict[str, Callable[[str], Client]] = {
-    "pipelined": lambda url: PipelinedRedis.from_url(url, timeout=1.0),
-    "redis-py": lambda url: aioredis.Redis.from_url(url),
-}
+# (deployment, how the store reaches it): the service's own client, with or without replica
+# acknowledgements, and redis-py's pooled client on one node.
+STORES = [
+    ("single", "service"),
+    ("single", "redis-py"),
+    ("cluster", "service"),
+    ("cluster", "service, 1 replica ack"),
+    ("sentinel", "service"),
+    ("sentinel", "service, 1 replica ack"),
+]
+pytestmark = pytest.mark.parametrize(
+    ("redis_backend", "client"), STORES, indirect=True, ids=[" / ".join(s) for s in STORES]
+)
 
 
-@pytest.fixture(params=sorted(CLIENTS))
+@pytest.fixture
+def client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
 async def make_store(
-    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, redis_db: redis.Redis
+    redis_backend: RedisBackend, client: str, redis_db: redis.Redis
 ) -> AsyncIterator[Callable[..., Store]]:
     stores: list[Store] = []
 
     def make(**rules: int) -> Store:
-        client = CLIENTS[request.param](redis_server.url)
-        store = RedisStore(client, Rules(**{**RULES.__dict__, **rules}))
+        merged = Rules(**{**RULES.__dict__, **rules})
+        if client == "redis-py":
+            store = RedisStore(aioredis.Redis.from_url(redis_backend.settings["redis_url"]), merged)
+        else:
+            acks = 1 if client.endswith("ack") else 0
+            store = open_store(redis_backend.target(replica_acks=acks), merged)
         stores.append(store)
         return store
 

@@ -35,6 +35,9 @@ DEFAULT_MAX_SENDS_PER_HOUR = 5
 DEFAULT_BRAND = "MinServe"
 DEFAULT_INTERAKT_TIMEOUT_SECONDS = 5.0
 DEFAULT_REDIS_TIMEOUT_SECONDS = 1.0
+# Replicas that must hold a verify before it is answered (OTP_REDIS_REPLICA_ACKS): none, as
+# Redis itself does; docs/scaling.md says when to raise it.
+DEFAULT_REDIS_REPLICA_ACKS = 0
 DEFAULT_CALLER_SENDS_PER_MINUTE = 120
 # Interakt's Growth plan allows 300 requests a minute per account, shared by every replica.
 DEFAULT_INTERAKT_SENDS_PER_MINUTE = 300
@@ -81,6 +84,11 @@ class Settings:
     # None only in dev mode: the service then starts a private redis-server.
     redis_url: str | None = DEFAULT_REDIS_URL
     redis_timeout_seconds: float = DEFAULT_REDIS_TIMEOUT_SECONDS
+    # Sentinel mode when set: where the sentinels listen and the name of the primary they watch.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = dataclasses.field(default=None, repr=False)
+    redis_replica_acks: int = DEFAULT_REDIS_REPLICA_ACKS
     interakt_api_key: str = dataclasses.field(default="", repr=False)
     interakt_base_url: str = DEFAULT_INTERAKT_BASE_URL
     interakt_timeout_seconds: float = DEFAULT_INTERAKT_TIMEOUT_SECONDS
@@ -128,12 +136,11 @@ class Settings:
         to be unknown: an error in production, a warning in development mode.
         """
         reader = _Reader(env)
-        redis_url = reader.text("REDIS_URL", None if dev else DEFAULT_REDIS_URL)
-        if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-            reader.problems.append(
-                "REDIS_URL: must start with redis://, rediss:// or unix:// "
-                f"(got scheme {urlsplit(redis_url).scheme!r})"
-            )
+        sentinels = _sentinels(reader)
+        sentinel_master = reader.text("REDIS_SENTINEL_MASTER", None)
+        redis_url = _redis_url(reader, dev=dev, sentinels=bool(sentinels or sentinel_master))
+        if bool(sentinels) != bool(sentinel_master):
+            reader.problems.append("REDIS_SENTINELS, REDIS_SENTINEL_MASTER: set both or neither")
         api_key = reader.text("INTERAKT_API_KEY", None)
         secret = reader.text("OTP_SECRET", None)
         if not dev and not gateway_only:
@@ -190,6 +197,12 @@ class Settings:
             redis_url=redis_url,
             redis_timeout_seconds=reader.number(
                 "REDIS_TIMEOUT_SECONDS", DEFAULT_REDIS_TIMEOUT_SECONDS, low=0.05, high=30
+            ),
+            redis_sentinels=sentinels,
+            redis_sentinel_master=sentinel_master,
+            redis_sentinel_password=reader.text("REDIS_SENTINEL_PASSWORD", None),
+            redis_replica_acks=reader.integer(
+                "OTP_REDIS_REPLICA_ACKS", DEFAULT_REDIS_REPLICA_ACKS, low=0, high=16
             ),
             interakt_api_key=api_key or "",
             interakt_base_url=base_url,
@@ -379,6 +392,61 @@ def _client_tokens(reader: _Reader) -> tuple[tuple[str, str], ...]:
     tokens, problems = parse_client_tokens(raw.split(","))
     reader.problems.extend(f"OTP_CLIENT_TOKENS: {problem}" for problem in problems)
     return tokens
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _redis_url(reader: _Reader, *, dev: bool, sentinels: bool) -> str | None:
+    """REDIS_URL, checked for the deployment it names: one Redis, a Cluster, or Sentinel's."""
+    default = None if dev else DEFAULT_REDIS_URL
+    if sentinels:
+        # The sentinels name the primary; the URL gives only credentials, database and TLS.
+        default = "redis://"
+    url = reader.text("REDIS_URL", default)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in _REDIS_SCHEMES:
+        reader.problems.append(
+            "REDIS_URL: must start with redis://, rediss://, unix://, redis+cluster:// or "
+            f"rediss+cluster:// (got scheme {parts.scheme!r})"
+        )
+    elif sentinels and (parts.scheme not in ("redis", "rediss") or parts.hostname):
+        reader.problems.append(
+            "REDIS_URL: with REDIS_SENTINELS the sentinels name the primary; give only "
+            "credentials, database and TLS options, as redis[s]://[user:password@]/db"
+        )
+    elif parts.scheme.endswith("+cluster"):
+        try:
+            parse_host_ports(parts.netloc.rpartition("@")[2])
+        except ValueError as exc:
+            reader.problems.append(f"REDIS_URL: cluster nodes: {exc}")
+        if parts.path.strip("/") not in ("", "0"):
+            reader.problems.append("REDIS_URL: a Redis Cluster has only database 0")
+    return url
+
+
+def parse_host_ports(text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` as pairs (``[v6]:port`` too); raise ValueError naming a bad one."""
+    pairs = []
+    for entry in text.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65_536:
+            raise ValueError(f"expected host:port, got {entry.strip()!r}")
+        pairs.append((host.strip("[]"), int(port)))
+    return tuple(pairs)
+
+
+def _sentinels(reader: _Reader) -> tuple[tuple[str, int], ...]:
+    raw = reader.text("REDIS_SENTINELS", None)
+    if raw is None:
+        return ()
+    try:
+        return parse_host_ports(raw)
+    except ValueError as exc:
+        reader.problems.append(f"REDIS_SENTINELS: {exc}")
+        return ()
 
 
 def _countries(reader: _Reader) -> frozenset[str]:

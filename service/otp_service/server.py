@@ -21,6 +21,7 @@ from otp_service.config import Settings
 from otp_service.observability import Observability
 from otp_service.otp import OtpService
 from otp_service.readiness import RedisWatcher
+from otp_service.redis_backends import RedisTarget, open_store
 from otp_service.sender import InteraktSender, LogSender, Sender
 from otp_service.servicer import (
     SERVICE,
@@ -30,7 +31,7 @@ from otp_service.servicer import (
     add_to_server,
     wrap_methods,
 )
-from otp_service.store import RedisStore, Rules, Store
+from otp_service.store import Rules, Store
 
 SERVICE_NAME = SERVICE.full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -55,9 +56,18 @@ class Deps:
 
 
 def build_deps(settings: Settings, redis_url: str) -> Deps:
-    """Redis at ``redis_url``; Interakt, or the log in development mode."""
-    store = RedisStore.from_url(
-        redis_url,
+    """Redis at ``redis_url`` (or the primary the sentinels name); Interakt, or the log in
+    development mode."""
+    target = RedisTarget(
+        url=redis_url,
+        timeout=settings.redis_timeout_seconds,
+        sentinels=settings.redis_sentinels,
+        sentinel_master=settings.redis_sentinel_master,
+        sentinel_password=settings.redis_sentinel_password,
+        replica_acks=settings.redis_replica_acks,
+    )
+    store = open_store(
+        target,
         Rules(
             ttl_seconds=settings.ttl_seconds,
             max_attempts=settings.max_attempts,
@@ -67,7 +77,6 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
             caller_sends_per_minute=settings.caller_sends_per_minute,
             account_sends_per_minute=settings.interakt_sends_per_minute,
         ),
-        timeout=settings.redis_timeout_seconds,
     )
     sender: Sender
     if settings.dev:

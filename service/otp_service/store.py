@@ -43,17 +43,15 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from otp_service import metrics
 from otp_service.errors import LimitExceeded, StoreUnavailable
-from otp_service.pipelined_redis import PipelinedRedis
 from otp_service.results import VerifyOutcome, VerifyResult
 
 log = logging.getLogger(__name__)
@@ -227,6 +225,29 @@ _VERIFY_UNAVAILABLE = (
 )
 
 
+@dataclass(frozen=True)
+class _Durable:
+    """Which replies of a script wrote what a failover must not lose (OTP_REDIS_REPLICA_ACKS
+    waits for replicas to hold it), and what a caller is told when they did not confirm it."""
+
+    wrote: Callable[[Any], bool]
+    unconfirmed: str
+
+
+# A stored code: it is delivered only once a failover cannot lose it.
+_CODE_STORED = _Durable(
+    lambda reply: reply[0] == 0,
+    "storage is unavailable: no replica confirmed the new code in time; it was not sent",
+)
+# A used code or a counted attempt (verified, wrong code, too many attempts): losing either
+# would let a code verify twice or give a guesser more tries.
+_CODE_USED_OR_COUNTED = _Durable(
+    lambda reply: reply[0] in (1, 2, 4),
+    "storage is unavailable: no replica confirmed this verification in time; it counted as "
+    "an attempt (a right code is used up)",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rules:
     """The per-number limits the store enforces."""
@@ -238,6 +259,34 @@ class Rules:
     max_failed_verifies_per_hour: int
     caller_sends_per_minute: int
     account_sends_per_minute: int
+
+
+class RedisClient(Protocol):
+    """What the store needs of a Redis client.
+
+    PipelinedRedis (one Redis, or the primary Sentinel names), redis-py's own clients, and the
+    Cluster client of ``redis_backends``: the scripts are the same on each.
+    """
+
+    async def execute_command(self, *args: Any) -> Any: ...
+
+    async def ping(self) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ReplicaAcks(Protocol):
+    """Runs a command, then ``WAIT replicas timeout`` on the same connection.
+
+    On the same connection because WAIT counts the replicas that hold that connection's writes.
+    """
+
+    replicas: int
+
+    async def execute_then_wait(self, *args: Any) -> tuple[Any, int]:
+        """The command's reply and how many replicas acknowledged it; raises its error reply."""
+
+    async def aclose(self) -> None: ...
 
 
 class Store(Protocol):
@@ -315,49 +364,81 @@ SCRIPT_COMMANDS = frozenset(
 
 
 class _Script:
-    """A Lua script run by its SHA1 (EVALSHA), sent again when Redis answers NOSCRIPT.
+    """A Lua script run by its SHA1 (EVALSHA), sent whole (EVAL) when Redis answers NOSCRIPT.
 
-    Redis forgets scripts on a restart, a failover or SCRIPT FLUSH; the first call after that
-    loads it and runs it again, so the rules keep working. (redis-py's AsyncScript does the same,
-    with per-call overhead that was ~5% of VerifyOtp's CPU: bench/README.md.) Every Redis
-    failure becomes StoreUnavailable here, the one place the store's commands pass through,
-    with the script's own ``unavailable`` message.
+    Redis forgets scripts on a restart, a failover or SCRIPT FLUSH; EVAL runs the script and
+    caches it again on whichever node serves the keys (on a Cluster, the one the keys' slot maps
+    to, where SCRIPT LOAD could not be routed), so the rules keep working. (redis-py's
+    AsyncScript does the same, with per-call overhead that was ~5% of VerifyOtp's CPU:
+    bench/README.md.) Every Redis failure becomes StoreUnavailable here, the one place the
+    store's commands pass through, with the script's own ``unavailable`` message.
     """
 
     def __init__(
         self,
-        client: aioredis.Redis | PipelinedRedis,
+        client: RedisClient,
         source: str,
         unavailable: str = STORE_UNAVAILABLE,
+        *,
+        acks: ReplicaAcks | None = None,
+        durable: _Durable | None = None,
     ) -> None:
-        self._client = client
         self._source = source
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         self._unavailable = unavailable
+        self._durable = durable
+        # With replica acks, a script whose reply may need them runs with WAIT after it.
+        self._acks = acks if durable is not None else None
+        self._execute: Callable[..., Awaitable[Any]] = client.execute_command
+        if self._acks is not None:
+            self._execute = self._acks.execute_then_wait
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[object]) -> Any:
-        """The script's reply; any Redis failure raises StoreUnavailable."""
-        command = ("EVALSHA", self._sha, len(keys), *keys, *args)
+        """The script's reply; any Redis failure raises StoreUnavailable.
+
+        With replica acks, a reply that wrote what must survive a failover is returned only
+        once the replicas hold it; otherwise StoreUnavailable, the write staying on the primary.
+        """
+        execute = self._execute
         try:
             try:
-                return await self._client.execute_command(*command)
+                reply = await execute("EVALSHA", self._sha, len(keys), *keys, *args)
             except NoScriptError:
-                await self._client.execute_command("SCRIPT", "LOAD", self._source)
-                return await self._client.execute_command(*command)
+                # Not run: NOSCRIPT is answered before anything executes, so sending it again
+                # cannot count anything twice.
+                reply = await execute("EVAL", self._source, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.inc()
             raise StoreUnavailable(self._unavailable) from exc
+        if self._acks is None:
+            return reply
+        reply, acked = reply
+        if acked < self._acks.replicas and self._durable and self._durable.wrote(reply):
+            metrics.REDIS_ERRORS.inc()
+            raise StoreUnavailable(self._durable.unconfirmed)
+        return reply
 
 
 class RedisStore:
-    """The Store on Redis (standalone, or Cluster: every script touches one hash slot)."""
+    """The Store on Redis: one node, the primary Sentinel names, or a Cluster (every script
+    touches one hash slot).
 
-    def __init__(self, client: aioredis.Redis | PipelinedRedis, rules: Rules) -> None:
+    With ``acks`` (OTP_REDIS_REPLICA_ACKS), a stored code is sent, and a verify that used a
+    code or counted an attempt is answered, only once ``acks.replicas`` replicas hold it, so a
+    failover cannot lose a code a user was given, nor bring back a used code or a spent attempt.
+    """
+
+    def __init__(
+        self, client: RedisClient, rules: Rules, *, acks: ReplicaAcks | None = None
+    ) -> None:
         self._redis = client
         self._rules = rules
-        self._send = _Script(client, _SEND_SCRIPT)
+        self._acks = acks
+        self._send = _Script(client, _SEND_SCRIPT, acks=acks, durable=_CODE_STORED)
         self._cancel = _Script(client, _CANCEL_SCRIPT)
-        self._verify = _Script(client, _VERIFY_SCRIPT, _VERIFY_UNAVAILABLE)
+        self._verify = _Script(
+            client, _VERIFY_SCRIPT, _VERIFY_UNAVAILABLE, acks=acks, durable=_CODE_USED_OR_COUNTED
+        )
         self._budget = _Script(client, _BUDGET_SCRIPT)
         self._unbudget = _Script(client, _UNBUDGET_SCRIPT)
         self._verify_args = (
@@ -383,15 +464,6 @@ class RedisStore:
         self._tombstone_ms = rules.ttl_seconds * 1000
         self._withdrawals: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
-
-    @classmethod
-    def from_url(cls, url: str, rules: Rules, *, timeout: float) -> RedisStore:
-        """Connect lazily to ``url``; every command fails within about ``timeout`` seconds.
-
-        One pipelined connection instead of redis-py's pool: the pool's per-command overhead
-        was a quarter of VerifyOtp's CPU (bench/README.md).
-        """
-        return cls(PipelinedRedis.from_url(url, timeout=timeout), rules)
 
     async def add_code(self, phone: str, digest: str, send_id: str) -> tuple[int, int]:
         reply = await self._send(
@@ -537,3 +609,5 @@ class RedisStore:
         if self._withdrawals:
             await asyncio.gather(*self._withdrawals, return_exceptions=True)
         await self._redis.aclose()
+        if self._acks is not None:
+            await self._acks.aclose()

@@ -1,0 +1,101 @@
+"""OTP_REDIS_REPLICA_ACKS: a verify is answered only once replicas hold what it wrote.
+
+Redis replicates asynchronously: a failover right after a verify could bring back a used code
+or an attempt already counted. With acks, VERIFIED (or WRONG_CODE) is said only after WAIT saw
+the replicas confirm; without their confirmation the answer is UNAVAILABLE, and the code stays
+used on the primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from otp.v1 import otp_pb2, otp_pb2_grpc
+
+from tests.conftest import PHONE, MakeService, send, verify, wrong_code
+from tests.fake_interakt import FakeInterakt
+from tests.redis_deployments import RedisProcess, wait_until
+
+CODES = f"otp:{{{PHONE}}}:c"
+
+
+@pytest.fixture
+def primary_and_replica() -> Iterator[tuple[RedisProcess, RedisProcess]]:
+    primary = RedisProcess().start()
+    replica = RedisProcess("--replicaof", "127.0.0.1", str(primary.port)).start()
+    with replica.client() as client:
+        wait_until(lambda: client.info("replication")["master_link_status"] == "up", "sync")
+    yield primary, replica
+    replica.close()
+    primary.close()
+
+
+@pytest.fixture
+async def durable(
+    make_service: MakeService, primary_and_replica: tuple[RedisProcess, RedisProcess]
+) -> otp_pb2_grpc.OtpServiceStub:
+    primary, _ = primary_and_replica
+    return await make_service(
+        redis_url=f"redis://{primary.address}/0", redis_replica_acks=1, redis_timeout_seconds=0.5
+    )
+
+
+def wait_calls(node: RedisProcess) -> int:
+    with node.client() as client:
+        return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+
+async def test_a_verify_is_answered_once_the_replica_holds_it(
+    durable: otp_pb2_grpc.OtpServiceStub,
+    primary_and_replica: tuple[RedisProcess, RedisProcess],
+    interakt: FakeInterakt,
+) -> None:
+    primary, replica = primary_and_replica
+    stub = durable
+    await send(stub)
+    code = interakt.received[0].code
+    with replica.client() as client:
+        wait_until(lambda: client.exists(CODES), "the code on the replica")
+        answer = await verify(stub, wrong_code(code))
+        assert answer.attempts_remaining == 4
+        # WAIT returned only once the replica had the attempt: it is there when we are told.
+        assert client.hget(CODES, "n") == b"1"
+        waits = wait_calls(primary)
+        assert (await verify(stub, code)).verified
+        assert not client.exists(CODES)
+    assert wait_calls(primary) == waits + 1
+
+
+async def test_without_the_replica_a_verify_is_unavailable_and_the_code_stays_used(
+    durable: otp_pb2_grpc.OtpServiceStub,
+    primary_and_replica: tuple[RedisProcess, RedisProcess],
+    interakt: FakeInterakt,
+) -> None:
+    primary, replica = primary_and_replica
+    stub = durable
+    await send(stub)
+    code = interakt.received[0].code
+    await asyncio.to_thread(replica.stop, signal.SIGKILL)
+
+    with pytest.raises(grpc.aio.AioRpcError) as wrong:
+        await verify(stub, wrong_code(code))
+    assert wrong.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no replica confirmed" in (wrong.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as right:
+        await verify(stub, code)
+    assert right.value.code() == grpc.StatusCode.UNAVAILABLE
+    with primary.client() as client:
+        assert not client.exists(CODES)  # the right code was used, though not reported
+    # A verify that writes nothing needs no replica: the answer is true as it stands.
+    answer = await verify(stub, code)
+    assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
+
+    await asyncio.to_thread(replica.start)  # the replica is back: verifies are answered again
+    with replica.client() as client:
+        wait_until(lambda: client.info("replication")["master_link_status"] == "up", "sync")
+    await send(stub, "+917003848502")
+    assert (await verify(stub, interakt.received[-1].code, "+917003848502")).verified

@@ -7,7 +7,7 @@ BUF    := $(VENV)/buf/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-clients lint proto proto-check bench clean
+.PHONY: install run test test-clients chaos lint proto proto-check bench clean
 
 install: $(STAMP)
 
@@ -65,6 +65,11 @@ test: install lint proto-check
 # Node toolchain skips that client with a line saying so; with CI=true nothing skips.
 test-clients: install
 	$(BIN)/python clients/run_contract.py
+
+# The fault suite's long tests (tests/test_chaos.py): a storm under each network fault, Interakt
+# faults, SIGKILL during a burst of sends, a soak of OTP_SOAK_SECONDS (180) on two replicas.
+chaos: install
+	$(BIN)/python -m pytest -m chaos
 
 # The benchmark (bench/README.md). h2load comes from apt when it is missing; without it the
 # bench falls back to its Python load client.

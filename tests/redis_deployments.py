@@ -49,7 +49,7 @@ def cluster_port() -> int:
 
 def redis_cli() -> str:
     """The redis-cli that comes with the redis-server the tests use."""
-    beside = Path(find_redis_server()).with_name("redis-cli")
+    beside = Path(find_redis_server()).resolve().with_name("redis-cli")
     found = str(beside) if beside.is_file() else shutil.which("redis-cli")
     if found is None:
         raise RuntimeError(f"no redis-cli next to {find_redis_server()} or on PATH")

@@ -20,7 +20,7 @@ from otp_service.config import ConfigError, Settings
 from tests.conftest import MakeService, send, verify, wrong_code
 from tests.fake_interakt import FakeInterakt
 from tests.redis_deployments import LocalSentinel, RedisProcess, wait_until
-from tests.tcp_proxy import TcpProxy
+from tests.redis_proxy import RedisProxy
 
 PRODUCTION = {"OTP_SECRET": "x" * 16, "INTERAKT_API_KEY": "k", "OTP_CLIENT_TOKENS": "a:" + "t" * 16}
 # Cycles of the load to see before the failover, and again after it.
@@ -136,7 +136,7 @@ async def test_a_primary_turned_replica_under_the_connection_is_left(
     that meets it is UNAVAILABLE; the next connects again and finds the primary (here the
     address behind REDIS_URL switches, as a managed Redis's DNS name does)."""
     old, new = RedisProcess().start(), RedisProcess().start()
-    proxy = await TcpProxy(old.port).start()
+    proxy = await RedisProxy(old.port).start()
     try:
         stub = await make_service(redis_url=proxy.url)
         await send(stub)
@@ -146,7 +146,7 @@ async def test_a_primary_turned_replica_under_the_connection_is_left(
             wait_until(lambda: new_client.exists(f"otp:{{{'+917003848501'}}}:c"), "sync")
             new_client.replicaof("NO", "ONE")
             old_client.replicaof("127.0.0.1", new.port)
-        proxy.target = new.port
+        proxy.redis_port = new.port
 
         with pytest.raises(grpc.aio.AioRpcError) as met_a_replica:
             await verify(stub, wrong_code(code))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -41,6 +42,7 @@ from bench.references import GRPC_METHOD, HTTP_PATH, VERIFY_METHOD, VERIFY_PATH
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 from otp_service.store import SCRIPT_COMMANDS
 from tests.fake_interakt import API_KEY
+from tests.redis_deployments import RedisProcess, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a benchmark-only caller token
@@ -60,6 +62,8 @@ SEND_FULL = Shape("full", 64)  # SendOtp: the Python client, 64 in flight
 
 # The routes and references, as the tables name them, and how bench.references starts each.
 VERIFY = "VerifyOtp"
+# The same, with OTP_REDIS_REPLICA_ACKS=1: each verify waits for a replica (its own Redis pair).
+VERIFY_ACKED = "VerifyOtp, 1 replica ack"
 SEND = "SendOtp"
 REST = "REST verify"
 UPSTREAM = "fake Interakt alone"
@@ -94,6 +98,7 @@ RATIOS = (
     Ratio(GRPC_REDIS, EMPTY_GRPC),
     Ratio(REST, EMPTY_HTTP),
     Ratio(HTTP_REDIS, EMPTY_HTTP),
+    Ratio(VERIFY_ACKED, VERIFY),
 )
 
 
@@ -176,6 +181,7 @@ class Server:
     body: bytes
     pid: int
     uses_redis: bool
+    db: redis.Redis | None = None  # its Redis, when not the run's main one
 
 
 class Processes:
@@ -400,16 +406,23 @@ class Running:
     ports: dict[str, int]
     pids: dict[str, int]
     redis_port: int
+    acked_redis_port: int  # the primary, with a replica, of "service-acks"
 
 
 @contextlib.contextmanager
 def services(workdir: Path) -> Iterator[Running]:
-    """Redis, the fake Interakt, the service and every reference, until the block ends."""
+    """Redis, the fake Interakt, the service and every reference, until the block ends; and
+    "service-acks", the service with OTP_REDIS_REPLICA_ACKS=1 on a primary and replica of its own.
+    """
     processes = Processes(workdir)
-    with EmbeddedRedis() as redis_server:
+    with EmbeddedRedis() as redis_server, EmbeddedRedis() as acked_redis:
+        replica = RedisProcess("--replicaof", "127.0.0.1", str(acked_redis.port))
         try:
+            with replica.start().client() as client:
+                wait_until(lambda: client.info("replication")["master_link_status"] == "up", "sync")
             base_url, upstream_pid = processes.start_upstream()
-            ports = {name: free_port() for name in ("service", "gateway", *REFERENCES)}
+            names = ("service", "gateway", "service-acks", *REFERENCES)
+            ports = {name: free_port() for name in names}
             # The references read the service's configuration, so they get its environment.
             env = service_env(
                 redis_server.url,
@@ -420,15 +433,21 @@ def services(workdir: Path) -> Iterator[Running]:
             command = [sys.executable, "-m", "otp_service", "serve"]
             service = processes.start("service", command, env).pid
             pids = {"service": service, "gateway": service, "upstream": upstream_pid}
+            acks_env = {
+                **service_env(acked_redis.url, base_url, f"127.0.0.1:{ports['service-acks']}", ""),
+                "OTP_REDIS_REPLICA_ACKS": "1",
+            }
+            pids["service-acks"] = processes.start("service-acks", command, acks_env).pid
             for route, kind in REFERENCES.items():
                 command = [sys.executable, "-m", "bench.references", kind, str(ports[route])]
                 pids[route] = processes.start(kind, command, env).pid
             for port in ports.values():
                 wait_listening(port)
             ports["upstream"] = urlsplit(base_url).port or 80
-            yield Running(ports, pids, redis_server.port)
+            yield Running(ports, pids, redis_server.port, acked_redis.port)
         finally:
             processes.stop()
+            replica.close()
 
 
 def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
@@ -463,7 +482,8 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             def contestant(server: Server, shape: Shape, requests: int, label: str) -> Contestant:
                 figure = Figure(server.route, shape.name, label)
                 run_round = functools.partial(one, server.target, server.body, requests, shape)
-                return Contestant(figure, run_round, server.pid, db if server.uses_redis else None)
+                counted = server.db or (db if server.uses_redis else None)
+                return Contestant(figure, run_round, server.pid, counted)
 
             bouts = [
                 [contestant(s, shape, sizes.full, str(shape.in_flight)) for s in servers]
@@ -485,9 +505,10 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
 
         # VerifyOtp, the hot path: one number with a live code, a wrong code typed, so every
         # call runs the verify script's attempt counting (then its over-budget answer).
-        checks["SendOtp (seed)"] = check_answers(
-            svc, SEND_METHOD, [otp_pb2.SendOtpRequest(phone_number=PHONE).SerializeToString()]
-        )
+        seed = [otp_pb2.SendOtpRequest(phone_number=PHONE).SerializeToString()]
+        checks["SendOtp (seed)"] = check_answers(svc, SEND_METHOD, seed)
+        acked = running.ports["service-acks"]
+        checks["SendOtp (seed, 1 replica ack)"] = check_answers(acked, SEND_METHOD, seed)
         verify_body = otp_pb2.VerifyOtpRequest(
             phone_number=PHONE, otp_code="000000"
         ).SerializeToString()
@@ -497,6 +518,10 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             server(GRPC_REDIS, GRPC_REDIS, VERIFY_METHOD, verify_body, over_grpc=True),
             server(GRPC_PROTOCOL, GRPC_PROTOCOL, VERIFY_METHOD, verify_body, over_grpc=True),
             server(EMPTY_GRPC, EMPTY_GRPC, GRPC_METHOD, b"", over_grpc=True),
+            dataclasses.replace(
+                server("service-acks", VERIFY_ACKED, VERIFY_METHOD, verify_body, over_grpc=True),
+                db=redis.Redis(port=running.acked_redis_port),
+            ),
         ]
         warm_up(grpc_servers, GRPC_SHAPES[-1])
         # The memory figures: RSS once warm, and again after the rounds (topped up to as many

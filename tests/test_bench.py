@@ -47,6 +47,7 @@ def test_smoke_run_measures_every_server_and_every_sampled_answer_is_right(
     table = (out / "results.md").read_text()
     routes = (
         "VerifyOtp",
+        "VerifyOtp, 1 replica ack",
         "gRPC Redis reference",
         "gRPC Redis reference, minimal Protocol",
         "empty gRPC",
@@ -70,12 +71,14 @@ def test_smoke_run_measures_every_server_and_every_sampled_answer_is_right(
     ):
         row = next(row for row in table.splitlines() if row.startswith(ratio))
         assert row.endswith(("| met |", "| **not met** |")), row
+    # What waiting for a replica costs VerifyOtp: a ratio with no target.
+    assert "| VerifyOtp, 1 replica ack / VerifyOtp | c4 m16 |" in table
     assert (out / "chart.png").read_bytes().startswith(b"\x89PNG")
     # Every sampled answer was a success, and each Redis reference answered as the service did.
     checks = [
         line for line in table.split("Sampled answers", 1)[1].splitlines() if line[:2] == "- "
     ]
-    assert len(checks) == 9, checks
+    assert len(checks) == 11, checks
     for line in checks:
         assert re.fullmatch(r"- .+: OK \(\d+ calls\)", line), line
 

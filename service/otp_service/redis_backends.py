@@ -4,11 +4,10 @@ The Lua scripts, the one source of each rule, are the same on every backend (sto
 the client differs:
 
 - ``redis://``, ``rediss://``, ``unix://``: PipelinedRedis, one connection pipelining every
-  caller's commands.
+  caller's commands (redis-py's pool cost a quarter of VerifyOtp's CPU: bench/README.md).
 - ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_MASTER``: the same pipelined connection, opened to
-  whichever node the sentinels name primary (redis-py's SentinelConnectionPool). After a
-  failover the old primary answers writes with READONLY: redis-py's Sentinel connection turns
-  that into a lost connection, so the next command asks the sentinels again.
+  whichever node the sentinels name primary (redis-py's SentinelConnectionPool, asked again at
+  each connect).
 - ``redis+cluster://``, ``rediss+cluster://``: redis-py's ``RedisCluster``. The slot map,
   MOVED/ASK redirects, reconnects and following a node failover are the library's.
 
@@ -16,15 +15,16 @@ Whatever the backend, a command that may have reached Redis is never sent again 
 count attempts and sends), and every call ends within the Redis timeout: failing closed,
 with UNAVAILABLE, is always allowed; answering twice is not.
 
-``OTP_REDIS_REPLICA_ACKS=N`` adds ``WAIT N`` after each verify, on the connection that ran it
-(WAIT counts the replicas holding that connection's writes). Not on the shared pipelined
-connection: Redis blocks a connection while its WAIT waits, so every command queued behind it
-(other callers' verifies and sends, the readiness ping) would wait a replica round trip, and
-the connection would carry one batch per round trip. Durable verifies take connections of
-their own from a redis-py pool instead (on a Cluster, from the client's connections to the
-node that owns the number's slot): each WAIT holds up only its own caller, and Redis answers
-every WAIT blocked in one event-loop turn after one GETACK round to the replicas, so
-concurrent verifies still share the wait. docs/scaling.md has what it costs.
+``OTP_REDIS_REPLICA_ACKS=N`` adds ``WAIT N`` after the scripts whose writes a failover must not
+lose, on the connection that ran them (WAIT counts the replicas holding that connection's
+writes). Not on the shared pipelined connection: Redis blocks a connection while its WAIT
+waits, so every command queued behind it (sends, other verifies, the readiness ping) would wait
+a replica round trip, and keeping a WAIT on the connection of its writes across a reconnect is
+more than that client promises. Durable calls take connections of their own from a redis-py
+pool: the calls of one event-loop turn and one WAIT after them go as one pipeline on one
+connection, so one replica round trip answers for the whole turn. On a Cluster, each call and
+its WAIT go to the node that owns the number's slot. docs/scaling.md has what each costs
+(``python -m bench.wait_cost`` compares the choices).
 """
 
 from __future__ import annotations
@@ -243,11 +243,17 @@ def _wait_ms(timeout: float) -> int:
     return max(1, int(timeout * 500))
 
 
-class _PooledAcks:
-    """ReplicaAcks over a redis-py pool: the command and its WAIT in one pipeline.
+# A command waiting for its batch: its arguments, and where its reply and WAIT's count go.
+_Waiting = tuple[tuple[Any, ...], "asyncio.Future[tuple[Any, int]]"]
 
-    A pipeline sends both on one connection, in order, and reads both replies before the
-    connection goes back to the pool (see the module docstring for why not the pipelined one).
+
+class _PooledAcks:
+    """ReplicaAcks over a redis-py pool: the commands of one event-loop turn, then one WAIT.
+
+    They go as one redis-py pipeline, which sends them on one connection, in order, and reads
+    every reply before the connection goes back to the pool; WAIT counts every write its
+    connection made before it, so one WAIT answers for the whole turn (see the module docstring
+    for why not on the pipelined connection).
     """
 
     def __init__(self, pool: ConnectionPool, *, replicas: int, timeout: float) -> None:
@@ -256,22 +262,53 @@ class _PooledAcks:
         self.replicas = replicas
         self._timeout = timeout
         self._wait = ("WAIT", replicas, _wait_ms(timeout))
+        self._turn: list[_Waiting] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
 
     async def execute_then_wait(self, *args: Any) -> tuple[Any, int]:
-        async with asyncio.timeout(self._timeout):
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.execute_command(*args)
-            pipe.execute_command(*self._wait)
-            reply, acked = await pipe.execute(raise_on_error=False)
-        if (isinstance(reply, ResponseError) and _on_a_replica(reply)) or (
+        loop = asyncio.get_running_loop()
+        if self._turn is None:
+            # The first command of this turn; the others join it, and the batch leaves next turn.
+            self._turn = []
+            loop.call_soon(self._send_turn)
+        reply: asyncio.Future[tuple[Any, int]] = loop.create_future()
+        self._turn.append((args, reply))
+        return await reply
+
+    def _send_turn(self) -> None:
+        turn, self._turn = self._turn or [], None
+        batch = asyncio.get_running_loop().create_task(self._send(turn))
+        self._batches.add(batch)
+        batch.add_done_callback(self._batches.discard)
+
+    async def _send(self, turn: list[_Waiting]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                pipe = self._redis.pipeline(transaction=False)
+                for args, _ in turn:
+                    pipe.execute_command(*args)
+                pipe.execute_command(*self._wait)
+                *replies, acked = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for _, waiting in turn:
+                if not waiting.done():
+                    waiting.set_exception(exc)
+            return
+        if any(isinstance(r, ResponseError) and _on_a_replica(r) for r in replies) or (
             isinstance(acked, int) and acked < self.replicas
         ):
             # On a replica, or on a primary that lost its replicas (as a deposed one does): the
             # next connections go where the sentinels (or REDIS_URL) point now.
             await self._pool.disconnect()
-        return _replies(reply, acked)
+        for (_, waiting), reply in zip(turn, replies, strict=True):
+            if not waiting.done():  # its caller may have given up
+                try:
+                    waiting.set_result(_replies(reply, acked))
+                except Exception as exc:
+                    waiting.set_exception(exc)
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self._batches, return_exceptions=True)
         await _close(self._pool)
 
 

@@ -17,10 +17,12 @@ import redis
 from otp.v1 import otp_pb2
 
 from otp_service.config import ConfigError, Settings
-from tests.conftest import MakeService, send, verify, wrong_code
+from otp_service.redis_backends import RedisTarget, open_store
+from tests.conftest import PHONE, MakeService, send, verify, wrong_code
 from tests.fake_interakt import FakeInterakt
-from tests.redis_deployments import LocalSentinel, RedisProcess, wait_until
+from tests.redis_deployments import SENTINEL_MASTER, LocalSentinel, RedisProcess, wait_until
 from tests.redis_proxy import RedisProxy
+from tests.test_store_contract import RULES
 
 PRODUCTION = {"OTP_SECRET": "x" * 16, "INTERAKT_API_KEY": "k", "OTP_CLIENT_TOKENS": "a:" + "t" * 16}
 # Cycles of the load to see before the failover, and again after it.
@@ -158,6 +160,29 @@ async def test_a_primary_turned_replica_under_the_connection_is_left(
         await proxy.close()
         old.close()
         new.close()
+
+
+async def test_sentinels_that_do_not_answer_leave_the_primary_in_use(
+    sentinel: LocalSentinel,
+) -> None:
+    """Without sentinels no failover can happen: the primary in use is still the primary, so
+    the store stays ready (a readiness ping that failed here would take every replica out)."""
+    target = RedisTarget(
+        url=sentinel.settings()["redis_url"],
+        timeout=0.5,
+        sentinels=sentinel.settings()["redis_sentinels"],
+        sentinel_master=SENTINEL_MASTER,
+        sentinel_password=sentinel.password,
+    )
+    store = open_store(target, RULES)
+    try:
+        await store.add_code(PHONE, "a" * 32, "send-1")
+        for node in sentinel.sentinels:
+            await asyncio.to_thread(node.stop)
+        assert await store.ping()
+        assert (await store.verify(PHONE, "a" * 32)).verified
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ its WAIT go to the node that owns the number's slot. docs/scaling.md has what ea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,14 @@ from redis.asyncio.connection import ConnectionPool, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import AskError, ClusterError, MovedError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -179,9 +187,11 @@ class _Primary:
     async def ping(self) -> bool:
         pool = self._pool
         if isinstance(pool, SentinelConnectionPool) and pool.master_address is not None:
-            named = await pool.sentinel_manager.discover_master(pool.service_name)
-            if named != pool.master_address:
-                self._move_from(self._client)
+            # Sentinels that do not answer say nothing about the primary: it is pinged as is.
+            with contextlib.suppress(RedisError, OSError):
+                named = await pool.sentinel_manager.discover_master(pool.service_name)
+                if named != pool.master_address:
+                    self._move_from(self._client)
         return await self._client.ping()
 
     def _move_from(self, client: PipelinedRedis) -> None:

@@ -528,7 +528,10 @@ async def test_soak_two_replicas_stay_flat_and_every_delivered_code_verifies_onc
     print(f"soak: Redis keys {keys} -> {keys_end}")
     assert anomalies == []
     assert cycles > warm_cycles > 0
-    assert fds_end == fds, "open files grew"
+    # Flat: a descriptor that happens to be opening or closing when counted is not a leak; one
+    # per request would be tens of thousands.
+    for before, after in zip(fds, fds_end, strict=True):
+        assert after <= before + 2, f"open files grew from {before} to {after}"
     assert keys_end <= keys, "Redis keys grew"
     for before, after in zip(rss, rss_end, strict=True):
         # Flat: what a few MiB of allocator noise allows, far under what a leak per request

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 import redis
 
-from otp_service.embedded_redis import find_redis_server, free_port
+from otp_service.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 
 SENTINEL_MASTER = "otp"
 
@@ -56,67 +54,20 @@ def redis_cli() -> str:
     return found
 
 
-class RedisProcess:
+class RedisProcess(EmbeddedRedis):
     """One redis-server child process (a data node or a sentinel) on its own free port."""
 
     def __init__(
-        self, *options: str, config: str = "", password: str = "", port: int | None = None
+        self, *options: str, config: str | None = None, password: str = "", port: int | None = None
     ) -> None:
-        self.port = port or free_port()
-        self.password = password
-        self.dir = Path(tempfile.mkdtemp(prefix="otp-redis-deployment-"))
-        # A sentinel insists on a config file it can rewrite; data nodes take options only.
-        (self.dir / "redis.conf").write_text(config)
-        self._options = [
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.dir),
-            "--logfile", str(self.dir / "redis.log"),
-            *options,
-        ]  # fmt: skip
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(port, options=options, config=config, password=password or None)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def client(self, **options: Any) -> redis.Redis:
-        password = self.password or None
-        return redis.Redis(port=self.port, password=password, socket_timeout=5, **options)
-
-    def start(self) -> RedisProcess:
-        """Start it (again, keeping its directory) and wait until it answers PING."""
-        command = [find_redis_server(), str(self.dir / "redis.conf"), *self._options]
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-        try:
-            with self.client(socket_connect_timeout=0.2) as client:
-                wait_until(lambda: self._alive() and client.ping(), f"redis on port {self.port}")
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
-        return self
-
-    def _alive(self) -> bool:
-        if self._process is None or self._process.poll() is not None:
-            raise AssertionError(f"redis-server on port {self.port} exited; see {self.dir}")
-        return True
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop it: SIGTERM (a clean shutdown) or SIGKILL (a crash)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(sig)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5, **options)
 
 
 class ClusterAdmin(redis.RedisCluster):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -34,14 +35,28 @@ def primary_and_replica() -> Iterator[tuple[RedisProcess, RedisProcess]]:
     primary.close()
 
 
+@dataclass
+class Durable:
+    """The service waiting for one replica, and a code it sent."""
+
+    stub: otp_pb2_grpc.OtpServiceStub
+    primary: RedisProcess
+    replica: RedisProcess
+    code: str
+
+
 @pytest.fixture
 async def durable(
-    make_service: MakeService, primary_and_replica: tuple[RedisProcess, RedisProcess]
-) -> otp_pb2_grpc.OtpServiceStub:
-    primary, _ = primary_and_replica
-    return await make_service(
+    make_service: MakeService,
+    primary_and_replica: tuple[RedisProcess, RedisProcess],
+    interakt: FakeInterakt,
+) -> Durable:
+    primary, replica = primary_and_replica
+    stub = await make_service(
         redis_url=f"redis://{primary.address}/0", redis_replica_acks=1, redis_timeout_seconds=0.5
     )
+    await send(stub)
+    return Durable(stub, primary, replica, interakt.received[0].code)
 
 
 def wait_calls(node: RedisProcess) -> int:
@@ -49,16 +64,9 @@ def wait_calls(node: RedisProcess) -> int:
         return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
 
 
-async def test_a_verify_is_answered_once_the_replica_holds_it(
-    durable: otp_pb2_grpc.OtpServiceStub,
-    primary_and_replica: tuple[RedisProcess, RedisProcess],
-    interakt: FakeInterakt,
-) -> None:
-    primary, replica = primary_and_replica
-    stub = durable
-    await send(stub)
-    code = interakt.received[0].code
-    with replica.client() as client:
+async def test_a_verify_is_answered_once_the_replica_holds_it(durable: Durable) -> None:
+    stub, primary, code = durable.stub, durable.primary, durable.code
+    with durable.replica.client() as client:
         wait_until(lambda: client.exists(CODES), "the code on the replica")
         answer = await verify(stub, wrong_code(code))
         assert answer.attempts_remaining == 4
@@ -71,14 +79,9 @@ async def test_a_verify_is_answered_once_the_replica_holds_it(
 
 
 async def test_without_the_replica_a_verify_is_unavailable_and_the_code_stays_used(
-    durable: otp_pb2_grpc.OtpServiceStub,
-    primary_and_replica: tuple[RedisProcess, RedisProcess],
-    interakt: FakeInterakt,
+    durable: Durable, interakt: FakeInterakt
 ) -> None:
-    primary, replica = primary_and_replica
-    stub = durable
-    await send(stub)
-    code = interakt.received[0].code
+    stub, primary, replica, code = durable.stub, durable.primary, durable.replica, durable.code
     await asyncio.to_thread(replica.stop, signal.SIGKILL)
 
     with pytest.raises(grpc.aio.AioRpcError) as wrong:

@@ -12,11 +12,14 @@ import functools
 import importlib.util
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -56,19 +59,39 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """One redis-server child process; ``url`` is where it listens."""
+    """One redis-server child process; ``url`` is where it listens.
 
-    def __init__(self, port: int | None = None) -> None:
+    For the tests' Redis deployments: ``options`` are more redis-server options (a replica's
+    ``--replicaof``, cluster mode), ``config`` the text of a config file to start from (a
+    sentinel wants one it can rewrite), ``password`` what ``--requirepass`` asks, so that the
+    start-up check can log in.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        options: Sequence[str] = (),
+        config: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        self._options = list(options)
+        self._config = config
         self._dir = tempfile.TemporaryDirectory(prefix="otp-redis-")
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        """Start the server and wait until it accepts connections."""
+    def start(self, timeout: float = 10.0) -> Self:
+        """Start the server (again, on the same port and directory) and wait until it answers."""
         binary = find_redis_server()
-        command = [
-            binary,
+        command = [binary]
+        if self._config is not None:
+            config_file = Path(self._dir.name) / "redis.conf"
+            config_file.write_text(self._config)
+            command.append(str(config_file))
+        command += [
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -79,7 +102,12 @@ class EmbeddedRedis:
         if _major_version(binary) >= 7:
             # DEBUG (SLEEP: how the fault tests make Redis late) is off by default since 7.
             command += ["--enable-debug-command", "local"]
+        command += self._options
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)  # noqa: S603
+        hello = b"PING\r\n"
+        if self.password:
+            secret = self.password.encode()
+            hello = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret) + hello
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -88,17 +116,17 @@ class EmbeddedRedis:
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
             ):
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                sock.sendall(hello)
+                if b"+PONG" in sock.recv(64):
                     return self
             time.sleep(0.02)
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
 
-    def stop(self) -> None:
-        """Stop the server (if running); data is discarded."""
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server (if running; SIGKILL: as a crash would); data is discarded."""
         if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
+            self._process.send_signal(sig)
             try:
                 self._process.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -111,7 +139,7 @@ class EmbeddedRedis:
         self.stop()
         self._dir.cleanup()
 
-    def __enter__(self) -> EmbeddedRedis:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

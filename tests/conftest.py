@@ -297,6 +297,15 @@ async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def code_sent_to(interakt: FakeInterakt, phone: str) -> str:
+    """The code of the latest message the fake Interakt took for ``phone``."""
+    return next(
+        m.code
+        for m in reversed(interakt.received)
+        if m.body["countryCode"] + m.body["phoneNumber"] == phone
+    )
+
+
 def wrong_code(*codes: str) -> str:
     """A well-formed code of the same length that is none of ``codes``."""
     length = len(codes[0])

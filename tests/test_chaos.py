@@ -36,6 +36,7 @@ from tests.conftest import (
     TOKEN,
     Bearer,
     MakeService,
+    code_sent_to,
     eventually,
     status_of,
     verify,
@@ -43,7 +44,6 @@ from tests.conftest import (
 )
 from tests.fake_interakt import API_KEY, NOT_A_CONTACT, RATE_LIMITED, Answer, FakeInterakt
 from tests.redis_proxy import RedisProxy
-from tests.test_sentinel import code_sent_to
 
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
 CALLER_SENDS = f"otp:{{senders}}:caller-sends:{CALLER}"

@@ -18,7 +18,7 @@ from otp.v1 import otp_pb2
 
 from otp_service.config import ConfigError, Settings
 from otp_service.redis_backends import RedisTarget, open_store
-from tests.conftest import PHONE, MakeService, send, verify, wrong_code
+from tests.conftest import PHONE, MakeService, code_sent_to, send, verify, wrong_code
 from tests.fake_interakt import FakeInterakt
 from tests.redis_deployments import SENTINEL_MASTER, LocalSentinel, RedisProcess, wait_until
 from tests.redis_proxy import RedisProxy
@@ -40,15 +40,6 @@ async def sentinel() -> AsyncIterator[LocalSentinel]:
 
 def evalsha_calls(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
-def code_sent_to(interakt: FakeInterakt, phone: str) -> str:
-    """The code of the latest message the fake Interakt took for ``phone``."""
-    return next(
-        m.code
-        for m in reversed(interakt.received)
-        if m.body["countryCode"] + m.body["phoneNumber"] == phone
-    )
 
 
 async def test_the_service_follows_a_failover_under_load(

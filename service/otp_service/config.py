@@ -35,8 +35,8 @@ DEFAULT_MAX_SENDS_PER_HOUR = 5
 DEFAULT_BRAND = "MinServe"
 DEFAULT_INTERAKT_TIMEOUT_SECONDS = 5.0
 DEFAULT_REDIS_TIMEOUT_SECONDS = 1.0
-# Replicas that must hold a verify before it is answered (OTP_REDIS_REPLICA_ACKS): none, as
-# Redis itself does; docs/scaling.md says when to raise it.
+# Replicas that must hold a new code before it is sent, and a verify's write before it is
+# answered (OTP_REDIS_REPLICA_ACKS): none, as Redis itself; docs/scaling.md says when to raise it.
 DEFAULT_REDIS_REPLICA_ACKS = 0
 DEFAULT_CALLER_SENDS_PER_MINUTE = 120
 # Interakt's Growth plan allows 300 requests a minute per account, shared by every replica.

@@ -34,10 +34,11 @@ from tests.conftest import (
     send,
     verify,
 )
-from tests.fake_interakt import FakeInterakt, Queued, refusal, report_body, sign
+from tests.fake_interakt import Answer, FakeInterakt, Queued, refusal, report_body, sign
 from tests.test_no_leaks import everything_in
 
 STATUS = "/api/v1/auth/otp-status"
+ACCEPTED = {"result": True, "message": "Message queued for sending", "id": "msg-held"}
 
 
 async def status(
@@ -438,6 +439,42 @@ async def test_reports_are_answered_while_redis_is_stopped_and_applied_once_it_i
     finally:
         resume()
     await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_DELIVERED)
+
+
+async def test_a_send_whose_record_redis_did_not_take_is_answered_and_recorded_later(
+    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
+) -> None:
+    """Interakt took the message, then Redis hung: the caller still gets its answer (the code
+    is in Redis and on its way), and the message id is recorded once Redis is back."""
+    gateway = await make_gateway(redis_url=private_redis.url, redis_timeout_seconds=0.3)
+    hold = asyncio.Event()
+    interakt.answer(Answer(200, ACCEPTED, hold=hold))
+    sending = asyncio.ensure_future(
+        gateway.stub.SendOtp(
+            otp_pb2.SendOtpRequest(phone_number=PHONE, idempotency_key="key-1"), timeout=30
+        )
+    )
+
+    async def at_interakt() -> bool:
+        return len(interakt.received) == 1
+
+    await eventually(at_interakt)
+    resume = pause(private_redis)
+    try:
+        hold.set()
+        sent = await sending
+    finally:
+        resume()
+    assert sent.message_id == "msg-held"
+
+    async def recorded() -> bool:
+        return (await status(gateway.stub)).message_id == "msg-held"
+
+    await eventually(recorded)
+    # And the key's first answer was recorded too: a repeat gets it.
+    again = otp_pb2.SendOtpRequest(phone_number=PHONE, idempotency_key="key-1")
+    assert await gateway.stub.SendOtp(again, timeout=10) == sent
+    assert len(interakt.received) == 1
 
 
 async def test_shutdown_drains_the_reports_waiting_for_redis(

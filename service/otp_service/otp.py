@@ -200,8 +200,7 @@ class OtpService:
         # Sent: from here on nothing withdraws it, not even a cancelled call. The caller is told
         # once it is recorded (so its status shows the message id, and a repeat of its key finds
         # this answer), within one Redis timeout; the rest is left to the background.
-        recording = self._store.record_sent(send_id, phone=phone.e164, delivery=delivery, key=key)
-        await asyncio.wait([recording], timeout=self._store_timeout)
+        await self._store.record_sent(send_id, phone=phone.e164, delivery=delivery, key=key)
         return _answer(FirstAnswer(added.expires_at_ms, added.resend_after_ms, delivery))
 
     async def _first_answer(

@@ -12,9 +12,9 @@ and applied in Redis afterwards by a few workers: a slow Redis never slows the a
 What "never lost once answered 200" means here. A queued report lives in this process' memory
 until Redis has taken it; while Redis is down it is retried, for as long as its code could live
 (OTP_TTL_SECONDS: after that it would apply to nothing). The queue is bounded: once it is full,
-a report is answered 503, which Interakt counts as a failure and sends again later (until five
-such failures disable the webhook: an operator must then turn it back on). On shutdown the
-queue is drained within the grace period; only if Redis stays down for all of it are the
+a report is answered 503, not taken: Interakt counts a failure and may send it again (five
+failures disable the webhook: an operator must then turn it back on). On shutdown the queue is
+drained within the grace period; only if Redis stays down for all of it are the
 reports still waiting lost, and an ERROR says how many. A process killed outright loses what
 is queued, which is next to nothing while Redis answers. Refusing (non-200) every report
 whenever Redis is slow was the alternative: it loses nothing in memory, but five refusals turn

@@ -160,12 +160,14 @@ async def test_status_of_a_test_number_is_queued_on_the_test_channel(
 
 
 async def test_a_failed_send_leaves_the_status_of_the_code_before_it(
-    gateway: Gateway, interakt: FakeInterakt
+    make_gateway: MakeGateway, interakt: FakeInterakt
 ) -> None:
+    gateway = await make_gateway(resend_cooldown_seconds=0)
     first = await send(gateway.stub)
     interakt.answer(refusal("Something new"))
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
         await send(gateway.stub)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     answer = await status(gateway.stub)
     assert answer.message_id == first.message_id
     assert answer.expires_at == first.expires_at

@@ -165,6 +165,7 @@ async def test_a_key_whose_send_failed_may_be_used_again(
     interakt.answer(refusal("Something new"))
     await refused(send_with(stub, "key-1"), grpc.StatusCode.FAILED_PRECONDITION)
     assert_no_code_left(redis_db)
+    assert redis_db.keys("otp:*:k:*") == []  # the key too is free again, at once
     sent = await send_with(stub, "key-1")
     assert len(interakt.received) == 2
     assert await send_with(stub, "key-1") == sent

@@ -166,9 +166,9 @@ def circuit_state(state: str) -> None:
         child(CIRCUIT_STATE, name).set(1 if name == state else 0)
 
 
-def count_delivery_report(result: str) -> None:
-    """One delivery report, by what became of it (DELIVERY_REPORTS' results)."""
-    child(DELIVERY_REPORTS, result).inc()
+def count_delivery_report(result: str, reports: int = 1) -> None:
+    """Delivery reports, by what became of them (DELIVERY_REPORTS' results)."""
+    child(DELIVERY_REPORTS, result).inc(reports)
 
 
 def count_http(route: str, status: int, seconds: float | None = None) -> None:

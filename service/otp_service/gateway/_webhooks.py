@@ -121,7 +121,7 @@ class InteraktWebhook:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         if self._waiting:
-            metrics.DELIVERY_REPORTS.labels("lost").inc(self._waiting)
+            metrics.count_delivery_report("lost", self._waiting)
             log.error(
                 "%d delivery reports answered 200 were not applied: Redis did not take them "
                 "before shutdown",
@@ -142,7 +142,7 @@ class InteraktWebhook:
                 "bad_signature",
             )
         report = _report_from(body)
-        if isinstance(report, str):  # not a report to apply: acknowledged, or Interakt resends
+        if isinstance(report, str):  # not a report to apply: acknowledged all the same
             metrics.count_delivery_report(report)
             return web.json_response({"status": "ignored"})
         try:

@@ -1,13 +1,15 @@
-"""``python -m bench.send_ab [--rounds N] A B``: server CPU and Redis round trips per successful
-SendOtp of two versions.
+"""``python -m bench.send_ab [--rounds N] [--keys] A B``: server CPU, Redis round trips and Redis
+memory per successful SendOtp of two versions.
 
 A and B are git revisions (``.`` is the working tree), each served as ``otp-service serve``
 (production mode, as ``bench.ab`` serves them) against one shared private Redis and bench's fake
 Interakt (50 ms). Each round sends SENDS codes, IN_FLIGHT at a time, each to a number of its
 own (no cooldown; the per-minute budgets are lifted as in ``make bench``); rounds alternate
 between A and B, so a drift in the machine's speed shows in both. h2load cannot do this: it
-sends one body, one number. Prints each one's median server CPU microseconds per send, with
-the rounds' spread, and the Redis round trips per send.
+sends one body, one number. With ``--keys`` each send carries an idempotency key, as the
+clients' sends do (a version that predates them ignores the field). Prints each one's median
+server CPU microseconds per send, with the rounds' spread, the Redis round trips per send, and
+the Redis memory each pending code holds (codes outlive the run: nothing expires meanwhile).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ SENDS = 1_500
 IN_FLIGHT = 32
 
 
-async def send_round(port: int, first: int) -> None:
+async def send_round(port: int, first: int, keys: bool) -> None:
     """SENDS sends to numbers ``first``, ``first + 1``, ...; each must succeed."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = otp_pb2_grpc.OtpServiceStub(channel)
@@ -49,7 +51,8 @@ async def send_round(port: int, first: int) -> None:
 
         async def sender() -> None:
             for n in numbers:
-                request = otp_pb2.SendOtpRequest(phone_number=phone(n))
+                key = f"bench-{n}" if keys else ""
+                request = otp_pb2.SendOtpRequest(phone_number=phone(n), idempotency_key=key)
                 await stub.SendOtp(request, metadata=AUTH, timeout=30)
 
         await asyncio.gather(*(sender() for _ in range(IN_FLIGHT)))
@@ -60,9 +63,11 @@ def main() -> int:
     parser.add_argument("a")
     parser.add_argument("b")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--keys", action="store_true", help="an idempotency key on each send")
     args = parser.parse_args()
     cpu: dict[str, list[float]] = {args.a: [], args.b: []}
     trips: dict[str, list[float]] = {args.a: [], args.b: []}
+    memory: dict[str, list[float]] = {args.a: [], args.b: []}
     with tempfile.TemporaryDirectory(prefix="otp-send-ab-") as tmp, EmbeddedRedis() as server:
         db = redis.Redis.from_url(server.url)
         processes = Processes(Path(tmp))
@@ -83,10 +88,14 @@ def main() -> int:
                 for _ in range(rounds):
                     for name, port, pid in served:
                         before_cpu, before_calls = cpu_seconds(pid), command_counts(db)
-                        asyncio.run(send_round(port, first))
+                        before_bytes = db.info("memory")["used_memory"]
+                        asyncio.run(send_round(port, first, args.keys))
                         first += SENDS
                         if rounds == 1:
                             continue
+                        memory[name].append(
+                            (db.info("memory")["used_memory"] - before_bytes) / SENDS
+                        )
                         after_calls = command_counts(db)
                         top = sum(
                             n - before_calls.get(command, 0)
@@ -103,7 +112,8 @@ def main() -> int:
         print(
             f"SendOtp {name}: {statistics.median(rounds):.0f} us server CPU per send "
             f"[{min(rounds):.0f}-{max(rounds):.0f}], {statistics.median(trips[name]):.2f} Redis "
-            "round trips per send"
+            f"round trips per send, {statistics.median(memory[name]):.0f} bytes of Redis per "
+            "pending code"
         )
     return 0
 

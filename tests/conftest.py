@@ -23,13 +23,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from otp_service import OtpServer, Settings, build_deps, create_server
 from otp_service.embedded_redis import EmbeddedRedis, find_redis_server
-from otp_service.gateway import HttpServer, LocalBackend
+from otp_service.gateway import WEBHOOK_PATH, HttpServer, InteraktWebhook, LocalBackend
+from otp_service.gateway._webhooks import QUEUE_CAPACITY
 from otp_service.redis_backends import RedisTarget
 from tests.fake_interakt import API_KEY, FakeInterakt
 from tests.redis_deployments import LocalCluster, LocalSentinel
 
 PHONE = "+917003848501"
 SECRET = b"test-secret-0123456789abcdef"
+# INTERAKT_WEBHOOK_SECRET of the servers whose delivery reports tests send (make_gateway's).
+WEBHOOK_SECRET = "test-webhook-secret-0123456789"
 CALLER = "tests"
 TOKEN = "test-caller-token-0123456789"
 # Every country the tests send to; production allows only OTP_ALLOWED_COUNTRIES (default 91).
@@ -237,11 +240,17 @@ async def stub(make_service: MakeService) -> otp_pb2_grpc.OtpServiceStub:
 
 @dataclasses.dataclass(frozen=True)
 class Gateway:
-    """A running server with its HTTP server (JSON gateway, /metrics, health) in front."""
+    """A running server with its HTTP server (JSON gateway, /metrics, health, and Interakt's
+    delivery reports) in front."""
 
     url: str  # the HTTP server's base URL
     grpc_port: int
     stub: otp_pb2_grpc.OtpServiceStub
+    http: HttpServer
+
+    @property
+    def webhook_url(self) -> str:
+        return self.url + WEBHOOK_PATH
 
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -249,20 +258,40 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 
 @pytest.fixture
 async def make_gateway(make_server: MakeServer) -> AsyncIterator[MakeGateway]:
-    """Start a real server and its HTTP server, wired as ``otp-service serve`` wires them."""
+    """Start a real server and its HTTP server, wired as ``otp-service serve`` wires them.
+
+    It receives delivery reports signed with WEBHOOK_SECRET (unless the settings' overrides say
+    ``interakt_webhook_secret=""``), queueing at most ``webhook_capacity``; on close, requests
+    and reports get ``shutdown_grace_seconds`` (1 unless overridden).
+    """
     cleanups: list[Callable[[], Awaitable[Any]]] = []
 
-    async def make(**overrides: Any) -> Gateway:
+    async def make(*, webhook_capacity: int = QUEUE_CAPACITY, **overrides: Any) -> Gateway:
+        overrides.setdefault("interakt_webhook_secret", WEBHOOK_SECRET)
+        overrides.setdefault("shutdown_grace_seconds", 1.0)
         server = await make_server(**overrides)
+        webhook = None
+        if overrides["interakt_webhook_secret"]:
+            webhook = InteraktWebhook(
+                overrides["interakt_webhook_secret"],
+                server.service.report_delivery,
+                keep_seconds=overrides.get("ttl_seconds", Settings().ttl_seconds),
+                capacity=webhook_capacity,
+            )
         # It has no credential of its own: it forwards the caller's.
         backend = LocalBackend(server.behaviors, server.health)
-        http = await HttpServer.start("127.0.0.1:0", backend, shutdown_timeout=1)
+        http = await HttpServer.start(
+            "127.0.0.1:0",
+            backend,
+            shutdown_timeout=overrides["shutdown_grace_seconds"],
+            webhook=webhook,
+        )
         stub_channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{server.port}", interceptors=[Bearer(TOKEN)]
         )
         cleanups.extend([http.close, stub_channel.close])
         stub = otp_pb2_grpc.OtpServiceStub(stub_channel)
-        return Gateway(f"http://127.0.0.1:{http.port}", server.port, stub)
+        return Gateway(f"http://127.0.0.1:{http.port}", server.port, stub, http)
 
     yield make
     for cleanup in cleanups:

@@ -2,18 +2,27 @@
 
 Tests drive it by queueing answers (``fake.answer(...)``); with none queued it behaves like a
 healthy Interakt: it checks the Basic key, validates the body and queues the message.
+
+It also sends delivery reports (webhooks) back, signed as Interakt signs them, to
+``webhook_url``: ``report(...)`` posts one and returns the HTTP status it got; with ``reports``
+set, each message it queues is reported on by itself, as the switches say (``signature``,
+``redeliver``, ``reverse``, ``early``). Every status a report got is in ``report_answers``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
+import json
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import aiohttp
 from aiohttp import web
 
 API_KEY = "ZmFrZS1pbnRlcmFrdC1rZXk="  # base64 of "fake-interakt-key": a test value only
@@ -23,6 +32,11 @@ INVALID_TOKEN = "Invalid token provided"
 RATE_LIMITED = "Rate limit exceeded for this resource"
 # Where ``FakeInterakt.redirect()`` points: outside the API's base URL, as a moved one would be.
 _ELSEWHERE = "/elsewhere/message/"
+
+
+# Interakt's word for each status, as reports carry it in message_status.
+STATUS_WORDS = {"sent": "Sent", "delivered": "Delivered", "read": "Read", "failed": "Failed"}
+Signature = Literal["right", "wrong", "none"]
 
 
 def no_template(name: str, language: str) -> str:
@@ -65,11 +79,35 @@ class Received:
         return found.group(1)
 
 
+@dataclass(frozen=True)
+class Queued:
+    """A message the fake queued: what its delivery reports name."""
+
+    id: str
+    country_code: str
+    phone_number: str
+    callback_data: str | None
+
+
 class FakeInterakt:
     """The fake upstream; ``base_url`` goes into INTERAKT_BASE_URL."""
 
     def __init__(self) -> None:
         self.received: list[Received] = []
+        self.queued: list[Queued] = []
+        # Delivery reports: where they go, the secret they are signed with, and the switches.
+        self.webhook_url = ""
+        self.webhook_secret = ""
+        # The statuses reported on each message it queues, in order ("sent", "delivered",
+        # "read", "failed"); none by default.
+        self.reports: tuple[str, ...] = ()
+        self.signature: Signature = "right"
+        self.redeliver = False  # each report twice
+        self.reverse = False  # a message's reports in reverse order
+        self.early = False  # reported before the send is answered
+        self.report_answers: list[int] = []
+        self._reporting: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
         # Whatever reached the target of ``redirect()``: a client that follows redirects.
         self.followed: list[Received] = []
         self._answers: deque[Answer] = deque()
@@ -97,6 +135,64 @@ class FakeInterakt:
         self._ids = itertools.count(1)
         self.in_window = None
         self.approved_templates = {("Auth", "en")}
+        self.queued.clear()
+        self.webhook_url = self.webhook_secret = ""
+        self.reports = ()
+        self.signature = "right"
+        self.redeliver = self.reverse = self.early = False
+        self.report_answers.clear()
+        for task in self._reporting:  # a test that did not wait for its reports
+            task.cancel()
+
+    def send_reports_to(self, url: str, secret: str, *reports: str) -> None:
+        """Report on each message it queues from now on: ``reports`` (e.g. "sent", "delivered",
+        "read"), posted to ``url`` and signed with ``secret``."""
+        self.webhook_url, self.webhook_secret, self.reports = url, secret, reports
+
+    async def report(
+        self,
+        message: Queued,
+        status: str,
+        *,
+        signature: Signature | None = None,
+        reason: str | None = None,
+        kind: str | None = None,
+    ) -> int:
+        """Post one delivery report on ``message`` to ``webhook_url``; the HTTP status it got.
+
+        ``status`` is sent, delivered, read or failed (``reason`` a failure's); ``kind``
+        replaces the report's type (another kind of report).
+        """
+        body = json.dumps(report_body(message, status, reason=reason, kind=kind), indent=2)
+        return await self.post_report(body.encode(), signature=signature)
+
+    async def post_report(self, body: bytes, *, signature: Signature | None = None) -> int:
+        """Post ``body`` as a report, signed as ``signature`` says (the switch by default)."""
+        headers = {"Content-Type": "application/json"}
+        signed = signature or self.signature
+        if signed != "none":
+            secret = self.webhook_secret if signed == "right" else "not-" + self.webhook_secret
+            headers["Interakt-Signature"] = sign(body, secret)
+        async with self._client().post(self.webhook_url, data=body, headers=headers) as answer:
+            await answer.read()
+            self.report_answers.append(answer.status)
+            return answer.status
+
+    async def reports_done(self) -> None:
+        """Wait until every report it started on its own has been answered."""
+        while self._reporting:
+            await asyncio.gather(*self._reporting)
+
+    async def _report_on(self, message: Queued) -> None:
+        statuses = list(reversed(self.reports) if self.reverse else self.reports)
+        for status in statuses:
+            for _ in range(2 if self.redeliver else 1):
+                await self.report(message, status)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
 
     async def start(self) -> FakeInterakt:
         app = web.Application()
@@ -112,6 +208,8 @@ class FakeInterakt:
         return self
 
     async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -142,12 +240,23 @@ class FakeInterakt:
                 return _refuse(no_template(template["name"], template["languageCode"]))
         else:
             return _refuse("Invalid message type")
+        message = Queued(
+            f"msg-{next(self._ids)}",
+            body["countryCode"],
+            body["phoneNumber"],
+            body.get("callbackData"),
+        )
+        self.queued.append(message)
+        if self.reports:
+            if self.early:
+                # Before the send is answered: the service has not recorded the message id yet.
+                await self._report_on(message)
+            else:
+                task = asyncio.get_running_loop().create_task(self._report_on(message))
+                self._reporting.add(task)
+                task.add_done_callback(self._reporting.discard)
         return web.json_response(
-            {
-                "result": True,
-                "message": "Message queued for sending",
-                "id": f"msg-{next(self._ids)}",
-            }
+            {"result": True, "message": "Message queued for sending", "id": message.id}
         )
 
     async def _elsewhere(self, request: web.Request) -> web.Response:
@@ -157,6 +266,36 @@ class FakeInterakt:
         return web.json_response(
             {"result": True, "message": "Message queued for sending", "id": "msg-elsewhere"}
         )
+
+
+def report_body(
+    message: Queued, status: str, *, reason: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    """A delivery report on ``message`` as Interakt writes it (docs/interakt.md)."""
+    reported: dict[str, Any] = {"id": message.id, "message_status": STATUS_WORDS[status]}
+    if message.callback_data is not None:
+        reported["callback_data"] = message.callback_data
+    if reason is not None:
+        reported["channel_failure_reason"] = reason
+    return {
+        "version": "1.0",
+        "timestamp": "2026-11-30T12:00:00.000000",
+        "type": kind or f"message_api_{status}",
+        "data": {
+            "customer": {
+                "channel_phone_number": message.country_code.lstrip("+") + message.phone_number,
+                "country_code": message.country_code,
+                "phone_number": message.phone_number,
+                "traits": {"name": "A customer", "whatsapp_opted_in": True},
+            },
+            "message": reported,
+        },
+    }
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The Interakt-Signature header of ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def _refuse(message: str, status: int = 400) -> web.Response:

@@ -58,6 +58,39 @@ def test_defaults_match_the_readme() -> None:
     assert "a-billing-token" not in repr(settings)
 
 
+def test_delivery_settings() -> None:
+    settings = Settings.from_env(VALID)
+    assert (settings.interakt_webhook_secret, settings.breaker_failures) == ("", 5)
+    assert settings.breaker_cooloff_seconds == 30
+    secret = "a-webhook-secret-0123456789"
+    custom = Settings.from_env(
+        {
+            **VALID,
+            "INTERAKT_WEBHOOK_SECRET": secret,
+            "INTERAKT_BREAKER_FAILURES": "3",
+            "INTERAKT_BREAKER_COOLOFF_SECONDS": "2.5",
+        }
+    )
+    assert (custom.interakt_webhook_secret, custom.breaker_failures) == (secret, 3)
+    assert custom.breaker_cooloff_seconds == 2.5
+    assert secret not in repr(custom)
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env(
+            {
+                **VALID,
+                "INTERAKT_WEBHOOK_SECRET": "short-secret",
+                "INTERAKT_BREAKER_FAILURES": "0",
+                "INTERAKT_BREAKER_COOLOFF_SECONDS": "0",
+            }
+        )
+    assert bad.value.problems == [
+        "INTERAKT_WEBHOOK_SECRET: must be at least 16 characters",
+        "INTERAKT_BREAKER_FAILURES: must be between 1 and 1000 (got 0)",
+        "INTERAKT_BREAKER_COOLOFF_SECONDS: must be between 0.1 and 3600 (got 0.0)",
+    ]
+    assert "short-secret" not in str(bad.value)
+
+
 def test_every_problem_is_reported_at_once() -> None:
     env = {
         "OTP_SECRET": "short",

@@ -71,14 +71,19 @@ async def test_keys_share_a_hash_tag_and_expire(
     make_service: MakeService, redis_db: redis.Redis
 ) -> None:
     stub = await make_service()
-    await send(stub)
+    await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE, idempotency_key="k"), timeout=10)
     keys = sorted(key.decode() for key in redis_db.scan_iter())
-    # A number's keys share its hash tag; the send budgets shared by all numbers share another.
+    # A number's keys share its hash tag; the send budgets shared by all numbers share another
+    # (and an idempotency key, which names one number, has a record in each).
+    key_id = keys[2].rpartition(":")[2]
     assert keys == [
         f"otp:{{{PHONE}}}:c",
+        f"otp:{{{PHONE}}}:d",
+        f"otp:{{{PHONE}}}:k:{key_id}",
         f"otp:{{{PHONE}}}:s",
         "otp:{senders}:account-sends",
         f"otp:{{senders}}:caller-sends:{CALLER}",
+        f"otp:{{senders}}:k:{key_id}",
     ]
     for key in keys:
         assert redis_db.pttl(key) > 0

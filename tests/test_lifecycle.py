@@ -31,6 +31,7 @@ from tests.conftest import (
     PHONE,
     SECRET,
     TOKEN,
+    WEBHOOK_SECRET,
     Bearer,
     MakeGateway,
     delta,
@@ -439,6 +440,33 @@ async def test_probes_stay_open_when_metrics_need_a_token(
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
     }
+
+
+async def test_the_webhook_is_off_without_a_secret_and_a_line_says_so(
+    redis_db: object,
+    redis_server: EmbeddedRedis,
+    interakt: FakeInterakt,
+) -> None:
+    async with (
+        served(redis_server, interakt) as off,
+        served(redis_server, interakt, INTERAKT_WEBHOOK_SECRET=WEBHOOK_SECRET) as on,
+        aiohttp.ClientSession() as interakt_side,  # no caller token: Interakt has none
+    ):
+        webhook = "/webhooks/interakt"
+        async with interakt_side.post(off.base_url + webhook, data=b"{}") as answer:
+            assert answer.status == 404
+        async with interakt_side.post(on.base_url + webhook, data=b"{}") as answer:
+            assert answer.status == 401  # on, and the body is not signed
+    logged = []
+    for server in (off, on):
+        status, out, err = await server.exited()
+        assert status == 0, err
+        logged.append([json.loads(line) for line in out.splitlines()])
+    [said] = [line for line in logged[0] if line["event"] == "webhook_off"]
+    assert said["level"] == "WARNING"
+    assert said["message"].startswith("POST /webhooks/interakt is off (no INTERAKT_WEBHOOK_SECRET)")
+    assert not [line for line in logged[1] if line["event"] == "webhook_off"]
+    assert WEBHOOK_SECRET not in json.dumps(logged[1])
 
 
 def git_commit() -> str:

@@ -17,8 +17,10 @@ from otp_client import (
     AsyncOtpClient,
     Channel,
     DeliveryRefused,
+    DeliveryState,
     InvalidInput,
     NotAllowed,
+    NotFound,
     OtpClient,
     OtpError,
     RateLimited,
@@ -106,11 +108,16 @@ async def test_each_refusal_is_its_own_exception_with_the_details(
         await client.send_otp("+917003848502")
     assert refused.value.reason == "RECIPIENT_NOT_A_CONTACT"
 
+    # Three failures open the circuit breaker: the client's retry is refused for longer than
+    # its deadline, so it gives up with that reason.
+    failing = await connect(breaker_failures=3)
     interakt.answer(*[Answer(503, None)] * 3)
     with pytest.raises(Unavailable) as unavailable:
-        await client.send_otp("+917003848503")
-    assert unavailable.value.reason == "PROVIDER_UNAVAILABLE"
+        await failing.send_otp("+917003848503")
+    assert unavailable.value.reason == "PROVIDER_CIRCUIT_OPEN"
     assert unavailable.value.retry_after is not None
+    assert unavailable.value.retry_after > 10
+    assert len(interakt.received) == 5  # two above, three here: the retry sent nothing
 
     stranger = await connect(token="not-a-known-token-0123")
     with pytest.raises(Unauthenticated) as unknown:
@@ -179,10 +186,58 @@ async def test_the_blocking_client_speaks_tls_and_mutual_tls(
         await asyncio.to_thread(verify, mtls.port, trust)
 
 
+async def test_send_is_retried_on_unavailable_with_one_key_and_sent_once(
+    connect: Connect, interakt: FakeInterakt
+) -> None:
+    client = await connect()
+    started = {"grpc_type": "unary", "grpc_service": "otp.v1.OtpService", "grpc_method": "SendOtp"}
+    before = REGISTRY.get_sample_value("grpc_server_started_total", started) or 0.0
+    # Interakt fails the first try (the server's own retries too); the client tries again.
+    interakt.answer(*[Answer(503, None)] * 3)
+    sent = await client.send_otp(PHONE)
+    assert REGISTRY.get_sample_value("grpc_server_started_total", started) == before + 2
+    assert len(interakt.received) == 4
+    assert sent.message_id == interakt.queued[0].id
+    keys = {message.body.get("callbackData") for message in interakt.received}
+    assert len(keys) == 2  # each try of the server is a send of its own
+    # A repeat with the key of a send that answered gets that answer, and nothing is sent.
+    again = await client.send_otp("+917003848502", idempotency_key="my-key")
+    assert await client.send_otp("+917003848502", idempotency_key="my-key") == again
+    assert len(interakt.received) == 5
+
+
+async def test_status_gives_a_typed_result_and_not_found(
+    connect: Connect, interakt: FakeInterakt
+) -> None:
+    client = await connect()
+    with pytest.raises(NotFound) as missing:
+        await client.get_otp_status(PHONE)
+    assert missing.value.reason == "NO_CODE_SENT"
+    sent = await client.send_otp(PHONE)
+    status = await client.get_otp_status(PHONE)
+    assert (status.state, status.channel, status.message_id) == (
+        DeliveryState.QUEUED,
+        Channel.TEXT,
+        sent.message_id,
+    )
+    assert (status.verified, status.failure_reason, status.expires_at) == (
+        False,
+        "",
+        sent.expires_at,
+    )
+    assert 0 < status.resend_after_seconds <= 30
+    assert (await client.verify_otp(PHONE, interakt.received[0].code)).verified
+    assert (await client.get_otp_status(PHONE)).verified
+
+
 def test_enums_follow_the_proto() -> None:
     channels = otp_pb2.Channel.items()
     assert {c.name: c.value for c in Channel} == {
         n.removeprefix("CHANNEL_"): v for n, v in channels
+    }
+    states = otp_pb2.DeliveryState.items()
+    assert {s.name: s.value for s in DeliveryState} == {
+        n.removeprefix("DELIVERY_STATE_"): v for n, v in states
     }
     outcomes = otp_pb2.VerifyOutcome.items()
     assert {o.name: o.value for o in VerifyOutcome} == {
@@ -221,6 +276,14 @@ async def test_the_cli_exits_0_only_for_a_sent_or_verified_code(make_server: Mak
         "",
     )
     assert await run("verify", TEST_NUMBER, TEST_CODE) == (0, "verified", "")
+    code, out, _ = await run("status", TEST_NUMBER)
+    assert code == 0
+    assert re.fullmatch(
+        r"queued; test message -; verified; valid until \S+; resend allowed in \d+ s", out
+    )
+    code, out, err = await run("status", PHONE)
+    assert (code, out) == (1, "")
+    assert err.startswith("otp-client: NO_CODE_SENT: phone_number: no code of this number")
     code, out, err = await run("send", TEST_NUMBER)
     assert (code, out) == (1, "")
     assert re.fullmatch(

@@ -21,7 +21,14 @@ from otp_service import metrics
 from otp_service.auth import Callers
 from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from otp_service.gateway import Backend, HttpServer, LocalBackend, RemoteBackend
+from otp_service.gateway import (
+    WEBHOOK_PATH,
+    Backend,
+    HttpServer,
+    InteraktWebhook,
+    LocalBackend,
+    RemoteBackend,
+)
 from otp_service.observability import configure_logging
 from otp_service.server import ListenError, OtpServer, build_deps, create_server
 
@@ -188,7 +195,10 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
             backend = LocalBackend(server.behaviors, server.health)
             # With OTP_METRICS_AUTH, /metrics asks the same callers (the same tokens file) as gRPC.
             callers = server.callers if settings.metrics_auth else None
-            http = await _start_http(settings, backend, callers, reuse_port=reuse_port)
+            webhook = _webhook(settings, server)
+            http = await _start_http(
+                settings, backend, callers, reuse_port=reuse_port, webhook=webhook
+            )
             stack.push_async_callback(http.close)
         await server.start()
         # What exists now lives as long as the process (modules, the server, phone metadata):
@@ -202,6 +212,15 @@ async def serve_forever(settings: Settings, *, reuse_port: bool = False) -> None
             extra={"event": "listening", "transport": "grpc"},
         )
         _warn_about_modes(settings)
+        if not (settings.http_address and settings.interakt_webhook_secret):
+            log.warning(
+                "POST %s is off (%s): Interakt's delivery reports are not received, so "
+                "GetOtpStatus never goes past QUEUED and a failed delivery does not lift the "
+                "resend cooldown",
+                WEBHOOK_PATH,
+                "no INTERAKT_WEBHOOK_SECRET" if settings.http_address else "no OTP_HTTP_ADDRESS",
+                extra={"event": "webhook_off"},
+            )
         await _until_signal()
         await _shut_down(settings, server, http)
     log.info("stopped", extra={"event": "stopped"})
@@ -261,6 +280,17 @@ async def _shut_down(settings: Settings, server: OtpServer | None, http: HttpSer
     )
 
 
+def _webhook(settings: Settings, server: OtpServer) -> InteraktWebhook | None:
+    """The receiver of Interakt's delivery reports; None (the route is off) without a secret."""
+    if not settings.interakt_webhook_secret:
+        return None
+    return InteraktWebhook(
+        settings.interakt_webhook_secret,
+        server.service.report_delivery,
+        keep_seconds=settings.ttl_seconds,
+    )
+
+
 async def gateway_forever(settings: Settings, target: str) -> None:
     """Serve the JSON gateway for the gRPC server at ``target`` until SIGTERM or SIGINT."""
     async with grpc.aio.insecure_channel(target) as channel:
@@ -282,6 +312,7 @@ async def _start_http(
     *,
     reuse_port: bool = False,
     service_metrics: bool = True,
+    webhook: InteraktWebhook | None = None,
 ) -> HttpServer:
     try:
         http = await HttpServer.start(
@@ -291,6 +322,7 @@ async def _start_http(
             reuse_port=reuse_port,
             callers=callers,
             service_metrics=service_metrics,
+            webhook=webhook,
         )
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)

@@ -45,6 +45,13 @@ DEFAULT_INTERAKT_SENDS_PER_MINUTE = 300
 # refused, the standard defence against WhatsApp/SMS pumping to premium or far-away numbers.
 DEFAULT_ALLOWED_COUNTRIES = frozenset({"91"})
 DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR = 10
+# The circuit breaker in front of Interakt: this many upstream failures in a row open it, for
+# this long.
+DEFAULT_BREAKER_FAILURES = 5
+DEFAULT_BREAKER_COOLOFF_SECONDS = 30.0
+# A weak webhook secret would let anyone forge delivery reports (a forged failure lifts a
+# number's resend cooldown).
+MIN_WEBHOOK_SECRET_LENGTH = 16
 
 MIN_CODE_LENGTH = 4
 MAX_CODE_LENGTH = 10
@@ -92,6 +99,10 @@ class Settings:
     interakt_api_key: str = dataclasses.field(default="", repr=False)
     interakt_base_url: str = DEFAULT_INTERAKT_BASE_URL
     interakt_timeout_seconds: float = DEFAULT_INTERAKT_TIMEOUT_SECONDS
+    # Checks Interakt's delivery reports (POST /webhooks/interakt); "": the route is off.
+    interakt_webhook_secret: str = dataclasses.field(default="", repr=False)
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES
+    breaker_cooloff_seconds: float = DEFAULT_BREAKER_COOLOFF_SECONDS
     template_name: str | None = None
     template_language: str = DEFAULT_TEMPLATE_LANGUAGE
     otp_secret: bytes = dataclasses.field(default=b"", repr=False)
@@ -150,6 +161,11 @@ class Settings:
                 reader.problems.append("OTP_SECRET: required in production mode")
             elif len(secret) < 16:
                 reader.problems.append("OTP_SECRET: must be at least 16 characters")
+        webhook_secret = reader.text("INTERAKT_WEBHOOK_SECRET", None) or ""
+        if webhook_secret and len(webhook_secret) < MIN_WEBHOOK_SECRET_LENGTH:
+            reader.problems.append(
+                f"INTERAKT_WEBHOOK_SECRET: must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
+            )
         base_url = (reader.text("INTERAKT_BASE_URL", DEFAULT_INTERAKT_BASE_URL) or "").rstrip("/")
         if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc:
             reader.problems.append(f"INTERAKT_BASE_URL: not an http(s) URL: {base_url!r}")
@@ -208,6 +224,16 @@ class Settings:
             interakt_base_url=base_url,
             interakt_timeout_seconds=reader.number(
                 "INTERAKT_TIMEOUT_SECONDS", DEFAULT_INTERAKT_TIMEOUT_SECONDS, low=0.1, high=60
+            ),
+            interakt_webhook_secret=webhook_secret,
+            breaker_failures=reader.integer(
+                "INTERAKT_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES, low=1, high=1_000
+            ),
+            breaker_cooloff_seconds=reader.number(
+                "INTERAKT_BREAKER_COOLOFF_SECONDS",
+                DEFAULT_BREAKER_COOLOFF_SECONDS,
+                low=0.1,
+                high=3_600,
             ),
             template_name=reader.text("INTERAKT_TEMPLATE_NAME", None) or None,
             template_language=reader.text("INTERAKT_TEMPLATE_LANGUAGE", DEFAULT_TEMPLATE_LANGUAGE)

@@ -123,6 +123,13 @@ class EmbeddedRedis:
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
 
+    @property
+    def pid(self) -> int:
+        """The running server's process id (the tests stop it with SIGSTOP to make it hang)."""
+        if self._process is None:
+            raise EmbeddedRedisError("redis-server is not running")
+        return self._process.pid
+
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the server (if running; SIGKILL: as a crash would); data is discarded."""
         if self._process is not None and self._process.poll() is None:

@@ -5,10 +5,13 @@
     ├── NotAuthenticated      no valid caller token                    UNAUTHENTICATED
     ├── LimitExceeded         a number's or caller's limit was hit     RESOURCE_EXHAUSTED
     ├── NotAllowed            policy forbids it (country not allowed)  PERMISSION_DENIED
+    ├── NotFound              no live code of the number (status)      NOT_FOUND
     ├── DeliveryRefused       Interakt refused for a lasting reason    FAILED_PRECONDITION
     └── Unavailable           infrastructure trouble, retry later      UNAVAILABLE
         ├── StoreUnavailable      Redis unreachable, slow or failing
+        ├── SendInProgress        a send with the same idempotency key is still running
         └── DeliveryUnavailable   Interakt unreachable, slow, 5xx or rate-limited
+            └── CircuitOpen           Interakt failed repeatedly; not called for a while
 
 Each error also carries its ``reason`` (an ``ErrorReason``) and ``metadata``, the specifics a
 calling program acts on: they become the status' google.rpc.ErrorInfo.
@@ -46,12 +49,18 @@ class ErrorReason(enum.Enum):
     PROVIDER_UNAVAILABLE = 16
     STORE_UNAVAILABLE = 17
     INTERNAL_ERROR = 18
+    INVALID_IDEMPOTENCY_KEY = 19
+    IDEMPOTENCY_KEY_REUSED = 20
+    SEND_IN_PROGRESS = 21
+    PROVIDER_CIRCUIT_OPEN = 22
+    NO_CODE_SENT = 23
 
 
 # The reason of a malformed field, by field; any other field is INVALID_REQUEST.
 _FIELD_REASONS = {
     "phone_number": ErrorReason.INVALID_PHONE_NUMBER,
     "otp_code": ErrorReason.INVALID_CODE,
+    "idempotency_key": ErrorReason.INVALID_IDEMPOTENCY_KEY,
 }
 # The reason of each limit, by LimitExceeded.kind (the metrics' label).
 _LIMIT_REASONS = {
@@ -75,13 +84,16 @@ class OtpError(Exception):
 
 
 class InvalidInput(OtpError):
-    """A request field is malformed; ``field`` names it, ``problem`` says what is wrong."""
+    """A request field is malformed; ``field`` names it, ``problem`` says what is wrong.
 
-    def __init__(self, field: str, problem: str) -> None:
+    The reason follows from the field unless ``reason`` says otherwise.
+    """
+
+    def __init__(self, field: str, problem: str, reason: ErrorReason | None = None) -> None:
         super().__init__(f"{field}: {problem}", {"field": field})
         self.field = field
         self.problem = problem
-        self.reason = _FIELD_REASONS.get(field, ErrorReason.INVALID_REQUEST)
+        self.reason = reason or _FIELD_REASONS.get(field, ErrorReason.INVALID_REQUEST)
 
 
 class NotAuthenticated(OtpError):
@@ -116,6 +128,12 @@ class NotAllowed(OtpError):
     reason = ErrorReason.COUNTRY_NOT_SERVED
 
 
+class NotFound(OtpError):
+    """GetOtpStatus: the number has no live code."""
+
+    reason = ErrorReason.NO_CODE_SENT
+
+
 class DeliveryRefused(OtpError):
     """The message provider refused the message; retrying the same request will not help."""
 
@@ -140,7 +158,19 @@ class StoreUnavailable(Unavailable):
     reason = ErrorReason.STORE_UNAVAILABLE
 
 
+class SendInProgress(Unavailable):
+    """A SendOtp with the same idempotency key is still running; retry with the same key."""
+
+    reason = ErrorReason.SEND_IN_PROGRESS
+
+
 class DeliveryUnavailable(Unavailable):
     """Interakt did not answer in time, failed, or asked us to slow down."""
 
     reason = ErrorReason.PROVIDER_UNAVAILABLE
+
+
+class CircuitOpen(DeliveryUnavailable):
+    """Interakt failed repeatedly, so it is not called until ``retry_after`` has passed."""
+
+    reason = ErrorReason.PROVIDER_CIRCUIT_OPEN

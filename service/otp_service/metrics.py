@@ -19,6 +19,7 @@ import grpc
 from prometheus_client import (
     REGISTRY,
     Counter,
+    Gauge,
     Histogram,
     Info,
     disable_created_metrics,
@@ -84,6 +85,25 @@ TEST_NUMBER_USES = Counter(
 REDIS_ERRORS = Counter(
     "otp_redis_errors_total", "Redis commands that failed or timed out while serving requests."
 )
+CIRCUIT_STATE = Gauge(
+    "otp_interakt_circuit_state",
+    "The circuit breaker in front of Interakt, in this process: 1 for its state, 0 for the others.",
+    ["state"],
+)
+_CIRCUIT_STATES = ("closed", "open", "half_open")
+DELIVERY_REPORTS = Counter(
+    "otp_delivery_reports_total",
+    "Interakt's delivery reports (POST /webhooks/interakt), by what became of them. Answered "
+    "200: applied (the state moved), unchanged (a redelivery or a late report), unknown (no "
+    "live code of that message), lost (not applied before shutdown), ignored (not about a "
+    "message's delivery), malformed. Not: rejected (bad signature, 401), refused (too many "
+    "waiting, 503).",
+    ["result"],
+)
+DELIVERY_REPORTS_WAITING = Gauge(
+    "otp_delivery_reports_waiting",
+    "Delivery reports accepted (answered 200) and not yet applied in Redis.",
+)
 # What only a process serving OtpService has: `otp-service gateway --target` leaves them out of
 # its /metrics rather than export series that stay zero there (tests keep this list complete).
 SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
@@ -97,6 +117,9 @@ SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
     AUTH_FAILURES,
     REDIS_ERRORS,
     TEST_NUMBER_USES,
+    CIRCUIT_STATE,
+    DELIVERY_REPORTS,
+    DELIVERY_REPORTS_WAITING,
 )
 
 # The HTTP side's own, in every process that listens on OTP_HTTP_ADDRESS. `route` is one of the
@@ -135,6 +158,17 @@ def count_send(channel: str, result: str, seconds: float | None = None) -> None:
 def count_limit_refusal(kind: str) -> None:
     """A request refused by the limit named ``kind`` (LimitExceeded.kind)."""
     child(LIMIT_REFUSALS, kind).inc()
+
+
+def circuit_state(state: str) -> None:
+    """The Interakt circuit breaker is now in ``state``: closed, open or half_open."""
+    for name in _CIRCUIT_STATES:
+        child(CIRCUIT_STATE, name).set(1 if name == state else 0)
+
+
+def count_delivery_report(result: str, reports: int = 1) -> None:
+    """Delivery reports, by what became of them (DELIVERY_REPORTS' results)."""
+    child(DELIVERY_REPORTS, result).inc(reports)
 
 
 def count_http(route: str, status: int, seconds: float | None = None) -> None:

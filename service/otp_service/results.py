@@ -51,3 +51,50 @@ class SendResult:
     expires_at_ms: int
     resend_after_seconds: int
     delivery: Delivery
+
+
+class DeliveryState(enum.Enum):
+    """How far a code's message got, as Interakt reported it (mirrors otp.v1.DeliveryState)."""
+
+    QUEUED = 1
+    SENT = 2
+    DELIVERED = 3
+    READ = 4
+    FAILED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class OtpStatus:
+    """What became of a number's latest code (GetOtpStatus); never the code itself."""
+
+    state: DeliveryState
+    # None while Interakt has not yet accepted the message.
+    channel: Channel | None
+    message_id: str
+    failure_reason: str
+    verified: bool
+    expires_at_ms: int
+    resend_after_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """One of Interakt's delivery reports (a webhook), about the message sent to ``phone``.
+
+    ``send_id`` is what the send put in Interakt's callbackData ("" when the report has none);
+    ``reason`` is Interakt's failure reason, "" when there is none.
+    """
+
+    phone: str
+    message_id: str
+    send_id: str
+    state: DeliveryState
+    reason: str = ""
+
+
+class ReportOutcome(enum.Enum):
+    """What a delivery report changed."""
+
+    APPLIED = "applied"  # the message's state moved forward
+    UNCHANGED = "unchanged"  # a redelivery, or a report older than the state it has
+    UNKNOWN = "unknown"  # no such message: not ours, or its code expired

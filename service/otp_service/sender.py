@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from otp_service import metrics
+from otp_service.breaker import CircuitBreaker
 from otp_service.errors import DeliveryRefused, DeliveryUnavailable, ErrorReason
 from otp_service.phone import PhoneNumber
 from otp_service.results import Channel, Delivery
@@ -69,9 +70,15 @@ _REFUSALS = {
 class Sender(Protocol):
     """Hands a code to the user."""
 
-    async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
+    def check_available(self) -> None:
+        """Raise DeliveryUnavailable (CircuitOpen) when a send now would not be attempted."""
+
+    async def send(
+        self, phone: PhoneNumber, code: str, *, budget: float, reference: str
+    ) -> Delivery:
         """Deliver ``code`` within ``budget`` seconds, retries included.
 
+        ``reference`` comes back in the provider's delivery reports on the message.
         Raises DeliveryRefused or DeliveryUnavailable.
         """
 
@@ -101,7 +108,8 @@ class _Transient(Exception):
 
 
 class InteraktSender:
-    """Sends codes with Interakt's message API over one long-lived aiohttp session."""
+    """Sends codes with Interakt's message API over one long-lived aiohttp session, behind
+    ``breaker``."""
 
     def __init__(
         self,
@@ -112,6 +120,7 @@ class InteraktSender:
         ttl_seconds: int,
         template_name: str | None,
         template_language: str,
+        breaker: CircuitBreaker,
     ) -> None:
         self._url = f"{base_url}/message/"
         # The key is already base64 per the contract; it is only ever placed in this header.
@@ -123,17 +132,27 @@ class InteraktSender:
         )
         self._template_name = template_name
         self._template_language = template_language
+        self._breaker = breaker
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
+    def check_available(self) -> None:
+        self._breaker.check()
+
+    async def send(
+        self, phone: PhoneNumber, code: str, *, budget: float, reference: str
+    ) -> Delivery:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         # A template whenever one is configured: it reaches every user, while Text reaches only
         # users inside WhatsApp's 24-hour window. So a Text refused for that window never has a
         # template to fall back to; the refusal tells the operator to configure one.
         channel = Channel.TEMPLATE if self._template_name else Channel.TEXT
+        body = self._body(phone, code, channel)
+        # Interakt echoes it in its delivery reports, as callback_data: a report that arrives
+        # before the answer to this request is recorded still finds its message by it.
+        body["callbackData"] = reference
         try:
-            return await self._send_with_retries(phone, code, channel, deadline)
+            return await self._send_with_retries(body, channel, deadline)
         except _Refused as exc:
             raise _refusal(exc) from exc
 
@@ -142,15 +161,17 @@ class InteraktSender:
             await self._session.close()
 
     async def _send_with_retries(
-        self, phone: PhoneNumber, code: str, channel: Channel, deadline: float
+        self, body: dict[str, Any], channel: Channel, deadline: float
     ) -> Delivery:
         loop = asyncio.get_running_loop()
-        body = self._body(phone, code, channel)
         label = channel.name.lower()
         for attempt in range(MAX_RETRIES + 1):
             started = loop.time()
             try:
-                message_id = await self._post(body, deadline - started)
+                # Each request is one call through the breaker: a retry of a send it opened on
+                # is refused there (CircuitOpen), not made.
+                with self._breaker.call(_upstream_failed):
+                    message_id = await self._post(body, deadline - started)
                 metrics.count_send(label, "accepted", loop.time() - started)
                 return Delivery(channel, message_id)
             except _Refused:
@@ -238,7 +259,12 @@ class InteraktSender:
 class LogSender:
     """Development mode: writes the code to the log instead of sending it."""
 
-    async def send(self, phone: PhoneNumber, code: str, *, budget: float) -> Delivery:
+    def check_available(self) -> None:
+        return None
+
+    async def send(
+        self, phone: PhoneNumber, code: str, *, budget: float, reference: str
+    ) -> Delivery:
         log.warning(
             "DEV MODE, NOT SENT: code for %s is %s", phone.e164, code, extra={"event": "dev_code"}
         )
@@ -247,6 +273,13 @@ class LogSender:
 
     async def close(self) -> None:
         return None
+
+
+def _upstream_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says the upstream failed (the breaker counts it): a timeout, a connection
+    error, a 5xx or an answer that is not Interakt's. A refusal or a 429 is an upstream that
+    answers: it is alive."""
+    return isinstance(exc, _Transient) and exc.result != "rate_limited"
 
 
 @contextlib.contextmanager

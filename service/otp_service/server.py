@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from otp_service.auth import CallerAuth, Callers
+from otp_service.breaker import CircuitBreaker
 from otp_service.config import Settings
 from otp_service.observability import Observability
 from otp_service.otp import OtpService
@@ -89,6 +90,10 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
             ttl_seconds=settings.ttl_seconds,
             template_name=settings.template_name,
             template_language=settings.template_language,
+            breaker=CircuitBreaker(
+                failures=settings.breaker_failures,
+                cooloff_seconds=settings.breaker_cooloff_seconds,
+            ),
         )
     return Deps(store=store, sender=sender)
 
@@ -101,6 +106,8 @@ class OtpServer:
     port: int
     # The wrapped OtpService methods, by name: what the in-process JSON gateway calls.
     behaviors: Mapping[str, Behavior]
+    # The domain service itself, for what is not an RPC: Interakt's delivery reports.
+    service: OtpService
     # The callers its auth wrapper knows (None with OTP_AUTH=none): /metrics checks the same.
     callers: Callers | None
     health: health.aio.HealthServicer
@@ -162,7 +169,8 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         callers = Callers(settings.client_tokens, settings.client_tokens_file)
         wrappers.append(CallerAuth(callers).wrap)
     server = grpc.aio.server(options=server_options(reuse_port=reuse_port))
-    behaviors = wrap_methods(OtpServicer(build_service(settings, deps)), wrappers)
+    service = build_service(settings, deps)
+    behaviors = wrap_methods(OtpServicer(service), wrappers)
     add_to_server(behaviors, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -176,6 +184,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         server=server,
         port=port,
         behaviors=behaviors,
+        service=service,
         callers=callers,
         health=health_servicer,
         redis_watcher=watcher,

@@ -27,6 +27,7 @@ from otp_service.errors import (
     LimitExceeded,
     NotAllowed,
     NotAuthenticated,
+    NotFound,
     OtpError,
     Unavailable,
 )
@@ -68,11 +69,13 @@ class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
     async def SendOtp(
         self, request: otp_pb2.SendOtpRequest, context: _Context
     ) -> otp_pb2.SendOtpResponse:
-        result = await self._service.send(request.phone_number, budget=context.time_remaining())
-        expires_at = timestamp_pb2.Timestamp()
-        expires_at.FromMilliseconds(result.expires_at_ms)
+        result = await self._service.send(
+            request.phone_number,
+            budget=context.time_remaining(),
+            idempotency_key=request.idempotency_key,
+        )
         return otp_pb2.SendOtpResponse(
-            expires_at=expires_at,
+            expires_at=_timestamp(result.expires_at_ms),
             resend_after_seconds=result.resend_after_seconds,
             channel=result.delivery.channel.value,  # type: ignore[arg-type]
             message_id=result.delivery.message_id,
@@ -89,6 +92,26 @@ class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
                 attempts_remaining=result.attempts_remaining,
             )
         return _VERIFY_RESPONSES[result.outcome]
+
+    async def GetOtpStatus(
+        self, request: otp_pb2.GetOtpStatusRequest, context: _Context
+    ) -> otp_pb2.GetOtpStatusResponse:
+        status = await self._service.status(request.phone_number)
+        return otp_pb2.GetOtpStatusResponse(
+            state=status.state.value,  # type: ignore[arg-type]
+            channel=status.channel.value if status.channel else 0,  # type: ignore[arg-type]
+            message_id=status.message_id,
+            failure_reason=status.failure_reason,
+            verified=status.verified,
+            expires_at=_timestamp(status.expires_at_ms),
+            resend_after_seconds=status.resend_after_seconds,
+        )
+
+
+def _timestamp(epoch_ms: int) -> timestamp_pb2.Timestamp:
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromMilliseconds(epoch_ms)
+    return timestamp
 
 
 def wrap_methods(servicer: OtpServicer, wrappers: Sequence[Wrapper] = ()) -> dict[str, Behavior]:
@@ -197,6 +220,8 @@ def status_for(exc: OtpError) -> status_pb2.Status:
         code, retry_after = code_pb2.RESOURCE_EXHAUSTED, exc.retry_after
     elif isinstance(exc, NotAllowed):
         code = code_pb2.PERMISSION_DENIED
+    elif isinstance(exc, NotFound):
+        code = code_pb2.NOT_FOUND
     elif isinstance(exc, DeliveryRefused):
         code = code_pb2.FAILED_PRECONDITION
     elif isinstance(exc, Unavailable):

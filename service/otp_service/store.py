@@ -19,6 +19,19 @@ Keys for one number:
                             string a failed send with an unanswered command was withdrawn:
                                    that command, should Redis run it late, stores and counts
                                    nothing. Lives one code TTL.
+    otp:{+917003848501}:d   hash   the latest send's delivery record: "send" (its send id),
+                                   "msg" (Interakt's message id), "ch" (channel), "st" (a
+                                   DeliveryState), "why" (Interakt's failure reason), "exp"
+                                   (the code's expiry in ms). Expires with the code.
+    otp:{+917003848501}:d:prev
+                            hash   the record a send in flight replaced: back in place if that
+                                   send fails, deleted once Interakt accepted it.
+    otp:{+917003848501}:k:<key id>
+                            hash   an idempotent send (SendOtpRequest.idempotency_key; the id is
+                                   a digest of the caller and the key): "send", "at" (when it
+                                   was claimed, ms), then its answer: "exp", "wait", and once
+                                   Interakt accepted it "ch", "msg", "done". Expires with the
+                                   code.
 
 Send budgets shared by every number (one hash slot of their own, so a second round trip before
 a send):
@@ -27,6 +40,9 @@ a send):
     otp:{senders}:account-sends         zset  the same for the whole Interakt account, whose
                                               rate limit every replica shares.
     otp:{senders}:withdrawn:<send id>   string  the same as above, for the budgets' count.
+    otp:{senders}:k:<key id>            hash    the number ("phone") and send an idempotency key
+                                                was used for: a key names one number while its
+                                                code lives.
 
 A send that fails is withdrawn (``Store.withdraw``) in the background until Redis has done it,
 whatever happened to the commands of the send: answered, timed out (they may still run), or
@@ -34,12 +50,17 @@ still on their way on a dropped connection when the withdrawal arrives on a new 
 make that exact: the withdrawal removes that send's entries, and when a command of the send went
 unanswered it leaves a tombstone; the scripts that store and count a send do nothing for a
 withdrawn one, so the order in which Redis sees them does not matter.
+
+A send that Interakt accepted is recorded (``Store.record_sent``: its message id, and the answer
+an idempotent repeat gets), in the background until Redis has done it, like a withdrawal.
+Interakt's delivery reports then move the record's state forward (``Store.report_delivery``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import logging
 import re
@@ -51,8 +72,17 @@ from typing import Any, Protocol
 from redis.exceptions import NoScriptError, RedisError
 
 from otp_service import metrics
-from otp_service.errors import LimitExceeded, StoreUnavailable
-from otp_service.results import VerifyOutcome, VerifyResult
+from otp_service.errors import ErrorReason, InvalidInput, LimitExceeded, StoreUnavailable
+from otp_service.results import (
+    Channel,
+    Delivery,
+    DeliveryReport,
+    DeliveryState,
+    OtpStatus,
+    ReportOutcome,
+    VerifyOutcome,
+    VerifyResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,34 +90,73 @@ SEND_WINDOW_MS = 3_600_000
 FAILED_VERIFY_WINDOW_MS = 3_600_000
 SEND_BUDGET_WINDOW_MS = 60_000
 
+# Delivery states as the records keep them (results.DeliveryState's values).
+_QUEUED, _FAILED = 1, 5
+
+# Lua shared by the scripts that need to know when a number may be sent its next code.
+# Returns the waits in ms before it may, each 0 when it does not hold: too many wrong codes in
+# the failed-verify window (no code could verify before then, so sending one would only cost
+# money), the resend cooldown, the cap of sends per window. The cooldown is lifted once
+# Interakt reported that the last send failed: the user never got that code. Reads only.
+_SEND_WAITS = f"""
+local function send_waits(now, sends, failures, record, cooldown, cap, window, fcap, fwindow)
+  local paused, cooling, capped = 0, 0, 0
+  local failed = redis.call('LINDEX', failures, fcap - 1)
+  if failed and tonumber(failed) > now - fwindow then
+    paused = tonumber(failed) + fwindow - now
+  end
+  local last = redis.call('ZRANGE', sends, -1, -1, 'WITHSCORES')
+  if last[2] and now < tonumber(last[2]) + cooldown then
+    local delivery = redis.call('HMGET', record, 'send', 'st')
+    if delivery[1] ~= last[1] or delivery[2] ~= '{_FAILED}' then
+      cooling = tonumber(last[2]) + cooldown - now
+    end
+  end
+  local from = '(' .. (now - window)
+  if redis.call('ZCOUNT', sends, from, '+inf') >= cap then
+    local oldest = redis.call('ZRANGEBYSCORE', sends, from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    capped = tonumber(oldest[2]) + window - now
+  end
+  return paused, cooling, capped
+end
+"""
+
 # KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] wrong-code times list, KEYS[4] this send's
-# withdrawal tombstone
+# withdrawal tombstone, KEYS[5] delivery record, KEYS[6] the record it replaces, KEYS[7] the
+# idempotency key's record (only for a send with a key)
 # ARGV[1] digest of the new code, ARGV[2] send id, ARGV[3] ttl ms, ARGV[4] cooldown ms,
 # ARGV[5] max sends per window, ARGV[6] window ms, ARGV[7] max attempts,
-# ARGV[8] max wrong codes per failed-verify window, ARGV[9] that window in ms
+# ARGV[8] max wrong codes per failed-verify window, ARGV[9] that window in ms, ARGV[10] how long
+# (ms) a claimed idempotency key waits for its send's answer before another send may take it
 # Returns {0, expiry ms, wait ms until the next send} when the code is stored, {1, wait ms} in
 # the cooldown, {2, wait ms} over the hourly cap, {3, wait ms} while the number is over its
-# wrong-code budget (no code could verify before then, so sending one would only cost money),
-# {4, 0} when the send was withdrawn before Redis ran this (nothing is stored).
-_SEND_SCRIPT = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return {4, 0} end
+# wrong-code budget, {4, 0} when the send was withdrawn before Redis ran this (nothing is
+# stored), {5, expiry ms, wait ms, channel, message id} when the key's first send already
+# answered (that answer again: nothing is stored), {6, 0} while it is still running.
+_SEND_SCRIPT = (
+    _SEND_WAITS
+    + f"""
+if redis.call('EXISTS', KEYS[4]) == 1 then return {{4, 0}} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local failed = redis.call('LINDEX', KEYS[3], tonumber(ARGV[8]) - 1)
-if failed and tonumber(failed) > now - tonumber(ARGV[9]) then
-  return {3, tonumber(failed) + tonumber(ARGV[9]) - now}
+local key = KEYS[7]
+if key then
+  local first = redis.call('HMGET', key, 'done', 'exp', 'wait', 'ch', 'msg', 'at')
+  if first[1] then
+    return {{5, tonumber(first[2]), tonumber(first[3]), tonumber(first[4]), first[5]}}
+  end
+  -- A claim older than any send can take is of a send whose process died: this one takes over.
+  if first[6] and now < tonumber(first[6]) + tonumber(ARGV[10]) then return {{6, 0}} end
 end
 local ttl, cooldown = tonumber(ARGV[3]), tonumber(ARGV[4])
 local cap, window = tonumber(ARGV[5]), tonumber(ARGV[6])
+local fcap, fwindow = tonumber(ARGV[8]), tonumber(ARGV[9])
+local paused, cooling, capped = send_waits(
+  now, KEYS[2], KEYS[3], KEYS[5], cooldown, cap, window, fcap, fwindow)
+if paused > 0 then return {{3, paused}} end
+if cooling > 0 then return {{1, cooling}} end
+if capped > 0 then return {{2, capped}} end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-if last[2] and now < tonumber(last[2]) + cooldown then
-  return {1, tonumber(last[2]) + cooldown - now}
-end
-if redis.call('ZCARD', KEYS[2]) >= cap then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {2, tonumber(oldest[2]) + window - now}
-end
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[2], window)
 -- A locked number gets a fresh budget only with a new code; a resend to an unlocked number
@@ -105,24 +174,44 @@ for i = 1, #fields, 2 do
 end
 redis.call('HSET', KEYS[1], ARGV[1], now + ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
+-- The delivery record is this send's from now on, expiring with its code; the one it replaces
+-- is kept aside until Interakt accepts this message, to come back should this send fail.
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[6]) end
+redis.call('HSET', KEYS[5], 'send', ARGV[2], 'st', {_QUEUED}, 'exp', now + ttl)
+redis.call('PEXPIRE', KEYS[5], ttl)
 -- The caller is told when a resend will be accepted: after the cooldown, or after the hour
 -- when this send used up the cap.
-local wait = cooldown
-if redis.call('ZCARD', KEYS[2]) >= cap then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  wait = math.max(wait, tonumber(oldest[2]) + window - now)
+local _, cooling_after, capped_after = send_waits(
+  now, KEYS[2], KEYS[3], KEYS[5], cooldown, cap, window, fcap, fwindow)
+local wait = math.max(cooling_after, capped_after)
+if key then
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'send', ARGV[2], 'at', now, 'exp', now + ttl, 'wait', wait)
+  redis.call('PEXPIRE', key, ttl)
 end
-return {0, now + ttl, wait}
+return {{0, now + ttl, wait}}
 """
+)
 
-# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] the send's withdrawal tombstone
+# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] the send's withdrawal tombstone, KEYS[4]
+# delivery record, KEYS[5] the record the send replaced, KEYS[6] its idempotency key's record
+# (only for a send with a key)
 # ARGV[1] digest of the send's code, ARGV[2] send id, ARGV[3] tombstone lifetime ms (0: none)
 # Returns 1. Removes the code and gives the send back, so a failed send leaves no usable code
 # and does not hold the user in the cooldown; the tombstone stops the send script, should it
-# run after this, from storing the code again. Running it twice changes nothing.
+# run after this, from storing the code again. The delivery record the send replaced comes
+# back, and its key may be used again. Running it twice changes nothing.
 _CANCEL_SCRIPT = """
 if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], 1, 'PX', ARGV[3]) end
 redis.call('ZREM', KEYS[2], ARGV[2])
+if redis.call('HGET', KEYS[4], 'send') == ARGV[2] then
+  if redis.call('EXISTS', KEYS[5]) == 1 then
+    redis.call('RENAME', KEYS[5], KEYS[4])
+  else
+    redis.call('DEL', KEYS[4])
+  end
+end
+if KEYS[6] and redis.call('HGET', KEYS[6], 'send') == ARGV[2] then redis.call('DEL', KEYS[6]) end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 1 end
 local newest = 0
 local fields = redis.call('HGETALL', KEYS[1])
@@ -171,15 +260,22 @@ return {2, max - used}
 """
 
 # KEYS[1] the caller's sends zset, KEYS[2] the Interakt account's sends zset, KEYS[3] the
-# send's withdrawal tombstone
+# send's withdrawal tombstone, KEYS[4] its idempotency key's number (only for a send with a key)
 # ARGV[1] the caller's max sends per window, ARGV[2] the account's, ARGV[3] window ms,
 # ARGV[4] send id, ARGV[5] how many budgets to count it in: 2, or 1 (the caller's only) for a
-# send that does not reach Interakt
+# send that does not reach Interakt, ARGV[6] the number, ARGV[7] code ttl ms
 # Returns {0, 0} when the send is counted, {1, ms until the caller's oldest counted send
 # leaves the window} or {2, the same for the account} when a budget is spent, {3, 0} when the
-# send was withdrawn before Redis ran this (nothing is counted).
+# send was withdrawn before Redis ran this (nothing is counted), {4, 0} when its idempotency key
+# was used for another number whose code lives (nothing is counted).
 _BUDGET_SCRIPT = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {3, 0} end
+-- The send script checked the key in the number's own keys; a key used for another number is
+-- only seen here, where every number's keys meet.
+if KEYS[4] then
+  local number = redis.call('HGET', KEYS[4], 'phone')
+  if number and number ~= ARGV[6] then return {4, 0} end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[3])
@@ -194,27 +290,114 @@ for i = 1, tonumber(ARGV[5]) do
   redis.call('ZADD', KEYS[i], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[i], window)
 end
+if KEYS[4] then
+  redis.call('HSET', KEYS[4], 'phone', ARGV[6], 'send', ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+end
 return {0, 0}
 """
 
-# KEYS[1] the caller's sends zset, KEYS[2] the account's, KEYS[3] the send's withdrawal tombstone
+# KEYS[1] the caller's sends zset, KEYS[2] the account's, KEYS[3] the send's withdrawal
+# tombstone, KEYS[4] its idempotency key's number (only for a send with a key)
 # ARGV[1] send id, ARGV[2] tombstone lifetime ms (0: none)
-# Returns 1. Gives back a send that did not happen; the tombstone stops the budget script,
-# should it run after this, from counting it again. Running it twice changes nothing.
+# Returns 1. Gives back a send that did not happen, and its key; the tombstone stops the budget
+# script, should it run after this, from counting it again. Running it twice changes nothing.
 _UNBUDGET_SCRIPT = """
 if ARGV[2] ~= '0' then redis.call('SET', KEYS[3], 1, 'PX', ARGV[2]) end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+if KEYS[4] and redis.call('HGET', KEYS[4], 'send') == ARGV[1] then redis.call('DEL', KEYS[4]) end
 return 1
 """
+
+# KEYS[1] delivery record, KEYS[2] the record it replaced, KEYS[3] the idempotency key's record
+# (only for a send with a key)
+# ARGV[1] send id, ARGV[2] channel, ARGV[3] Interakt's message id ("" when none)
+# Returns 1. Records a send that Interakt accepted: the record it replaced is no longer needed,
+# and the key's first answer is complete, for repeats to get. Running it twice changes nothing;
+# it changes nothing either once a later send replaced the record (or the key).
+_SENT_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'send') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'ch', ARGV[2])
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'msg', ARGV[3]) end
+  redis.call('DEL', KEYS[2])
+end
+if KEYS[3] and redis.call('HGET', KEYS[3], 'send') == ARGV[1] then
+  redis.call('HSET', KEYS[3], 'ch', ARGV[2], 'msg', ARGV[3], 'done', 1)
+end
+return 1
+"""
+
+# KEYS[1] the idempotency key's record
+# Returns {} while nobody holds the key, {0} while its send is running, {1, expiry ms, wait ms,
+# channel, message id} once Interakt accepted it.
+_FIRST_ANSWER_SCRIPT = """
+local first = redis.call('HMGET', KEYS[1], 'send', 'done', 'exp', 'wait', 'ch', 'msg')
+if not first[1] then return {} end
+if not first[2] then return {0} end
+return {1, tonumber(first[3]), tonumber(first[4]), tonumber(first[5]), first[6]}
+"""
+
+# KEYS[1] delivery record
+# ARGV[1] Interakt's message id, ARGV[2] the send id the report carries in its callback data
+# ("" when none), ARGV[3] the reported state, ARGV[4] Interakt's failure reason ("" when none)
+# Returns 1 when the state moved forward, 0 when the report changes nothing (a redelivery, or
+# older than the state the record has), -1 when the record is not of this message (not ours,
+# an earlier code's, or the code expired).
+# The state only moves forward along QUEUED < SENT < FAILED < DELIVERED < READ, so reports may
+# come in any order and any number of times: the result is the furthest one. A late SENT never
+# takes DELIVERED back, and FAILED after DELIVERED (or READ) is ignored: the message got there.
+_REPORT_SCRIPT = """
+local record = redis.call('HMGET', KEYS[1], 'send', 'msg', 'st')
+if not record[1] then return -1 end
+if record[2] then
+  if record[2] ~= ARGV[1] then return -1 end
+elseif record[1] == ARGV[2] then
+  -- Reported before Interakt's answer to the send was recorded: the callback data names it.
+  redis.call('HSET', KEYS[1], 'msg', ARGV[1])
+else
+  return -1
+end
+-- Ranks by state (QUEUED 1, SENT 2, DELIVERED 3, READ 4, FAILED 5).
+local rank = {1, 2, 4, 5, 3}
+if rank[tonumber(ARGV[3])] <= rank[tonumber(record[3])] then return 0 end
+redis.call('HSET', KEYS[1], 'st', ARGV[3], 'why', ARGV[4])
+return 1
+"""
+
+# KEYS[1] delivery record, KEYS[2] codes hash, KEYS[3] sends zset, KEYS[4] wrong-code times list
+# ARGV[1] cooldown ms, ARGV[2] max sends per window, ARGV[3] window ms, ARGV[4] max wrong codes
+# per failed-verify window, ARGV[5] that window in ms
+# Returns {} when the number has no live code, else {state, channel (0: not yet known), message
+# id, failure reason, expiry ms, 1 when verified, ms until a send is accepted}.
+# Verified is read from the codes hash: only a verification deletes it while the delivery
+# record lives (the two are written by the same send and expire together), so VerifyOtp does
+# no work for it.
+_STATUS_SCRIPT = (
+    _SEND_WAITS
+    + """
+local record = redis.call('HMGET', KEYS[1], 'st', 'ch', 'msg', 'why', 'exp')
+if not record[1] then return {} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local paused, cooling, capped = send_waits(now, KEYS[3], KEYS[4], KEYS[1], tonumber(ARGV[1]),
+  tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+return {tonumber(record[1]), tonumber(record[2] or '0'), record[3] or '', record[4] or '',
+  tonumber(record[5]), 1 - redis.call('EXISTS', KEYS[2]), math.max(paused, cooling, capped)}
+"""
+)
 
 
 _OVER_FAILED_VERIFY_BUDGET = 5
 _SEND_WITHDRAWN = 4
+_FIRST_ANSWERED = 5
+_FIRST_RUNNING = 6
 _COUNT_WITHDRAWN = 3
-# A withdrawal that Redis did not take is tried again after these waits (doubling).
-_WITHDRAW_FIRST_RETRY_SECONDS = 0.1
-_WITHDRAW_LAST_RETRY_SECONDS = 1.0
+_KEY_OF_ANOTHER_NUMBER = 4
+# A withdrawal (or a record of a sent message) that Redis did not take is tried again after
+# these waits (doubling).
+_RETRY_FIRST_SECONDS = 0.1
+_RETRY_LAST_SECONDS = 1.0
 
 # What a caller is told when Redis fails it (the domain says the same when Redis is too slow).
 STORE_UNAVAILABLE = "storage is unavailable, try again shortly"
@@ -223,6 +406,11 @@ STORE_UNAVAILABLE = "storage is unavailable, try again shortly"
 _VERIFY_UNAVAILABLE = (
     f"{STORE_UNAVAILABLE}; the check may still have run, counting this attempt or using up the code"
 )
+_REPORT_OUTCOMES = {
+    1: ReportOutcome.APPLIED,
+    0: ReportOutcome.UNCHANGED,
+    -1: ReportOutcome.UNKNOWN,
+}
 
 
 @dataclass(frozen=True)
@@ -289,33 +477,103 @@ class ReplicaAcks(Protocol):
     async def aclose(self) -> None: ...
 
 
-class Store(Protocol):
-    """What the domain needs from storage. Every method but ``withdraw`` is atomic."""
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A new code, stored: its expiry (epoch ms) and the ms until the number's next send."""
 
-    async def add_code(self, phone: str, digest: str, send_id: str) -> tuple[int, int]:
+    expires_at_ms: int
+    resend_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FirstAnswer:
+    """What the first send with an idempotency key answered; its repeats answer the same."""
+
+    expires_at_ms: int
+    resend_after_ms: int
+    delivery: Delivery
+
+
+class Pending(enum.Enum):
+    """The first send with an idempotency key has not answered yet."""
+
+    RUNNING = "running"
+
+
+class Store(Protocol):
+    """What the domain needs from storage. Every method but ``withdraw`` and ``record_sent`` is
+    atomic.
+
+    An idempotency ``key`` is an id for the calling service's key (the domain makes it): the
+    store keeps it beside the number's code, for as long as the code lives.
+    """
+
+    async def add_code(
+        self, phone: str, digest: str, send_id: str, *, key: str | None = None, lease_ms: int = 0
+    ) -> Stored | FirstAnswer | Pending:
         """Store a new code's digest for send ``send_id`` if the send limits allow.
 
-        Returns the code's expiry in epoch ms and the ms until the number's next send is allowed.
+        With ``key``: when a send with that key was stored earlier, its answer (FirstAnswer,
+        or Pending while it runs) instead, and nothing is stored; a send that claimed the key
+        over ``lease_ms`` ago and never answered counts as gone.
 
         Raises LimitExceeded in the cooldown or over the hourly cap, StoreUnavailable on trouble.
         """
 
-    async def count_caller_send(self, caller: str, send_id: str, *, account: bool = True) -> None:
+    async def count_caller_send(
+        self,
+        caller: str,
+        send_id: str,
+        *,
+        account: bool = True,
+        phone: str = "",
+        key: str | None = None,
+    ) -> None:
         """Count send ``send_id`` against the caller's budget and, with ``account``, the
-        Interakt account's.
+        Interakt account's; with ``key``, claim the key for ``phone``.
 
-        Raises LimitExceeded when a budget is spent, StoreUnavailable on trouble.
+        Raises LimitExceeded when a budget is spent, InvalidInput when the key was used for
+        another number whose code lives, StoreUnavailable on trouble.
         """
 
     def withdraw(
-        self, send_id: str, *, phone: str, digest: str, caller: str | None, in_doubt: bool
+        self,
+        send_id: str,
+        *,
+        phone: str,
+        digest: str,
+        caller: str | None,
+        in_doubt: bool,
+        key: str | None = None,
     ) -> asyncio.Task[None]:
-        """Take back a send that did not happen: its code, and with ``caller`` its count.
+        """Take back a send that did not happen: its code, its delivery record, its ``key``,
+        and with ``caller`` its count.
 
         Runs in the background until Redis has done it (at most one code TTL). ``in_doubt``: a
         command of the send went unanswered, so Redis may run it after the withdrawal; it will
         then store and count nothing. Returns the task; nobody need wait for it.
         """
+
+    async def record_sent(
+        self, send_id: str, *, phone: str, delivery: Delivery, key: str | None = None
+    ) -> None:
+        """Record that Interakt accepted send ``send_id``: its message id for the delivery
+        record, and the answer of its ``key`` for repeats.
+
+        Done once Redis answers (within its timeout); if it does not, or the call is cancelled,
+        it goes on in the background until Redis has done it (at most one code TTL). Never
+        raises StoreUnavailable: the message went out all the same.
+        """
+
+    async def first_answer(self, phone: str, key: str) -> FirstAnswer | Pending | None:
+        """The answer of the send holding ``key``: Pending while it runs, None when no send
+        holds it (it failed, or the code expired)."""
+
+    async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
+        """Apply Interakt's report on a message to the delivery record of its number."""
+
+    async def status(self, phone: str) -> OtpStatus | None:
+        """The number's latest code's delivery record; None when it has no live code."""
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
         """Count one attempt, compare, and consume the number's codes on a match.
@@ -327,7 +585,7 @@ class Store(Protocol):
         """Whether the store answers now."""
 
     async def close(self) -> None:
-        """Give withdrawals in flight one last try, then release connections."""
+        """Give withdrawals and records in flight one last try, then release connections."""
 
 
 def _codes_key(phone: str) -> str:
@@ -346,19 +604,46 @@ def _withdrawn_key(phone: str, send_id: str) -> str:
     return f"otp:{{{phone}}}:withdrawn:{send_id}"
 
 
-def _budget_keys(caller: str, send_id: str) -> list[str]:
+def _delivery_keys(phone: str) -> list[str]:
+    """The delivery record and the one a send in flight replaced."""
+    return [f"otp:{{{phone}}}:d", f"otp:{{{phone}}}:d:prev"]
+
+
+def _key_keys(phone: str, key: str | None) -> list[str]:
+    """The idempotency key's record beside the number's code (none without a key)."""
+    return [] if key is None else [f"otp:{{{phone}}}:k:{key}"]
+
+
+def _budget_keys(caller: str, send_id: str, key: str | None = None) -> list[str]:
     return [
         f"otp:{{senders}}:caller-sends:{caller}",
         "otp:{senders}:account-sends",
         f"otp:{{senders}}:withdrawn:{send_id}",
+        *([] if key is None else [f"otp:{{senders}}:k:{key}"]),
     ]
+
+
+def _first_answer(expires_at_ms: int, wait_ms: int, channel: int, message_id: bytes) -> FirstAnswer:
+    return FirstAnswer(
+        int(expires_at_ms), int(wait_ms), Delivery(Channel(channel), message_id.decode())
+    )
 
 
 # The commands the scripts run inside Redis. INFO commandstats counts them too; the tests and
 # the bench leave them out to count round trips.
 SCRIPT_COMMANDS = frozenset(
     name.lower()
-    for source in (_SEND_SCRIPT, _CANCEL_SCRIPT, _VERIFY_SCRIPT, _BUDGET_SCRIPT, _UNBUDGET_SCRIPT)
+    for source in (
+        _SEND_SCRIPT,
+        _CANCEL_SCRIPT,
+        _VERIFY_SCRIPT,
+        _BUDGET_SCRIPT,
+        _UNBUDGET_SCRIPT,
+        _SENT_SCRIPT,
+        _FIRST_ANSWER_SCRIPT,
+        _REPORT_SCRIPT,
+        _STATUS_SCRIPT,
+    )
     for name in re.findall(r"redis\.call\('(\w+)'", source)
 )
 
@@ -441,6 +726,10 @@ class RedisStore:
         )
         self._budget = _Script(client, _BUDGET_SCRIPT)
         self._unbudget = _Script(client, _UNBUDGET_SCRIPT)
+        self._sent = _Script(client, _SENT_SCRIPT)
+        self._first = _Script(client, _FIRST_ANSWER_SCRIPT)
+        self._report = _Script(client, _REPORT_SCRIPT)
+        self._status = _Script(client, _STATUS_SCRIPT)
         self._verify_args = (
             rules.max_attempts,
             rules.max_failed_verifies_per_hour,
@@ -460,20 +749,32 @@ class RedisStore:
             rules.max_failed_verifies_per_hour,
             FAILED_VERIFY_WINDOW_MS,
         )
+        self._status_args = (
+            rules.resend_cooldown_seconds * 1000,
+            rules.max_sends_per_hour,
+            SEND_WINDOW_MS,
+            rules.max_failed_verifies_per_hour,
+            FAILED_VERIFY_WINDOW_MS,
+        )
+        self._ttl_ms = rules.ttl_seconds * 1000
         # A late command of a failed send can only arrive while withdrawals are still tried.
-        self._tombstone_ms = rules.ttl_seconds * 1000
-        self._withdrawals: set[asyncio.Task[None]] = set()
+        self._tombstone_ms = self._ttl_ms
+        self._background: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
 
-    async def add_code(self, phone: str, digest: str, send_id: str) -> tuple[int, int]:
+    async def add_code(
+        self, phone: str, digest: str, send_id: str, *, key: str | None = None, lease_ms: int = 0
+    ) -> Stored | FirstAnswer | Pending:
         reply = await self._send(
             keys=[
                 _codes_key(phone),
                 _sends_key(phone),
                 _failures_key(phone),
                 _withdrawn_key(phone, send_id),
+                *_delivery_keys(phone),
+                *_key_keys(phone, key),
             ],
-            args=[digest, send_id, *self._send_args],
+            args=[digest, send_id, *self._send_args, lease_ms],
         )
         status, value = reply[0], reply[1]
         if status == 1:
@@ -494,12 +795,24 @@ class RedisStore:
             raise self._paused(value)
         if status == _SEND_WITHDRAWN:
             raise StoreUnavailable("the send was withdrawn before Redis stored it")
-        return int(value), int(reply[2])
+        if status == _FIRST_ANSWERED:
+            return _first_answer(*reply[1:])
+        if status == _FIRST_RUNNING:
+            return Pending.RUNNING
+        return Stored(int(value), int(reply[2]))
 
-    async def count_caller_send(self, caller: str, send_id: str, *, account: bool = True) -> None:
+    async def count_caller_send(
+        self,
+        caller: str,
+        send_id: str,
+        *,
+        account: bool = True,
+        phone: str = "",
+        key: str | None = None,
+    ) -> None:
         status, value = await self._budget(
-            keys=_budget_keys(caller, send_id),
-            args=[*self._budget_args, send_id, 2 if account else 1],
+            keys=_budget_keys(caller, send_id, key),
+            args=[*self._budget_args, send_id, 2 if account else 1, phone, self._ttl_ms],
         )
         if status == 1:
             raise LimitExceeded(
@@ -521,42 +834,105 @@ class RedisStore:
             )
         if status == _COUNT_WITHDRAWN:
             raise StoreUnavailable("the send was withdrawn before Redis counted it")
+        if status == _KEY_OF_ANOTHER_NUMBER:
+            raise InvalidInput(
+                "idempotency_key",
+                "was used for another phone number, whose code is still valid; use a new key "
+                "for each send",
+                ErrorReason.IDEMPOTENCY_KEY_REUSED,
+            )
 
     def withdraw(
-        self, send_id: str, *, phone: str, digest: str, caller: str | None, in_doubt: bool
+        self,
+        send_id: str,
+        *,
+        phone: str,
+        digest: str,
+        caller: str | None,
+        in_doubt: bool,
+        key: str | None = None,
     ) -> asyncio.Task[None]:
         # The tombstone that stops the send's late commands; none is needed when all answered.
-        tombstone_ms = self._tombstone_ms if in_doubt else 0
-        task = asyncio.get_running_loop().create_task(
-            self._withdraw(send_id, phone=phone, digest=digest, caller=caller, ms=tombstone_ms)
-        )
-        self._withdrawals.add(task)
-        task.add_done_callback(self._withdrawals.discard)
-        return task
-
-    async def _withdraw(
-        self, send_id: str, *, phone: str, digest: str, caller: str | None, ms: int
-    ) -> None:
-        """Run the cancel (and uncount) scripts until Redis has run each once."""
+        ms = self._tombstone_ms if in_doubt else 0
         steps = [
             partial(
                 self._cancel,
-                keys=[_codes_key(phone), _sends_key(phone), _withdrawn_key(phone, send_id)],
+                keys=[
+                    _codes_key(phone),
+                    _sends_key(phone),
+                    _withdrawn_key(phone, send_id),
+                    *_delivery_keys(phone),
+                    *_key_keys(phone, key),
+                ],
                 args=[digest, send_id, ms],
             )
         ]
         if caller is not None:
             steps.append(
-                partial(
-                    self._unbudget,
-                    keys=_budget_keys(caller, send_id),
-                    args=[send_id, ms],
-                )
+                partial(self._unbudget, keys=_budget_keys(caller, send_id, key), args=[send_id, ms])
             )
+
+        def gave_up(error: BaseException) -> None:
+            log.error(
+                "could not withdraw a failed send: its code stays until it expires and the send "
+                "stays counted against the limits (%r)",
+                error,
+                extra={"event": "send_withdraw_failed"},
+            )
+
+        return self._in_background(steps, gave_up)
+
+    async def record_sent(
+        self, send_id: str, *, phone: str, delivery: Delivery, key: str | None = None
+    ) -> None:
+        record = partial(
+            self._sent,
+            keys=[*_delivery_keys(phone), *_key_keys(phone, key)],
+            args=[send_id, delivery.channel.value, delivery.message_id],
+        )
+        try:
+            # Inline first: a task per send to retry what almost always works at once was a
+            # measurable part of SendOtp's CPU.
+            await record()
+        except BaseException as exc:
+            # Not taken, or the call was cancelled while Redis ran it (or not): running it
+            # again changes nothing if it ran.
+
+            def gave_up(error: BaseException) -> None:
+                log.error(
+                    "could not record a sent message: its status lacks the message id until "
+                    "Interakt reports on it, and repeats of its idempotency key wait for an "
+                    "answer until the key's claim lapses (%r)",
+                    error,
+                    extra={"event": "send_record_failed"},
+                )
+
+            self._in_background([record], gave_up)
+            if not isinstance(exc, StoreUnavailable):
+                raise
+
+    def _in_background(
+        self,
+        steps: Sequence[Callable[[], Awaitable[Any]]],
+        gave_up: Callable[[BaseException], None],
+    ) -> asyncio.Task[None]:
+        """A task running each of ``steps`` until Redis has run it once (at most one code TTL),
+        calling ``gave_up`` with the last error should it give up. The store's close waits for
+        it."""
+        task = asyncio.get_running_loop().create_task(self._until_done(steps, gave_up))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _until_done(
+        self,
+        steps: Sequence[Callable[[], Awaitable[Any]]],
+        gave_up: Callable[[BaseException], None],
+    ) -> None:
         loop = asyncio.get_running_loop()
         # After one TTL the code has expired by itself; the count of a send outlives it.
-        give_up = loop.time() + self._rules.ttl_seconds
-        delay = _WITHDRAW_FIRST_RETRY_SECONDS
+        deadline = loop.time() + self._rules.ttl_seconds
+        delay = _RETRY_FIRST_SECONDS
         while True:
             results = await asyncio.gather(*(step() for step in steps), return_exceptions=True)
             failed = [
@@ -567,18 +943,52 @@ class RedisStore:
             if not failed:
                 return
             steps = [step for step, _ in failed]
-            if self._closing.is_set() or loop.time() + delay >= give_up:
-                log.error(
-                    "could not withdraw a failed send: its code stays until it expires and the "
-                    "send stays counted against the limits (%r)",
-                    failed[0][1],
-                    extra={"event": "send_withdraw_failed"},
-                )
+            if self._closing.is_set() or loop.time() + delay >= deadline:
+                gave_up(failed[0][1])
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._closing.wait()
-            delay = min(delay * 2, _WITHDRAW_LAST_RETRY_SECONDS)
+            delay = min(delay * 2, _RETRY_LAST_SECONDS)
+
+    async def first_answer(self, phone: str, key: str) -> FirstAnswer | Pending | None:
+        reply = await self._first(keys=_key_keys(phone, key), args=[])
+        if not reply:
+            return None
+        if reply[0] == 0:
+            return Pending.RUNNING
+        return _first_answer(*reply[1:])
+
+    async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
+        reply = await self._report(
+            keys=_delivery_keys(report.phone)[:1],
+            args=[report.message_id, report.send_id, report.state.value, report.reason],
+        )
+        return _REPORT_OUTCOMES[reply]
+
+    async def status(self, phone: str) -> OtpStatus | None:
+        reply = await self._status(
+            keys=[
+                _delivery_keys(phone)[0],
+                _codes_key(phone),
+                _sends_key(phone),
+                _failures_key(phone),
+            ],
+            args=self._status_args,
+        )
+        if not reply:
+            return None
+        state, channel, message_id, reason, expires_at_ms, verified, wait_ms = reply
+        return OtpStatus(
+            state=DeliveryState(state),
+            channel=Channel(channel) if channel else None,
+            message_id=message_id.decode(),
+            failure_reason=reason.decode() if state == DeliveryState.FAILED.value else "",
+            verified=bool(verified),
+            expires_at_ms=int(expires_at_ms),
+            # Whole seconds, rounded up: a send after this many seconds is not refused.
+            resend_after_seconds=-(-wait_ms // 1000),
+        )
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
         outcome, value = await self._verify(
@@ -604,10 +1014,10 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
-        # Withdrawals waiting to retry try once more now; one in flight ends within the timeout.
+        # Work waiting to retry tries once more now; one in flight ends within the timeout.
         self._closing.set()
-        if self._withdrawals:
-            await asyncio.gather(*self._withdrawals, return_exceptions=True)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self._redis.aclose()
         if self._acks is not None:
             await self._acks.aclose()

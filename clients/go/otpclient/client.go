@@ -1,17 +1,23 @@
 // Package otpclient is a client for otp.v1.OtpService: send a one-time code to a phone number,
-// then verify the code the user typed. Every call carries the caller token and a deadline, and a
-// failed call returns an *Error that says what went wrong in a way a program can act on.
+// then verify the code the user typed, and see what became of it. Every call carries the caller
+// token and a deadline, and a failed call returns an *Error that says what went wrong in a way a
+// program can act on.
 //
-// No call is retried: a repeated VerifyOtp may count a second attempt, and a repeated SendOtp
-// sends a second code.
+// SendOtp is retried on UNAVAILABLE (at most SendAttempts tries, within its deadline) with one
+// idempotency key, so a retry never sends a second code. VerifyOtp is never retried: a repeated
+// VerifyOtp may count a second attempt.
 package otpclient
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
+	"errors"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 
@@ -20,6 +26,16 @@ import (
 
 // DefaultTimeout is the deadline of a call whose context has none.
 const DefaultTimeout = 10 * time.Second
+
+// SendAttempts is how many times SendOtp is tried at most while it answers UNAVAILABLE.
+const SendAttempts = 3
+
+const (
+	// retryBackoff is the wait before a retry when the service gives none (doubling).
+	retryBackoff = 500 * time.Millisecond
+	// minTry is the least time a retry must have left to be worth making.
+	minTry = time.Second
+)
 
 // Client calls one otp-service target with one caller token. It is safe for concurrent use.
 type Client struct {
@@ -83,19 +99,83 @@ type VerifyResult struct {
 	AttemptsRemaining int
 }
 
-// SendOtp sends a new code to phoneNumber (E.164, e.g. "+917003848501").
-func (c *Client) SendOtp(ctx context.Context, phoneNumber string) (*SendResult, error) {
+// SendOption configures one SendOtp call.
+type SendOption func(*otpv1.SendOtpRequest)
+
+// WithIdempotencyKey names the logical send (a new key is made without it): give the same key to
+// call again after an answer was lost, and the service answers what it answered, sending nothing.
+func WithIdempotencyKey(key string) SendOption {
+	return func(r *otpv1.SendOtpRequest) { r.IdempotencyKey = key }
+}
+
+// SendOtp sends a new code to phoneNumber (E.164, e.g. "+917003848501"); retried on UNAVAILABLE
+// with one idempotency key.
+func (c *Client) SendOtp(ctx context.Context, phoneNumber string, opts ...SendOption) (*SendResult, error) {
 	ctx, cancel := c.call(ctx)
 	defer cancel()
-	answer, err := c.stub.SendOtp(ctx, &otpv1.SendOtpRequest{PhoneNumber: phoneNumber})
+	request := &otpv1.SendOtpRequest{PhoneNumber: phoneNumber}
+	for _, opt := range opts {
+		opt(request)
+	}
+	if request.IdempotencyKey == "" {
+		key, err := newKey()
+		if err != nil {
+			return nil, err
+		}
+		request.IdempotencyKey = key
+	}
+	for attempt := 0; ; attempt++ {
+		answer, err := c.stub.SendOtp(ctx, request)
+		if err == nil {
+			return &SendResult{
+				ExpiresAt:   answer.GetExpiresAt().AsTime(),
+				ResendAfter: time.Duration(answer.GetResendAfterSeconds()) * time.Second,
+				Channel:     answer.GetChannel(),
+				MessageID:   answer.GetMessageId(),
+			}, nil
+		}
+		err = errorFrom(err)
+		wait, again := retryWait(ctx, err, attempt)
+		if !again {
+			return nil, err
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
+// OtpStatus is what became of a number's latest code (GetOtpStatus); never the code itself.
+// Channel is unset and MessageID empty until the provider accepted the message; FailureReason is
+// set with DELIVERY_STATE_FAILED; ResendAfter is 0 when a new code may be sent now.
+type OtpStatus struct {
+	State         otpv1.DeliveryState
+	Channel       otpv1.Channel
+	MessageID     string
+	FailureReason string
+	Verified      bool
+	ExpiresAt     time.Time
+	ResendAfter   time.Duration
+}
+
+// GetOtpStatus says what became of the number's latest code; ErrNotFound when it has no live code.
+func (c *Client) GetOtpStatus(ctx context.Context, phoneNumber string) (*OtpStatus, error) {
+	ctx, cancel := c.call(ctx)
+	defer cancel()
+	answer, err := c.stub.GetOtpStatus(ctx, &otpv1.GetOtpStatusRequest{PhoneNumber: phoneNumber})
 	if err != nil {
 		return nil, errorFrom(err)
 	}
-	return &SendResult{
-		ExpiresAt:   answer.GetExpiresAt().AsTime(),
-		ResendAfter: time.Duration(answer.GetResendAfterSeconds()) * time.Second,
-		Channel:     answer.GetChannel(),
-		MessageID:   answer.GetMessageId(),
+	return &OtpStatus{
+		State:         answer.GetState(),
+		Channel:       answer.GetChannel(),
+		MessageID:     answer.GetMessageId(),
+		FailureReason: answer.GetFailureReason(),
+		Verified:      answer.GetVerified(),
+		ExpiresAt:     answer.GetExpiresAt().AsTime(),
+		ResendAfter:   time.Duration(answer.GetResendAfterSeconds()) * time.Second,
 	}, nil
 }
 
@@ -117,6 +197,31 @@ func (c *Client) VerifyOtp(ctx context.Context, phoneNumber, otpCode string) (*V
 // Close releases the connection.
 func (c *Client) Close() error {
 	return c.conn.Close()
+}
+
+// retryWait is how long to wait before trying SendOtp again after err on try attempt (from 0);
+// false when it is not tried again: another error, the last try, or no time left.
+func retryWait(ctx context.Context, err error, attempt int) (time.Duration, bool) {
+	var e *Error
+	// DEADLINE_EXCEEDED is unavailable too, but then the deadline of every try has passed.
+	if !errors.As(err, &e) || e.Code != codes.Unavailable || attempt+1 >= SendAttempts {
+		return 0, false
+	}
+	wait := e.RetryAfter
+	if wait == 0 {
+		wait = retryBackoff << attempt
+	}
+	deadline, _ := ctx.Deadline()
+	return wait, time.Until(deadline)-wait >= minTry
+}
+
+// newKey is a random idempotency key, one for each logical send.
+func newKey() (string, error) {
+	key := make([]byte, 16)
+	if _, err := rand.Read(key); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(key), nil
 }
 
 // call is ctx with the caller token and, unless ctx has one, the default deadline.

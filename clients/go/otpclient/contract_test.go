@@ -7,6 +7,7 @@ package otpclient_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -31,12 +32,26 @@ func TestContract(t *testing.T) {
 	}
 	defer client.Close()
 
-	sent, err := client.SendOtp(ctx, number)
+	key := fmt.Sprintf("contract-%d", time.Now().UnixNano())
+	sent, err := client.SendOtp(ctx, number, otpclient.WithIdempotencyKey(key))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if sent.Channel != otpv1.Channel_CHANNEL_TEST {
 		t.Errorf("channel %v, want CHANNEL_TEST", sent.Channel)
+	}
+	// A retry with the same key answers the same, sending nothing.
+	again, err := client.SendOtp(ctx, number, otpclient.WithIdempotencyKey(key))
+	if err != nil || *again != *sent {
+		t.Fatalf("a retry with the same key answered %+v, %v; want %+v", again, err, sent)
+	}
+
+	status, err := client.GetOtpStatus(ctx, number)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if status.State != otpv1.DeliveryState_DELIVERY_STATE_QUEUED || status.Channel != otpv1.Channel_CHANNEL_TEST || status.Verified || !status.ExpiresAt.Equal(sent.ExpiresAt) {
+		t.Errorf("status %+v, want a queued, unverified test code expiring at %v", status, sent.ExpiresAt)
 	}
 
 	result, err := client.VerifyOtp(ctx, number, wrong)
@@ -48,6 +63,9 @@ func TestContract(t *testing.T) {
 	}
 	if result, err = client.VerifyOtp(ctx, number, code); err != nil || !result.Verified {
 		t.Fatalf("right code answered %+v, %v", result, err)
+	}
+	if status, err = client.GetOtpStatus(ctx, number); err != nil || !status.Verified {
+		t.Fatalf("status after verifying: %+v, %v", status, err)
 	}
 
 	_, err = client.SendOtp(ctx, number)

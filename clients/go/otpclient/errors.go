@@ -27,9 +27,11 @@ const (
 	KindDeliveryRefused
 	// KindUnavailable is UNAVAILABLE or DEADLINE_EXCEEDED: try again later.
 	KindUnavailable
+	// KindNotFound is NOT_FOUND: GetOtpStatus found no live code for the number.
+	KindNotFound
 )
 
-var kindNames = [...]string{"other", "invalid input", "unauthenticated", "not allowed", "rate limited", "delivery refused", "unavailable"}
+var kindNames = [...]string{"other", "invalid input", "unauthenticated", "not allowed", "rate limited", "delivery refused", "unavailable", "not found"}
 
 func (k Kind) String() string { return kindNames[k] }
 
@@ -68,6 +70,7 @@ var (
 	ErrRateLimited     = &Error{Kind: KindRateLimited}
 	ErrDeliveryRefused = &Error{Kind: KindDeliveryRefused}
 	ErrUnavailable     = &Error{Kind: KindUnavailable}
+	ErrNotFound        = &Error{Kind: KindNotFound}
 )
 
 var kindByCode = map[codes.Code]Kind{
@@ -77,6 +80,7 @@ var kindByCode = map[codes.Code]Kind{
 	codes.FailedPrecondition: KindDeliveryRefused,
 	codes.Unavailable:        KindUnavailable,
 	codes.DeadlineExceeded:   KindUnavailable,
+	codes.NotFound:           KindNotFound,
 }
 
 // errorFrom is the *Error for a failed call, with the status' google.rpc details decoded.

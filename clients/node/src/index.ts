@@ -1,31 +1,43 @@
 /**
- * A client for otp.v1.OtpService on @grpc/grpc-js: send a one-time code to a phone number and
- * verify what the user typed, with the caller token on every call, a deadline on every call, and
- * errors a program can act on (the status' google.rpc details, decoded).
+ * A client for otp.v1.OtpService on @grpc/grpc-js: send a one-time code to a phone number,
+ * verify what the user typed and see what became of the code, with the caller token on every
+ * call, a deadline on every call, and errors a program can act on (the status' google.rpc
+ * details, decoded).
  *
  *     const client = new OtpClient("otp-service:50051", token);
  *     await client.sendOtp("+917003848501");
  *     const result = await client.verifyOtp("+917003848501", typedCode);
  *
- * No call is retried: a repeated VerifyOtp may count a second attempt, and a repeated SendOtp
- * sends a second code.
+ * sendOtp is retried on UNAVAILABLE (at most SEND_ATTEMPTS tries, within its deadline) with one
+ * idempotency key, so a retry never sends a second code. verifyOtp is never retried: a repeated
+ * VerifyOtp may count a second attempt.
  */
+import { randomUUID } from "node:crypto";
+import { setTimeout as sleep } from "node:timers/promises";
 import * as grpc from "@grpc/grpc-js";
 import { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
 import { Status } from "./gen/google/rpc/status";
 import { ErrorReason } from "./gen/otp/v1/error_reason";
 import {
   Channel,
+  DeliveryState,
+  GetOtpStatusResponse,
   OtpServiceClient,
   SendOtpResponse,
   VerifyOtpResponse,
   VerifyOutcome,
 } from "./gen/otp/v1/otp";
 
-export { Channel, ErrorReason, VerifyOutcome };
+export { Channel, DeliveryState, ErrorReason, VerifyOutcome };
 
 /** Milliseconds each call may take unless the call says otherwise. */
 export const DEFAULT_TIMEOUT_MS = 10_000;
+/** SendOtp is tried this many times at most while it answers UNAVAILABLE, within its deadline. */
+export const SEND_ATTEMPTS = 3;
+/** The wait before a retry when the service gives none (doubling). */
+const RETRY_BACKOFF_MS = 500;
+/** The least time a retry must have left to be worth making. */
+const MIN_TRY_MS = 1_000;
 
 /** TLS for the channel: the CA to trust (default: the system's), a client certificate and key for mutual TLS. PEM. */
 export interface TlsOptions {
@@ -45,11 +57,34 @@ export interface CallOptions {
   timeoutMs?: number;
 }
 
+export interface SendOptions extends CallOptions {
+  /**
+   * Names the logical send (a new one is made when absent): give the same key to call again after
+   * an answer was lost, and the service answers what it answered, sending nothing.
+   */
+  idempotencyKey?: string;
+}
+
 export interface SendResult {
   expiresAt: Date;
   resendAfterSeconds: number;
   channel: Channel;
   messageId: string;
+}
+
+/** What became of a number's latest code (GetOtpStatus); never the code itself. */
+export interface OtpStatus {
+  state: DeliveryState;
+  /** CHANNEL_UNSPECIFIED until the provider accepted the message. */
+  channel: Channel;
+  /** Empty until the provider accepted the message (and for test numbers). */
+  messageId: string;
+  /** Set with DELIVERY_STATE_FAILED when the provider said why. */
+  failureReason: string;
+  verified: boolean;
+  expiresAt: Date;
+  /** 0: a new code may be sent now. */
+  resendAfterSeconds: number;
 }
 
 export interface VerifyResult {
@@ -95,6 +130,8 @@ export class InvalidInput extends OtpError {
 export class Unauthenticated extends OtpError {}
 /** PERMISSION_DENIED: policy forbids it, e.g. a number whose country is not served. */
 export class NotAllowed extends OtpError {}
+/** NOT_FOUND: getOtpStatus found no live code for the number. */
+export class NotFound extends OtpError {}
 /** RESOURCE_EXHAUSTED with a retry delay: wait `retryAfterMs`; `reason` says which limit. */
 export class RateLimited extends OtpError {
   declare readonly retryAfterMs: number;
@@ -117,6 +154,7 @@ const BY_CODE: Partial<Record<grpc.status, typeof OtpError>> = {
   [grpc.status.INVALID_ARGUMENT]: InvalidInput,
   [grpc.status.UNAUTHENTICATED]: Unauthenticated,
   [grpc.status.PERMISSION_DENIED]: NotAllowed,
+  [grpc.status.NOT_FOUND]: NotFound,
   [grpc.status.FAILED_PRECONDITION]: DeliveryRefused,
   [grpc.status.UNAVAILABLE]: Unavailable,
   [grpc.status.DEADLINE_EXCEEDED]: Unavailable,
@@ -155,6 +193,19 @@ function decodeDetails(metadata: grpc.Metadata | undefined): Details {
   return details;
 }
 
+/**
+ * Milliseconds to wait before trying SendOtp again after `error` on try `attempt` (from 0);
+ * undefined when it is not tried again: another error, the last try, or no time left.
+ */
+function retryWait(error: unknown, attempt: number, timeLeftMs: number): number | undefined {
+  // DEADLINE_EXCEEDED is Unavailable too, but then the deadline of every try has passed.
+  if (!(error instanceof Unavailable) || error.code !== grpc.status.UNAVAILABLE || attempt + 1 >= SEND_ATTEMPTS) {
+    return undefined;
+  }
+  const wait = error.retryAfterMs ?? RETRY_BACKOFF_MS * 2 ** attempt;
+  return timeLeftMs - wait >= MIN_TRY_MS ? wait : undefined;
+}
+
 export class OtpClient {
   private readonly client: OtpServiceClient;
   private readonly metadata: grpc.Metadata;
@@ -175,18 +226,48 @@ export class OtpClient {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   }
 
-  /** Send a new code to `phoneNumber` (E.164, e.g. "+917003848501"). */
-  async sendOtp(phoneNumber: string, options: CallOptions = {}): Promise<SendResult> {
-    const response = await new Promise<SendOtpResponse>((resolve, reject) =>
-      this.client.sendOtp({ phoneNumber }, this.metadata, this.callOptions(options), (error, answer) =>
+  /** Send a new code to `phoneNumber` (E.164, e.g. "+917003848501"); retried on UNAVAILABLE. */
+  async sendOtp(phoneNumber: string, options: SendOptions = {}): Promise<SendResult> {
+    const request = { phoneNumber, idempotencyKey: options.idempotencyKey || randomUUID() };
+    const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const response = await new Promise<SendOtpResponse>((resolve, reject) =>
+          this.client.sendOtp(request, this.metadata, { deadline }, (error, answer) =>
+            error ? reject(errorFrom(error)) : resolve(answer),
+          ),
+        );
+        return {
+          expiresAt: response.expiresAt ?? new Date(0),
+          resendAfterSeconds: response.resendAfterSeconds,
+          channel: response.channel,
+          messageId: response.messageId,
+        };
+      } catch (error) {
+        const wait = retryWait(error, attempt, deadline - Date.now());
+        if (wait === undefined) {
+          throw error;
+        }
+        await sleep(wait);
+      }
+    }
+  }
+
+  /** What became of the number's latest code; NotFound when it has no live code. */
+  async getOtpStatus(phoneNumber: string, options: CallOptions = {}): Promise<OtpStatus> {
+    const response = await new Promise<GetOtpStatusResponse>((resolve, reject) =>
+      this.client.getOtpStatus({ phoneNumber }, this.metadata, this.callOptions(options), (error, answer) =>
         error ? reject(errorFrom(error)) : resolve(answer),
       ),
     );
     return {
-      expiresAt: response.expiresAt ?? new Date(0),
-      resendAfterSeconds: response.resendAfterSeconds,
+      state: response.state,
       channel: response.channel,
       messageId: response.messageId,
+      failureReason: response.failureReason,
+      verified: response.verified,
+      expiresAt: response.expiresAt ?? new Date(0),
+      resendAfterSeconds: response.resendAfterSeconds,
     };
   }
 

@@ -2,8 +2,9 @@
 // OTP_TARGET and OTP_TOKEN name the server and a caller token; OTP_TEST_NUMBER is one of the
 // server's OTP_TEST_NUMBERS and OTP_TEST_CODE its code.
 import assert from "node:assert/strict";
+import { randomUUID } from "node:crypto";
 import { test } from "node:test";
-import { Channel, OtpClient, RateLimited, Unauthenticated, VerifyOutcome } from "../src";
+import { Channel, DeliveryState, OtpClient, RateLimited, Unauthenticated, VerifyOutcome } from "../src";
 
 const { OTP_TARGET, OTP_TOKEN, OTP_TEST_NUMBER, OTP_TEST_CODE } = process.env;
 const configured = OTP_TARGET && OTP_TOKEN && OTP_TEST_NUMBER && OTP_TEST_CODE;
@@ -13,13 +14,23 @@ test("contract", { skip: configured ? false : "needs OTP_TARGET, OTP_TOKEN, OTP_
   const wrong = [...code].map((digit) => String((Number(digit) + 1) % 10)).join("");
   const client = new OtpClient(target, token);
   try {
-    const sent = await client.sendOtp(number);
+    const idempotencyKey = randomUUID();
+    const sent = await client.sendOtp(number, { idempotencyKey });
     assert.equal(sent.channel, Channel.CHANNEL_TEST);
+    // A retry with the same key answers the same, sending nothing.
+    assert.deepEqual(await client.sendOtp(number, { idempotencyKey }), sent);
+
+    const status = await client.getOtpStatus(number);
+    assert.equal(status.state, DeliveryState.DELIVERY_STATE_QUEUED);
+    assert.equal(status.channel, Channel.CHANNEL_TEST);
+    assert.equal(status.verified, false);
+    assert.deepEqual(status.expiresAt, sent.expiresAt);
 
     const result = await client.verifyOtp(number, wrong);
     assert.equal(result.outcome, VerifyOutcome.VERIFY_OUTCOME_WRONG_CODE);
     assert.ok(result.attemptsRemaining > 0);
     assert.equal((await client.verifyOtp(number, code)).verified, true);
+    assert.equal((await client.getOtpStatus(number)).verified, true);
 
     await assert.rejects(client.sendOtp(number), (error: unknown) => {
       assert.ok(error instanceof RateLimited, String(error));

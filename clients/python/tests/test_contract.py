@@ -8,9 +8,17 @@ within the server's resend cooldown.
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
-from otp_client import Channel, OtpClient, RateLimited, Unauthenticated, VerifyOutcome
+from otp_client import (
+    Channel,
+    DeliveryState,
+    OtpClient,
+    RateLimited,
+    Unauthenticated,
+    VerifyOutcome,
+)
 
 ENV = ("OTP_TARGET", "OTP_TOKEN", "OTP_TEST_NUMBER", "OTP_TEST_CODE")
 pytestmark = pytest.mark.skipif(
@@ -22,13 +30,25 @@ def test_contract() -> None:
     target, token, number, code = (os.environ[name] for name in ENV)
     wrong = "".join(str((int(digit) + 1) % 10) for digit in code)
     with OtpClient(target, token) as client:
-        sent = client.send_otp(number)
+        key = uuid.uuid4().hex
+        sent = client.send_otp(number, idempotency_key=key)
         assert sent.channel is Channel.TEST
+        # A retry with the same key answers the same, sending nothing.
+        assert client.send_otp(number, idempotency_key=key) == sent
+
+        status = client.get_otp_status(number)
+        assert (status.state, status.channel, status.verified) == (
+            DeliveryState.QUEUED,
+            Channel.TEST,
+            False,
+        )
+        assert status.expires_at == sent.expires_at
 
         result = client.verify_otp(number, wrong)
         assert result.outcome is VerifyOutcome.WRONG_CODE
         assert result.attempts_remaining > 0
         assert client.verify_otp(number, code).verified
+        assert client.get_otp_status(number).verified
 
         with pytest.raises(RateLimited) as limited:
             client.send_otp(number)

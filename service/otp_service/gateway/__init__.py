@@ -1,4 +1,5 @@
-"""The HTTP side: the legacy JSON routes as a gateway to the gRPC service, and the ops endpoints.
+"""The HTTP side: the legacy JSON routes as a gateway to the gRPC service, the ops endpoints,
+and (where the service runs in this process) Interakt's delivery reports.
 
 Each JSON route is one OtpService call through a ``Backend``: inside ``serve`` the server's own
 wrapped methods, called in this process (``LocalBackend``); in ``otp-service gateway`` a remote
@@ -16,6 +17,7 @@ One room per concern:
     _errors.py     grpc-gateway's status table and error bodies; Refusal, an error we answer
     _observe.py    the middleware: request id, refusals, every answer counted, refusals logged
     _ops.py        /metrics, /healthz, /readyz, /openapi.json
+    _webhooks.py   POST /webhooks/interakt: Interakt's delivery reports, checked, queued, applied
     openapi.json   the OpenAPI document of the JSON routes
 """
 
@@ -24,13 +26,17 @@ from otp_service.gateway._backends import Backend, LocalBackend, RemoteBackend, 
 from otp_service.gateway._body import MAX_BODY_BYTES
 from otp_service.gateway._errors import HTTP_STATUS
 from otp_service.gateway._legacy import ROUTES, Route
+from otp_service.gateway._webhooks import SIGNATURE_HEADER, WEBHOOK_PATH, InteraktWebhook
 
 __all__ = [
     "HTTP_STATUS",
     "MAX_BODY_BYTES",
     "ROUTES",
+    "SIGNATURE_HEADER",
+    "WEBHOOK_PATH",
     "Backend",
     "HttpServer",
+    "InteraktWebhook",
     "LocalBackend",
     "RemoteBackend",
     "Route",

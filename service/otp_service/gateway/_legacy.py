@@ -1,11 +1,11 @@
 """The legacy JSON routes: each one OtpService call, tolerant of old clients, never a false 200.
 
-Bodies and answers use the protobuf JSON mapping (proto field names, enums by name), so a field
-added to the proto appears here with no new code. Old clients are loose, as grpc-gateway lets
-them be: unknown fields are ignored and ``null`` means unset. A value of the wrong JSON type is
-refused with the field's name and the type it needs. An answer that is not a success is not a
-200 either: a VerifyOtp outcome other than VERIFIED is a 4xx (see ``_not_verified``), because
-many old clients look only at the HTTP status.
+Bodies (a GET route's query parameters) and answers use the protobuf JSON mapping (proto field
+names, enums by name), so a field added to the proto appears here with no new code. Old clients
+are loose, as grpc-gateway lets them be: unknown fields are ignored and ``null`` means unset. A
+value of the wrong JSON type is refused with the field's name and the type it needs. An answer
+that is not a success is not a 200 either: a VerifyOtp outcome other than VERIFIED is a 4xx
+(see ``_not_verified``), because many old clients look only at the HTTP status.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ _Failure = Callable[[Mapping[str, Any]], tuple[int, str] | None]
 
 @dataclass(frozen=True)
 class Route:
-    """One legacy JSON path and the RPC it stands for, with the RPC's message classes."""
+    """One legacy JSON path and the RPC it stands for, with the RPC's message classes.
+
+    A POST route takes the request in its JSON body, a GET route in its query parameters.
+    """
 
     path: str
     rpc: str
@@ -43,10 +46,13 @@ class Route:
     response_type: type[Message]
     # Which answers, though the RPC's status is OK, are not a success over HTTP.
     failure: _Failure | None = None
+    method: str = "POST"
 
     @classmethod
-    def to(cls, path: str, rpc: str, failure: _Failure | None = None) -> Route:
-        return cls(path, rpc, *message_types(rpc), failure)
+    def to(
+        cls, path: str, rpc: str, failure: _Failure | None = None, *, method: str = "POST"
+    ) -> Route:
+        return cls(path, rpc, *message_types(rpc), failure, method)
 
 
 def _not_verified(answer: Mapping[str, Any]) -> tuple[int, str] | None:
@@ -74,17 +80,20 @@ def _not_verified(answer: Mapping[str, Any]) -> tuple[int, str] | None:
 ROUTES = (
     Route.to("/api/v1/auth/send-otp", "SendOtp"),
     Route.to("/api/v1/auth/verify-otp", "VerifyOtp", _not_verified),
+    Route.to("/api/v1/auth/otp-status", "GetOtpStatus", method="GET"),
 )
 
 
 def add_legacy_routes(app: web.Application, backend: Backend) -> None:
     for route in ROUTES:
-        app.router.add_post(route.path, _handler(route, backend))
+        app.router.add_route(route.method, route.path, _handler(route, backend))
 
 
 def _handler(route: Route, backend: Backend) -> Handler:
     async def handle(request: web.Request) -> web.Response:
-        message = _request_from(parse_json(await read_body(request)), route)
+        get = route.method == "GET"
+        data = _query(request) if get else parse_json(await read_body(request))
+        message = _request_from(data, route)
         metadata: Metadata = [
             (REQUEST_ID_KEY, context.request_id.get()),  # set by the middleware
             *_authorization(request),
@@ -97,6 +106,17 @@ def _handler(route: Route, backend: Backend) -> Handler:
         return web.Response(status=status, body=body, content_type="application/json")
 
     return handle
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    """The query parameters, each given once, as the fields of a request."""
+    data = {}
+    for name in request.query:
+        values = request.query.getall(name)
+        if len(values) > 1:
+            raise invalid(f"{name[:64]}: given more than once", "repeated_parameter")
+        data[name] = values[0]
+    return data
 
 
 def _authorization(request: web.Request) -> list[tuple[str, str]]:

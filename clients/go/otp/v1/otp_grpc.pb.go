@@ -22,6 +22,12 @@ type OtpServiceClient interface {
 	// who types the first code they received still gets in. A SendOtp that
 	// fails, with any status, leaves nothing behind: its code never verifies and
 	// it counts against no limit.
+	//
+	// With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+	// key and number, while the first code lives, answers what the first call
+	// answered and sends nothing (a repeat that arrives while the first call is
+	// still running waits for its answer). So a caller that got UNAVAILABLE or
+	// DEADLINE_EXCEEDED retries with the same key.
 	SendOtp(ctx context.Context, in *SendOtpRequest, opts ...grpc.CallOption) (*SendOtpResponse, error)
 	// VerifyOtp checks a code the user typed. A correct code is consumed: it,
 	// and every other code sent to the same number, can never verify again.
@@ -30,6 +36,12 @@ type OtpServiceClient interface {
 	// code. Do not promise the user a free retry; a retry that answers
 	// NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
 	VerifyOtp(ctx context.Context, in *VerifyOtpRequest, opts ...grpc.CallOption) (*VerifyOtpResponse, error)
+	// GetOtpStatus says what became of the number's latest code: how far
+	// WhatsApp delivered it (from the delivery provider's reports), whether it
+	// was verified, when it expires and when a new one may be sent. It never
+	// carries a code. NOT_FOUND when no code of the number is alive (none was
+	// sent, or it expired).
+	GetOtpStatus(ctx context.Context, in *GetOtpStatusRequest, opts ...grpc.CallOption) (*GetOtpStatusResponse, error)
 }
 
 type otpServiceClient struct {
@@ -58,6 +70,15 @@ func (c *otpServiceClient) VerifyOtp(ctx context.Context, in *VerifyOtpRequest, 
 	return out, nil
 }
 
+func (c *otpServiceClient) GetOtpStatus(ctx context.Context, in *GetOtpStatusRequest, opts ...grpc.CallOption) (*GetOtpStatusResponse, error) {
+	out := new(GetOtpStatusResponse)
+	err := c.cc.Invoke(ctx, "/otp.v1.OtpService/GetOtpStatus", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // OtpServiceServer is the server API for OtpService service.
 // All implementations must embed UnimplementedOtpServiceServer
 // for forward compatibility
@@ -67,6 +88,12 @@ type OtpServiceServer interface {
 	// who types the first code they received still gets in. A SendOtp that
 	// fails, with any status, leaves nothing behind: its code never verifies and
 	// it counts against no limit.
+	//
+	// With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+	// key and number, while the first code lives, answers what the first call
+	// answered and sends nothing (a repeat that arrives while the first call is
+	// still running waits for its answer). So a caller that got UNAVAILABLE or
+	// DEADLINE_EXCEEDED retries with the same key.
 	SendOtp(context.Context, *SendOtpRequest) (*SendOtpResponse, error)
 	// VerifyOtp checks a code the user typed. A correct code is consumed: it,
 	// and every other code sent to the same number, can never verify again.
@@ -75,6 +102,12 @@ type OtpServiceServer interface {
 	// code. Do not promise the user a free retry; a retry that answers
 	// NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
 	VerifyOtp(context.Context, *VerifyOtpRequest) (*VerifyOtpResponse, error)
+	// GetOtpStatus says what became of the number's latest code: how far
+	// WhatsApp delivered it (from the delivery provider's reports), whether it
+	// was verified, when it expires and when a new one may be sent. It never
+	// carries a code. NOT_FOUND when no code of the number is alive (none was
+	// sent, or it expired).
+	GetOtpStatus(context.Context, *GetOtpStatusRequest) (*GetOtpStatusResponse, error)
 	mustEmbedUnimplementedOtpServiceServer()
 }
 
@@ -87,6 +120,9 @@ func (UnimplementedOtpServiceServer) SendOtp(context.Context, *SendOtpRequest) (
 }
 func (UnimplementedOtpServiceServer) VerifyOtp(context.Context, *VerifyOtpRequest) (*VerifyOtpResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method VerifyOtp not implemented")
+}
+func (UnimplementedOtpServiceServer) GetOtpStatus(context.Context, *GetOtpStatusRequest) (*GetOtpStatusResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetOtpStatus not implemented")
 }
 func (UnimplementedOtpServiceServer) mustEmbedUnimplementedOtpServiceServer() {}
 
@@ -137,6 +173,24 @@ func _OtpService_VerifyOtp_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _OtpService_GetOtpStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetOtpStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OtpServiceServer).GetOtpStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/otp.v1.OtpService/GetOtpStatus",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OtpServiceServer).GetOtpStatus(ctx, req.(*GetOtpStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _OtpService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "otp.v1.OtpService",
 	HandlerType: (*OtpServiceServer)(nil),
@@ -148,6 +202,10 @@ var _OtpService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VerifyOtp",
 			Handler:    _OtpService_VerifyOtp_Handler,
+		},
+		{
+			MethodName: "GetOtpStatus",
+			Handler:    _OtpService_GetOtpStatus_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

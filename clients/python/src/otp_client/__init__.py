@@ -1,4 +1,5 @@
-"""A client for otp.v1.OtpService: send a one-time code, then verify what the user typed.
+"""A client for otp.v1.OtpService: send a one-time code, then verify what the user typed, and
+see what became of it.
 
 ``OtpClient`` blocks, ``AsyncOtpClient`` is for asyncio; failures raise an ``OtpError``
 subclass. clients/README.md has examples.
@@ -6,9 +7,12 @@ subclass. clients/README.md has examples.
 
 from otp_client._client import (
     DEFAULT_TIMEOUT,
+    SEND_ATTEMPTS,
     AsyncOtpClient,
     Channel,
+    DeliveryState,
     OtpClient,
+    OtpStatus,
     SendResult,
     Tls,
     VerifyOutcome,
@@ -18,6 +22,7 @@ from otp_client._errors import (
     DeliveryRefused,
     InvalidInput,
     NotAllowed,
+    NotFound,
     OtpError,
     RateLimited,
     Unauthenticated,
@@ -26,13 +31,17 @@ from otp_client._errors import (
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "SEND_ATTEMPTS",
     "AsyncOtpClient",
     "Channel",
     "DeliveryRefused",
+    "DeliveryState",
     "InvalidInput",
     "NotAllowed",
+    "NotFound",
     "OtpClient",
     "OtpError",
+    "OtpStatus",
     "RateLimited",
     "SendResult",
     "Tls",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import enum
+import itertools
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -13,11 +17,18 @@ import grpc
 import grpc.aio
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from otp_client._errors import OtpError, error_from
+from otp_client._errors import OtpError, Unavailable, error_from
 
 # Seconds each call may take unless the call says otherwise: SendOtp waits for WhatsApp's
 # provider, which the service gives 5 s by default.
 DEFAULT_TIMEOUT = 10.0
+# SendOtp is tried this many times at most while it answers UNAVAILABLE: every try carries the
+# same idempotency key, so a repeat never sends a second code. All tries share the deadline.
+SEND_ATTEMPTS = 3
+# The wait before a retry when the service gives none (doubling), and the least time a retry
+# must have left to be worth making.
+RETRY_BACKOFF_SECONDS = 0.5
+_MIN_TRY_SECONDS = 1.0
 
 
 class Channel(enum.Enum):
@@ -28,6 +39,17 @@ class Channel(enum.Enum):
     TEMPLATE = otp_pb2.CHANNEL_TEMPLATE
     LOG = otp_pb2.CHANNEL_LOG
     TEST = otp_pb2.CHANNEL_TEST
+
+
+class DeliveryState(enum.Enum):
+    """How far a code's message got, as the provider reported it (otp.v1.DeliveryState)."""
+
+    UNSPECIFIED = otp_pb2.DELIVERY_STATE_UNSPECIFIED
+    QUEUED = otp_pb2.DELIVERY_STATE_QUEUED
+    SENT = otp_pb2.DELIVERY_STATE_SENT
+    DELIVERED = otp_pb2.DELIVERY_STATE_DELIVERED
+    READ = otp_pb2.DELIVERY_STATE_READ
+    FAILED = otp_pb2.DELIVERY_STATE_FAILED
 
 
 class VerifyOutcome(enum.Enum):
@@ -60,6 +82,24 @@ class VerifyResult:
     @property
     def verified(self) -> bool:
         return self.outcome is VerifyOutcome.VERIFIED
+
+
+@dataclass(frozen=True)
+class OtpStatus:
+    """What became of a number's latest code (GetOtpStatus); never the code itself.
+
+    ``channel`` is UNSPECIFIED and ``message_id`` empty until the provider accepted the
+    message; ``failure_reason`` is set with FAILED; ``resend_after_seconds`` is 0 when a new
+    code may be sent now.
+    """
+
+    state: DeliveryState
+    channel: Channel
+    message_id: str
+    failure_reason: str
+    verified: bool
+    expires_at: datetime.datetime
+    resend_after_seconds: int
 
 
 @dataclass(frozen=True)
@@ -103,7 +143,39 @@ def _verified(response: otp_pb2.VerifyOtpResponse) -> VerifyResult:
     return VerifyResult(_enum(VerifyOutcome, response.outcome), response.attempts_remaining)
 
 
-_E = TypeVar("_E", Channel, VerifyOutcome)
+def _status(response: otp_pb2.GetOtpStatusResponse) -> OtpStatus:
+    return OtpStatus(
+        state=_enum(DeliveryState, response.state),
+        channel=_enum(Channel, response.channel),
+        message_id=response.message_id,
+        failure_reason=response.failure_reason,
+        verified=response.verified,
+        expires_at=response.expires_at.ToDatetime(datetime.UTC),
+        resend_after_seconds=response.resend_after_seconds,
+    )
+
+
+def _send_request(phone_number: str, idempotency_key: str | None) -> otp_pb2.SendOtpRequest:
+    # One key for the logical send, whatever the retries: the service answers a repeat with
+    # the first answer and sends nothing.
+    key = idempotency_key or uuid.uuid4().hex
+    return otp_pb2.SendOtpRequest(phone_number=phone_number, idempotency_key=key)
+
+
+def _retry_wait(error: OtpError, attempt: int, time_left: float) -> float | None:
+    """Seconds to wait before trying SendOtp again after ``error`` on try ``attempt`` (from 0);
+    None when it is not tried again: another error, the last try, or no time left."""
+    if not isinstance(error, Unavailable) or error.code != grpc.StatusCode.UNAVAILABLE:
+        return None  # DEADLINE_EXCEEDED: the deadline of every try has passed
+    if attempt + 1 >= SEND_ATTEMPTS:
+        return None
+    wait = error.retry_after
+    if wait is None:
+        wait = RETRY_BACKOFF_SECONDS * 2**attempt
+    return wait if time_left - wait >= _MIN_TRY_SECONDS else None
+
+
+_E = TypeVar("_E", Channel, VerifyOutcome, DeliveryState)
 
 
 def _enum(kind: type[_E], value: int) -> _E:
@@ -126,8 +198,10 @@ class OtpClient(_Client):
 
     ``target`` is "host:port"; ``token`` the calling service's token; ``tls`` turns TLS on
     (plaintext without it). Every call has a deadline: ``timeout`` seconds unless the call
-    gives its own. Failures raise an ``OtpError`` subclass. No call is retried: a repeated
-    VerifyOtp may count a second attempt, and a repeated SendOtp sends a second code.
+    gives its own. Failures raise an ``OtpError`` subclass. ``send_otp`` is retried on
+    UNAVAILABLE (at most SEND_ATTEMPTS tries, within its deadline) with one idempotency key, so
+    a retry never sends a second code; ``verify_otp`` is never retried: a repeated VerifyOtp
+    may count a second attempt.
     """
 
     def __init__(
@@ -146,16 +220,45 @@ class OtpClient(_Client):
         )
         self._stub = otp_pb2_grpc.OtpServiceStub(self._channel)
 
-    def send_otp(self, phone_number: str, *, timeout: float | None = None) -> SendResult:
-        """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501")."""
-        request = otp_pb2.SendOtpRequest(phone_number=phone_number)
+    def send_otp(
+        self,
+        phone_number: str,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501").
+
+        ``idempotency_key`` names the logical send (a new one is made when None): give the same
+        key to call again after an answer was lost, and the service answers what it answered.
+        """
+        request = _send_request(phone_number, idempotency_key)
+        deadline = time.monotonic() + self._deadline(timeout)
+        for attempt in itertools.count():
+            try:
+                response = self._stub.SendOtp(
+                    request, metadata=self._metadata, timeout=deadline - time.monotonic()
+                )
+            except grpc.RpcError as exc:
+                error = _error(exc)
+                wait = _retry_wait(error, attempt, deadline - time.monotonic())
+                if wait is None:
+                    raise error from None
+                time.sleep(wait)
+                continue
+            return _sent(response)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get_otp_status(self, phone_number: str, *, timeout: float | None = None) -> OtpStatus:
+        """What became of the number's latest code; NotFound when it has no live code."""
+        request = otp_pb2.GetOtpStatusRequest(phone_number=phone_number)
         try:
-            response = self._stub.SendOtp(
+            response = self._stub.GetOtpStatus(
                 request, metadata=self._metadata, timeout=self._deadline(timeout)
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        return _sent(response)
+        return _status(response)
 
     def verify_otp(
         self, phone_number: str, otp_code: str, *, timeout: float | None = None
@@ -204,16 +307,42 @@ class AsyncOtpClient(_Client):
         )
         self._stub = otp_pb2_grpc.OtpServiceStub(self._channel)
 
-    async def send_otp(self, phone_number: str, *, timeout: float | None = None) -> SendResult:
-        """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501")."""
-        request = otp_pb2.SendOtpRequest(phone_number=phone_number)
+    async def send_otp(
+        self,
+        phone_number: str,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501"); retried as
+        ``OtpClient.send_otp`` is."""
+        request = _send_request(phone_number, idempotency_key)
+        deadline = time.monotonic() + self._deadline(timeout)
+        for attempt in itertools.count():
+            try:
+                response = await self._stub.SendOtp(
+                    request, metadata=self._metadata, timeout=deadline - time.monotonic()
+                )
+            except grpc.RpcError as exc:
+                error = _error(exc)
+                wait = _retry_wait(error, attempt, deadline - time.monotonic())
+                if wait is None:
+                    raise error from None
+                await asyncio.sleep(wait)
+                continue
+            return _sent(response)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get_otp_status(self, phone_number: str, *, timeout: float | None = None) -> OtpStatus:
+        """What became of the number's latest code; NotFound when it has no live code."""
+        request = otp_pb2.GetOtpStatusRequest(phone_number=phone_number)
         try:
-            response = await self._stub.SendOtp(
+            response = await self._stub.GetOtpStatus(
                 request, metadata=self._metadata, timeout=self._deadline(timeout)
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        return _sent(response)
+        return _status(response)
 
     async def verify_otp(
         self, phone_number: str, otp_code: str, *, timeout: float | None = None

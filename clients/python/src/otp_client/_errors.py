@@ -4,6 +4,7 @@
     ├── InvalidInput         INVALID_ARGUMENT: ``field`` names the bad field, ``problem`` says why
     ├── Unauthenticated      UNAUTHENTICATED: no valid caller token
     ├── NotAllowed           PERMISSION_DENIED: e.g. a number whose country is not served
+    ├── NotFound             NOT_FOUND: GetOtpStatus found no live code for the number
     ├── RateLimited          RESOURCE_EXHAUSTED with a retry delay: ``retry_after`` seconds
     ├── DeliveryRefused      FAILED_PRECONDITION: Interakt refused the message; ``reason`` says why
     └── Unavailable          UNAVAILABLE or DEADLINE_EXCEEDED: try again later
@@ -68,6 +69,10 @@ class NotAllowed(OtpError):
     """Policy forbids the call, e.g. codes are not sent to the number's country."""
 
 
+class NotFound(OtpError):
+    """GetOtpStatus: the number has no live code (none was sent, or it expired)."""
+
+
 class RateLimited(OtpError):
     """A limit was hit; ``retry_after`` says how many seconds to wait, ``reason`` which limit."""
 
@@ -86,6 +91,7 @@ _BY_CODE: dict[grpc.StatusCode, type[OtpError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: NotAllowed,
+    grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: DeliveryRefused,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,

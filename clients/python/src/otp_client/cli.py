@@ -1,7 +1,8 @@
-"""``otp-client send PHONE`` and ``otp-client verify PHONE CODE``: one call, one line of output.
+"""``otp-client send PHONE``, ``otp-client verify PHONE CODE`` and ``otp-client status PHONE``:
+one call, one line of output.
 
-The exit status is 0 only for a code that was sent or verified; anything else prints one line
-saying why and exits 1 (2 for a usage error).
+The exit status is 0 only for a code that was sent or verified, or a status that was found;
+anything else prints one line saying why and exits 1 (2 for a usage error).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from otp_client._client import DEFAULT_TIMEOUT, OtpClient, Tls
+from otp_client._client import DEFAULT_TIMEOUT, OtpClient, OtpStatus, Tls
 from otp_client._errors import OtpError
 
 EXIT_NOT_DONE = 1
@@ -37,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="check CODE for PHONE")
     verify.add_argument("phone")
     verify.add_argument("code")
+    status = commands.add_parser("status", help="what became of PHONE's latest code")
+    status.add_argument("phone")
     args = parser.parse_args(argv)
 
     for name in ("target", "token"):
@@ -57,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"resend allowed in {sent.resend_after_seconds} s"
                 )
                 return 0
+            if args.command == "status":
+                print(_describe_status(client.get_otp_status(args.phone)))
+                return 0
             result = client.verify_otp(args.phone, args.code)
     except OtpError as exc:
         print(f"otp-client: {_describe(exc)}", file=sys.stderr)
@@ -74,6 +80,18 @@ def _tls(on: bool, ca: str | None) -> Tls | None:
         with open(ca, "rb") as file:
             return Tls(root_certificates=file.read())
     return Tls() if on else None
+
+
+def _describe_status(status: OtpStatus) -> str:
+    state = status.state.name.lower()
+    if status.failure_reason:
+        state += f" ({status.failure_reason})"
+    return (
+        f"{state}; {status.channel.name.lower()} message {status.message_id or '-'}; "
+        f"{'verified' if status.verified else 'not verified'}; valid until "
+        f"{status.expires_at.isoformat(timespec='seconds')}; resend allowed in "
+        f"{status.resend_after_seconds} s"
+    )
 
 
 def _describe(exc: OtpError) -> str:

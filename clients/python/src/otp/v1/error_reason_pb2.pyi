@@ -105,6 +105,32 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     INTERNAL_ERROR: _ErrorReason.ValueType  # 18
     """INTERNAL: a bug in the service; its log has the details."""
+    INVALID_IDEMPOTENCY_KEY: _ErrorReason.ValueType  # 19
+    """INVALID_ARGUMENT: idempotency_key is longer than 128 characters or holds
+    characters other than printable ASCII. A google.rpc.BadRequest detail
+    names the field. Metadata: "field": "idempotency_key".
+    """
+    IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 20
+    """INVALID_ARGUMENT: the calling service used this idempotency_key for
+    another phone number while that number's code lives; use a new key for
+    each logical send. A google.rpc.BadRequest detail names the field.
+    Metadata: "field": "idempotency_key".
+    """
+    SEND_IN_PROGRESS: _ErrorReason.ValueType  # 21
+    """UNAVAILABLE, with google.rpc.RetryInfo: an earlier SendOtp with the same
+    idempotency_key is still running and did not answer within this call's
+    deadline. Retry with the same key: the retry answers what it answers.
+    """
+    PROVIDER_CIRCUIT_OPEN: _ErrorReason.ValueType  # 22
+    """UNAVAILABLE, with google.rpc.RetryInfo: Interakt failed several times in a
+    row, so the service stopped calling it for a while (a circuit breaker);
+    nothing was sent and nothing counted. The retry delay is what is left of
+    that pause.
+    """
+    NO_CODE_SENT: _ErrorReason.ValueType  # 23
+    """NOT_FOUND: GetOtpStatus found no live code for the number (none was sent,
+    or it expired).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason says why a call failed, for a program to act on. Every error
@@ -205,4 +231,30 @@ checked the code (see OtpService.VerifyOtp).
 """
 INTERNAL_ERROR: ErrorReason.ValueType  # 18
 """INTERNAL: a bug in the service; its log has the details."""
+INVALID_IDEMPOTENCY_KEY: ErrorReason.ValueType  # 19
+"""INVALID_ARGUMENT: idempotency_key is longer than 128 characters or holds
+characters other than printable ASCII. A google.rpc.BadRequest detail
+names the field. Metadata: "field": "idempotency_key".
+"""
+IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 20
+"""INVALID_ARGUMENT: the calling service used this idempotency_key for
+another phone number while that number's code lives; use a new key for
+each logical send. A google.rpc.BadRequest detail names the field.
+Metadata: "field": "idempotency_key".
+"""
+SEND_IN_PROGRESS: ErrorReason.ValueType  # 21
+"""UNAVAILABLE, with google.rpc.RetryInfo: an earlier SendOtp with the same
+idempotency_key is still running and did not answer within this call's
+deadline. Retry with the same key: the retry answers what it answers.
+"""
+PROVIDER_CIRCUIT_OPEN: ErrorReason.ValueType  # 22
+"""UNAVAILABLE, with google.rpc.RetryInfo: Interakt failed several times in a
+row, so the service stopped calling it for a while (a circuit breaker);
+nothing was sent and nothing counted. The retry delay is what is left of
+that pause.
+"""
+NO_CODE_SENT: ErrorReason.ValueType  # 23
+"""NOT_FOUND: GetOtpStatus found no live code for the number (none was sent,
+or it expired).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

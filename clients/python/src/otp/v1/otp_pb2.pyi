@@ -90,6 +90,51 @@ VERIFY_OUTCOME_TOO_MANY_ATTEMPTS: VerifyOutcome.ValueType  # 4
 """Too many wrong tries: no code verifies until a new SendOtp."""
 Global___VerifyOutcome: _TypeAlias = VerifyOutcome  # noqa: Y015
 
+class _DeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELIVERY_STATE_UNSPECIFIED: _DeliveryState.ValueType  # 0
+    """Not set; never returned by the service."""
+    DELIVERY_STATE_QUEUED: _DeliveryState.ValueType  # 1
+    """Handed to the provider, which queued it; no report yet."""
+    DELIVERY_STATE_SENT: _DeliveryState.ValueType  # 2
+    """WhatsApp sent it to the user's phone."""
+    DELIVERY_STATE_DELIVERED: _DeliveryState.ValueType  # 3
+    """It reached the user's phone."""
+    DELIVERY_STATE_READ: _DeliveryState.ValueType  # 4
+    """The user opened it."""
+    DELIVERY_STATE_FAILED: _DeliveryState.ValueType  # 5
+    """WhatsApp could not deliver it (failure_reason says why, when known). A
+    new code may be sent at once: the resend cooldown no longer applies.
+    """
+
+class DeliveryState(_DeliveryState, metaclass=_DeliveryStateEnumTypeWrapper):
+    """DeliveryState is how far a code's message got. The provider reports each
+    step by webhook, in any order and sometimes twice; the state only moves
+    forward, so a late report never takes it back: SENT never replaces
+    DELIVERED or READ, and FAILED never replaces DELIVERED or READ. Messages of
+    CHANNEL_LOG and CHANNEL_TEST stay QUEUED: nothing reports on them.
+    """
+
+DELIVERY_STATE_UNSPECIFIED: DeliveryState.ValueType  # 0
+"""Not set; never returned by the service."""
+DELIVERY_STATE_QUEUED: DeliveryState.ValueType  # 1
+"""Handed to the provider, which queued it; no report yet."""
+DELIVERY_STATE_SENT: DeliveryState.ValueType  # 2
+"""WhatsApp sent it to the user's phone."""
+DELIVERY_STATE_DELIVERED: DeliveryState.ValueType  # 3
+"""It reached the user's phone."""
+DELIVERY_STATE_READ: DeliveryState.ValueType  # 4
+"""The user opened it."""
+DELIVERY_STATE_FAILED: DeliveryState.ValueType  # 5
+"""WhatsApp could not deliver it (failure_reason says why, when known). A
+new code may be sent at once: the resend cooldown no longer applies.
+"""
+Global___DeliveryState: _TypeAlias = DeliveryState  # noqa: Y015
+
 @_typing.final
 class SendOtpRequest(_message.Message):
     """SendOtpRequest names the phone number to send a code to."""
@@ -97,18 +142,27 @@ class SendOtpRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     phone_number: _builtins.str
     """The destination in E.164 form, for example "+917003848501". Spaces and
     dashes are tolerated; the leading plus and country code are required.
+    """
+    idempotency_key: _builtins.str
+    """Optional: makes the call safe to retry (see SendOtp). Up to 128 printable
+    ASCII characters, new for each logical send (a UUID, say). Keys belong to
+    the calling service: two services never share one. A key whose send
+    failed may be used again; a key used for another number is
+    INVALID_ARGUMENT (IDEMPOTENCY_KEY_REUSED).
     """
     def __init__(
         self,
         *,
         phone_number: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["phone_number", b"phone_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "phone_number", b"phone_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,7 +185,8 @@ class SendOtpResponse(_message.Message):
     message_id: _builtins.str
     """The delivery provider's id for the message (empty in development mode
     and for test numbers).
-    Delivery reports from the provider refer to this id.
+    Delivery reports from the provider refer to this id, and GetOtpStatus
+    shows it.
     """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
@@ -210,3 +265,80 @@ class VerifyOtpResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyOtpResponse: _TypeAlias = VerifyOtpResponse  # noqa: Y015
+
+@_typing.final
+class GetOtpStatusRequest(_message.Message):
+    """GetOtpStatusRequest names the number whose latest code is asked about."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    phone_number: _builtins.str
+    """The phone number in E.164 form."""
+    def __init__(
+        self,
+        *,
+        phone_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phone_number", b"phone_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOtpStatusRequest: _TypeAlias = GetOtpStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetOtpStatusResponse(_message.Message):
+    """GetOtpStatusResponse is what became of the number's latest code."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    RESEND_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    state: Global___DeliveryState.ValueType
+    """How far WhatsApp delivered the message, as the provider reported it."""
+    channel: Global___Channel.ValueType
+    """How the code was sent (unset while the provider has not yet accepted it)."""
+    message_id: _builtins.str
+    """The provider's id for the message (empty in development mode, for test
+    numbers, and while the provider has not yet accepted it).
+    """
+    failure_reason: _builtins.str
+    """Why WhatsApp could not deliver it, in the provider's words; set with
+    DELIVERY_STATE_FAILED when the provider gave a reason.
+    """
+    verified: _builtins.bool
+    """Whether a code of the number was verified since this one was sent."""
+    resend_after_seconds: _builtins.int
+    """Seconds until SendOtp for this number will be accepted again (0: now).
+    A failed delivery lifts the resend cooldown at once; the hourly cap still
+    holds.
+    """
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When this code stops being accepted."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___DeliveryState.ValueType = ...,
+        channel: Global___Channel.ValueType = ...,
+        message_id: _builtins.str = ...,
+        failure_reason: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        resend_after_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "expires_at", b"expires_at", "failure_reason", b"failure_reason", "message_id", b"message_id", "resend_after_seconds", b"resend_after_seconds", "state", b"state", "verified", b"verified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOtpStatusResponse: _TypeAlias = GetOtpStatusResponse  # noqa: Y015

@@ -38,6 +38,7 @@ class OtpServiceStub:
     and so does a google.rpc.BadRequest detail.
     UNAUTHENTICATED     no valid caller token.
     PERMISSION_DENIED   codes are not sent to this number's country.
+    NOT_FOUND           GetOtpStatus: no code of the number is alive.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
     how long to wait.
     FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -62,6 +63,11 @@ class OtpServiceStub:
                 request_serializer=otp_dot_v1_dot_otp__pb2.VerifyOtpRequest.SerializeToString,
                 response_deserializer=otp_dot_v1_dot_otp__pb2.VerifyOtpResponse.FromString,
                 _registered_method=True)
+        self.GetOtpStatus = channel.unary_unary(
+                '/otp.v1.OtpService/GetOtpStatus',
+                request_serializer=otp_dot_v1_dot_otp__pb2.GetOtpStatusRequest.SerializeToString,
+                response_deserializer=otp_dot_v1_dot_otp__pb2.GetOtpStatusResponse.FromString,
+                _registered_method=True)
 
 
 class OtpServiceServicer:
@@ -77,6 +83,7 @@ class OtpServiceServicer:
     and so does a google.rpc.BadRequest detail.
     UNAUTHENTICATED     no valid caller token.
     PERMISSION_DENIED   codes are not sent to this number's country.
+    NOT_FOUND           GetOtpStatus: no code of the number is alive.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
     how long to wait.
     FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -91,6 +98,12 @@ class OtpServiceServicer:
         who types the first code they received still gets in. A SendOtp that
         fails, with any status, leaves nothing behind: its code never verifies and
         it counts against no limit.
+
+        With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+        key and number, while the first code lives, answers what the first call
+        answered and sends nothing (a repeat that arrives while the first call is
+        still running waits for its answer). So a caller that got UNAVAILABLE or
+        DEADLINE_EXCEEDED retries with the same key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +121,17 @@ class OtpServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOtpStatus(self, request, context):
+        """GetOtpStatus says what became of the number's latest code: how far
+        WhatsApp delivered it (from the delivery provider's reports), whether it
+        was verified, when it expires and when a new one may be sent. It never
+        carries a code. NOT_FOUND when no code of the number is alive (none was
+        sent, or it expired).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OtpServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +144,11 @@ def add_OtpServiceServicer_to_server(servicer, server):
                     servicer.VerifyOtp,
                     request_deserializer=otp_dot_v1_dot_otp__pb2.VerifyOtpRequest.FromString,
                     response_serializer=otp_dot_v1_dot_otp__pb2.VerifyOtpResponse.SerializeToString,
+            ),
+            'GetOtpStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOtpStatus,
+                    request_deserializer=otp_dot_v1_dot_otp__pb2.GetOtpStatusRequest.FromString,
+                    response_serializer=otp_dot_v1_dot_otp__pb2.GetOtpStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +171,7 @@ class OtpService:
     and so does a google.rpc.BadRequest detail.
     UNAUTHENTICATED     no valid caller token.
     PERMISSION_DENIED   codes are not sent to this number's country.
+    NOT_FOUND           GetOtpStatus: no code of the number is alive.
     RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
     how long to wait.
     FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -194,6 +224,33 @@ class OtpService:
             '/otp.v1.OtpService/VerifyOtp',
             otp_dot_v1_dot_otp__pb2.VerifyOtpRequest.SerializeToString,
             otp_dot_v1_dot_otp__pb2.VerifyOtpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOtpStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otp.v1.OtpService/GetOtpStatus',
+            otp_dot_v1_dot_otp__pb2.GetOtpStatusRequest.SerializeToString,
+            otp_dot_v1_dot_otp__pb2.GetOtpStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,7 @@ class OtpServiceStub:
                           and so does a google.rpc.BadRequest detail.
       UNAUTHENTICATED     no valid caller token.
       PERMISSION_DENIED   codes are not sent to this number's country.
+      NOT_FOUND           GetOtpStatus: no code of the number is alive.
       RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
                           how long to wait.
       FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -57,6 +58,12 @@ class OtpServiceStub:
     who types the first code they received still gets in. A SendOtp that
     fails, with any status, leaves nothing behind: its code never verifies and
     it counts against no limit.
+
+    With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+    key and number, while the first code lives, answers what the first call
+    answered and sends nothing (a repeat that arrives while the first call is
+    still running waits for its answer). So a caller that got UNAVAILABLE or
+    DEADLINE_EXCEEDED retries with the same key.
     """
     VerifyOtp: _grpc.UnaryUnaryMultiCallable[_otp_pb2.VerifyOtpRequest, _otp_pb2.VerifyOtpResponse]
     """VerifyOtp checks a code the user typed. A correct code is consumed: it,
@@ -65,6 +72,13 @@ class OtpServiceStub:
     the code before its answer was lost, counting the attempt or consuming the
     code. Do not promise the user a free retry; a retry that answers
     NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
+    """
+    GetOtpStatus: _grpc.UnaryUnaryMultiCallable[_otp_pb2.GetOtpStatusRequest, _otp_pb2.GetOtpStatusResponse]
+    """GetOtpStatus says what became of the number's latest code: how far
+    WhatsApp delivered it (from the delivery provider's reports), whether it
+    was verified, when it expires and when a new one may be sent. It never
+    carries a code. NOT_FOUND when no code of the number is alive (none was
+    sent, or it expired).
     """
 
 @_typing.type_check_only
@@ -81,6 +95,7 @@ class OtpServiceAsyncStub(OtpServiceStub):
                           and so does a google.rpc.BadRequest detail.
       UNAUTHENTICATED     no valid caller token.
       PERMISSION_DENIED   codes are not sent to this number's country.
+      NOT_FOUND           GetOtpStatus: no code of the number is alive.
       RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
                           how long to wait.
       FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -96,6 +111,12 @@ class OtpServiceAsyncStub(OtpServiceStub):
     who types the first code they received still gets in. A SendOtp that
     fails, with any status, leaves nothing behind: its code never verifies and
     it counts against no limit.
+
+    With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+    key and number, while the first code lives, answers what the first call
+    answered and sends nothing (a repeat that arrives while the first call is
+    still running waits for its answer). So a caller that got UNAVAILABLE or
+    DEADLINE_EXCEEDED retries with the same key.
     """
     VerifyOtp: _aio.UnaryUnaryMultiCallable[_otp_pb2.VerifyOtpRequest, _otp_pb2.VerifyOtpResponse]  # type: ignore[assignment]
     """VerifyOtp checks a code the user typed. A correct code is consumed: it,
@@ -104,6 +125,13 @@ class OtpServiceAsyncStub(OtpServiceStub):
     the code before its answer was lost, counting the attempt or consuming the
     code. Do not promise the user a free retry; a retry that answers
     NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
+    """
+    GetOtpStatus: _aio.UnaryUnaryMultiCallable[_otp_pb2.GetOtpStatusRequest, _otp_pb2.GetOtpStatusResponse]  # type: ignore[assignment]
+    """GetOtpStatus says what became of the number's latest code: how far
+    WhatsApp delivered it (from the delivery provider's reports), whether it
+    was verified, when it expires and when a new one may be sent. It never
+    carries a code. NOT_FOUND when no code of the number is alive (none was
+    sent, or it expired).
     """
 
 class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -119,6 +147,7 @@ class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
                           and so does a google.rpc.BadRequest detail.
       UNAUTHENTICATED     no valid caller token.
       PERMISSION_DENIED   codes are not sent to this number's country.
+      NOT_FOUND           GetOtpStatus: no code of the number is alive.
       RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
                           how long to wait.
       FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -138,6 +167,12 @@ class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
         who types the first code they received still gets in. A SendOtp that
         fails, with any status, leaves nothing behind: its code never verifies and
         it counts against no limit.
+
+        With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+        key and number, while the first code lives, answers what the first call
+        answered and sends nothing (a repeat that arrives while the first call is
+        still running waits for its answer). So a caller that got UNAVAILABLE or
+        DEADLINE_EXCEEDED retries with the same key.
         """
 
     @_abc_1.abstractmethod
@@ -152,6 +187,19 @@ class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
         the code before its answer was lost, counting the attempt or consuming the
         code. Do not promise the user a free retry; a retry that answers
         NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOtpStatus(
+        self,
+        request: _otp_pb2.GetOtpStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otp_pb2.GetOtpStatusResponse, _abc.Awaitable[_otp_pb2.GetOtpStatusResponse]]:
+        """GetOtpStatus says what became of the number's latest code: how far
+        WhatsApp delivered it (from the delivery provider's reports), whether it
+        was verified, when it expires and when a new one may be sent. It never
+        carries a code. NOT_FOUND when no code of the number is alive (none was
+        sent, or it expired).
         """
 
 def add_OtpServiceServicer_to_server(servicer: OtpServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -126,6 +126,37 @@ export enum ErrorReason {
   STORE_UNAVAILABLE = 17,
   /** INTERNAL_ERROR - INTERNAL: a bug in the service; its log has the details. */
   INTERNAL_ERROR = 18,
+  /**
+   * INVALID_IDEMPOTENCY_KEY - INVALID_ARGUMENT: idempotency_key is longer than 128 characters or holds
+   * characters other than printable ASCII. A google.rpc.BadRequest detail
+   * names the field. Metadata: "field": "idempotency_key".
+   */
+  INVALID_IDEMPOTENCY_KEY = 19,
+  /**
+   * IDEMPOTENCY_KEY_REUSED - INVALID_ARGUMENT: the calling service used this idempotency_key for
+   * another phone number while that number's code lives; use a new key for
+   * each logical send. A google.rpc.BadRequest detail names the field.
+   * Metadata: "field": "idempotency_key".
+   */
+  IDEMPOTENCY_KEY_REUSED = 20,
+  /**
+   * SEND_IN_PROGRESS - UNAVAILABLE, with google.rpc.RetryInfo: an earlier SendOtp with the same
+   * idempotency_key is still running and did not answer within this call's
+   * deadline. Retry with the same key: the retry answers what it answers.
+   */
+  SEND_IN_PROGRESS = 21,
+  /**
+   * PROVIDER_CIRCUIT_OPEN - UNAVAILABLE, with google.rpc.RetryInfo: Interakt failed several times in a
+   * row, so the service stopped calling it for a while (a circuit breaker);
+   * nothing was sent and nothing counted. The retry delay is what is left of
+   * that pause.
+   */
+  PROVIDER_CIRCUIT_OPEN = 22,
+  /**
+   * NO_CODE_SENT - NOT_FOUND: GetOtpStatus found no live code for the number (none was sent,
+   * or it expired).
+   */
+  NO_CODE_SENT = 23,
   UNRECOGNIZED = -1,
 }
 
@@ -188,6 +219,21 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 18:
     case "INTERNAL_ERROR":
       return ErrorReason.INTERNAL_ERROR;
+    case 19:
+    case "INVALID_IDEMPOTENCY_KEY":
+      return ErrorReason.INVALID_IDEMPOTENCY_KEY;
+    case 20:
+    case "IDEMPOTENCY_KEY_REUSED":
+      return ErrorReason.IDEMPOTENCY_KEY_REUSED;
+    case 21:
+    case "SEND_IN_PROGRESS":
+      return ErrorReason.SEND_IN_PROGRESS;
+    case 22:
+    case "PROVIDER_CIRCUIT_OPEN":
+      return ErrorReason.PROVIDER_CIRCUIT_OPEN;
+    case 23:
+    case "NO_CODE_SENT":
+      return ErrorReason.NO_CODE_SENT;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -235,6 +281,16 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "STORE_UNAVAILABLE";
     case ErrorReason.INTERNAL_ERROR:
       return "INTERNAL_ERROR";
+    case ErrorReason.INVALID_IDEMPOTENCY_KEY:
+      return "INVALID_IDEMPOTENCY_KEY";
+    case ErrorReason.IDEMPOTENCY_KEY_REUSED:
+      return "IDEMPOTENCY_KEY_REUSED";
+    case ErrorReason.SEND_IN_PROGRESS:
+      return "SEND_IN_PROGRESS";
+    case ErrorReason.PROVIDER_CIRCUIT_OPEN:
+      return "PROVIDER_CIRCUIT_OPEN";
+    case ErrorReason.NO_CODE_SENT:
+      return "NO_CODE_SENT";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

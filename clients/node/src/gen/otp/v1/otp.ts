@@ -144,6 +144,79 @@ export function verifyOutcomeToJSON(object: VerifyOutcome): string {
   }
 }
 
+/**
+ * DeliveryState is how far a code's message got. The provider reports each
+ * step by webhook, in any order and sometimes twice; the state only moves
+ * forward, so a late report never takes it back: SENT never replaces
+ * DELIVERED or READ, and FAILED never replaces DELIVERED or READ. Messages of
+ * CHANNEL_LOG and CHANNEL_TEST stay QUEUED: nothing reports on them.
+ */
+export enum DeliveryState {
+  /** DELIVERY_STATE_UNSPECIFIED - Not set; never returned by the service. */
+  DELIVERY_STATE_UNSPECIFIED = 0,
+  /** DELIVERY_STATE_QUEUED - Handed to the provider, which queued it; no report yet. */
+  DELIVERY_STATE_QUEUED = 1,
+  /** DELIVERY_STATE_SENT - WhatsApp sent it to the user's phone. */
+  DELIVERY_STATE_SENT = 2,
+  /** DELIVERY_STATE_DELIVERED - It reached the user's phone. */
+  DELIVERY_STATE_DELIVERED = 3,
+  /** DELIVERY_STATE_READ - The user opened it. */
+  DELIVERY_STATE_READ = 4,
+  /**
+   * DELIVERY_STATE_FAILED - WhatsApp could not deliver it (failure_reason says why, when known). A
+   * new code may be sent at once: the resend cooldown no longer applies.
+   */
+  DELIVERY_STATE_FAILED = 5,
+  UNRECOGNIZED = -1,
+}
+
+export function deliveryStateFromJSON(object: any): DeliveryState {
+  switch (object) {
+    case 0:
+    case "DELIVERY_STATE_UNSPECIFIED":
+      return DeliveryState.DELIVERY_STATE_UNSPECIFIED;
+    case 1:
+    case "DELIVERY_STATE_QUEUED":
+      return DeliveryState.DELIVERY_STATE_QUEUED;
+    case 2:
+    case "DELIVERY_STATE_SENT":
+      return DeliveryState.DELIVERY_STATE_SENT;
+    case 3:
+    case "DELIVERY_STATE_DELIVERED":
+      return DeliveryState.DELIVERY_STATE_DELIVERED;
+    case 4:
+    case "DELIVERY_STATE_READ":
+      return DeliveryState.DELIVERY_STATE_READ;
+    case 5:
+    case "DELIVERY_STATE_FAILED":
+      return DeliveryState.DELIVERY_STATE_FAILED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DeliveryState.UNRECOGNIZED;
+  }
+}
+
+export function deliveryStateToJSON(object: DeliveryState): string {
+  switch (object) {
+    case DeliveryState.DELIVERY_STATE_UNSPECIFIED:
+      return "DELIVERY_STATE_UNSPECIFIED";
+    case DeliveryState.DELIVERY_STATE_QUEUED:
+      return "DELIVERY_STATE_QUEUED";
+    case DeliveryState.DELIVERY_STATE_SENT:
+      return "DELIVERY_STATE_SENT";
+    case DeliveryState.DELIVERY_STATE_DELIVERED:
+      return "DELIVERY_STATE_DELIVERED";
+    case DeliveryState.DELIVERY_STATE_READ:
+      return "DELIVERY_STATE_READ";
+    case DeliveryState.DELIVERY_STATE_FAILED:
+      return "DELIVERY_STATE_FAILED";
+    case DeliveryState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** SendOtpRequest names the phone number to send a code to. */
 export interface SendOtpRequest {
   /**
@@ -151,6 +224,14 @@ export interface SendOtpRequest {
    * dashes are tolerated; the leading plus and country code are required.
    */
   phoneNumber: string;
+  /**
+   * Optional: makes the call safe to retry (see SendOtp). Up to 128 printable
+   * ASCII characters, new for each logical send (a UUID, say). Keys belong to
+   * the calling service: two services never share one. A key whose send
+   * failed may be used again; a key used for another number is
+   * INVALID_ARGUMENT (IDEMPOTENCY_KEY_REUSED).
+   */
+  idempotencyKey: string;
 }
 
 /** SendOtpResponse says what was sent and when the caller may send again. */
@@ -166,7 +247,8 @@ export interface SendOtpResponse {
   /**
    * The delivery provider's id for the message (empty in development mode
    * and for test numbers).
-   * Delivery reports from the provider refer to this id.
+   * Delivery reports from the provider refer to this id, and GetOtpStatus
+   * shows it.
    */
   messageId: string;
 }
@@ -192,14 +274,53 @@ export interface VerifyOtpResponse {
   attemptsRemaining: number;
 }
 
+/** GetOtpStatusRequest names the number whose latest code is asked about. */
+export interface GetOtpStatusRequest {
+  /** The phone number in E.164 form. */
+  phoneNumber: string;
+}
+
+/** GetOtpStatusResponse is what became of the number's latest code. */
+export interface GetOtpStatusResponse {
+  /** How far WhatsApp delivered the message, as the provider reported it. */
+  state: DeliveryState;
+  /** How the code was sent (unset while the provider has not yet accepted it). */
+  channel: Channel;
+  /**
+   * The provider's id for the message (empty in development mode, for test
+   * numbers, and while the provider has not yet accepted it).
+   */
+  messageId: string;
+  /**
+   * Why WhatsApp could not deliver it, in the provider's words; set with
+   * DELIVERY_STATE_FAILED when the provider gave a reason.
+   */
+  failureReason: string;
+  /** Whether a code of the number was verified since this one was sent. */
+  verified: boolean;
+  /** When this code stops being accepted. */
+  expiresAt:
+    | Date
+    | undefined;
+  /**
+   * Seconds until SendOtp for this number will be accepted again (0: now).
+   * A failed delivery lifts the resend cooldown at once; the hourly cap still
+   * holds.
+   */
+  resendAfterSeconds: number;
+}
+
 function createBaseSendOtpRequest(): SendOtpRequest {
-  return { phoneNumber: "" };
+  return { phoneNumber: "", idempotencyKey: "" };
 }
 
 export const SendOtpRequest: MessageFns<SendOtpRequest> = {
   encode(message: SendOtpRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.phoneNumber !== "") {
       writer.uint32(10).string(message.phoneNumber);
+    }
+    if (message.idempotencyKey !== "") {
+      writer.uint32(18).string(message.idempotencyKey);
     }
     return writer;
   },
@@ -225,6 +346,14 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
             message.phoneNumber = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.idempotencyKey = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -244,6 +373,11 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
         : isSet(object.phone_number)
         ? globalThis.String(object.phone_number)
         : "",
+      idempotencyKey: isSet(object.idempotencyKey)
+        ? globalThis.String(object.idempotencyKey)
+        : isSet(object.idempotency_key)
+        ? globalThis.String(object.idempotency_key)
+        : "",
     };
   },
 
@@ -251,6 +385,9 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
     const obj: any = {};
     if (message.phoneNumber !== "") {
       obj.phoneNumber = message.phoneNumber;
+    }
+    if (message.idempotencyKey !== "") {
+      obj.idempotencyKey = message.idempotencyKey;
     }
     return obj;
   },
@@ -261,6 +398,7 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
   fromPartial<I extends Exact<DeepPartial<SendOtpRequest>, I>>(object: I): SendOtpRequest {
     const message = createBaseSendOtpRequest();
     message.phoneNumber = object.phoneNumber ?? "";
+    message.idempotencyKey = object.idempotencyKey ?? "";
     return message;
   },
 };
@@ -592,6 +730,268 @@ export const VerifyOtpResponse: MessageFns<VerifyOtpResponse> = {
   },
 };
 
+function createBaseGetOtpStatusRequest(): GetOtpStatusRequest {
+  return { phoneNumber: "" };
+}
+
+export const GetOtpStatusRequest: MessageFns<GetOtpStatusRequest> = {
+  encode(message: GetOtpStatusRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.phoneNumber !== "") {
+      writer.uint32(10).string(message.phoneNumber);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetOtpStatusRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetOtpStatusRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.phoneNumber = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetOtpStatusRequest {
+    return {
+      phoneNumber: isSet(object.phoneNumber)
+        ? globalThis.String(object.phoneNumber)
+        : isSet(object.phone_number)
+        ? globalThis.String(object.phone_number)
+        : "",
+    };
+  },
+
+  toJSON(message: GetOtpStatusRequest): unknown {
+    const obj: any = {};
+    if (message.phoneNumber !== "") {
+      obj.phoneNumber = message.phoneNumber;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetOtpStatusRequest>, I>>(base?: I): GetOtpStatusRequest {
+    return GetOtpStatusRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetOtpStatusRequest>, I>>(object: I): GetOtpStatusRequest {
+    const message = createBaseGetOtpStatusRequest();
+    message.phoneNumber = object.phoneNumber ?? "";
+    return message;
+  },
+};
+
+function createBaseGetOtpStatusResponse(): GetOtpStatusResponse {
+  return {
+    state: 0,
+    channel: 0,
+    messageId: "",
+    failureReason: "",
+    verified: false,
+    expiresAt: undefined,
+    resendAfterSeconds: 0,
+  };
+}
+
+export const GetOtpStatusResponse: MessageFns<GetOtpStatusResponse> = {
+  encode(message: GetOtpStatusResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state !== 0) {
+      writer.uint32(8).int32(message.state);
+    }
+    if (message.channel !== 0) {
+      writer.uint32(16).int32(message.channel);
+    }
+    if (message.messageId !== "") {
+      writer.uint32(26).string(message.messageId);
+    }
+    if (message.failureReason !== "") {
+      writer.uint32(34).string(message.failureReason);
+    }
+    if (message.verified !== false) {
+      writer.uint32(40).bool(message.verified);
+    }
+    if (message.expiresAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.expiresAt), writer.uint32(50).fork()).join();
+    }
+    if (message.resendAfterSeconds !== 0) {
+      writer.uint32(56).int32(message.resendAfterSeconds);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetOtpStatusResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetOtpStatusResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.state = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.channel = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.messageId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.failureReason = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.verified = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.expiresAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.resendAfterSeconds = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetOtpStatusResponse {
+    return {
+      state: isSet(object.state) ? deliveryStateFromJSON(object.state) : 0,
+      channel: isSet(object.channel) ? channelFromJSON(object.channel) : 0,
+      messageId: isSet(object.messageId)
+        ? globalThis.String(object.messageId)
+        : isSet(object.message_id)
+        ? globalThis.String(object.message_id)
+        : "",
+      failureReason: isSet(object.failureReason)
+        ? globalThis.String(object.failureReason)
+        : isSet(object.failure_reason)
+        ? globalThis.String(object.failure_reason)
+        : "",
+      verified: isSet(object.verified) ? globalThis.Boolean(object.verified) : false,
+      expiresAt: isSet(object.expiresAt)
+        ? fromJsonTimestamp(object.expiresAt)
+        : isSet(object.expires_at)
+        ? fromJsonTimestamp(object.expires_at)
+        : undefined,
+      resendAfterSeconds: isSet(object.resendAfterSeconds)
+        ? globalThis.Number(object.resendAfterSeconds)
+        : isSet(object.resend_after_seconds)
+        ? globalThis.Number(object.resend_after_seconds)
+        : 0,
+    };
+  },
+
+  toJSON(message: GetOtpStatusResponse): unknown {
+    const obj: any = {};
+    if (message.state !== 0) {
+      obj.state = deliveryStateToJSON(message.state);
+    }
+    if (message.channel !== 0) {
+      obj.channel = channelToJSON(message.channel);
+    }
+    if (message.messageId !== "") {
+      obj.messageId = message.messageId;
+    }
+    if (message.failureReason !== "") {
+      obj.failureReason = message.failureReason;
+    }
+    if (message.verified !== false) {
+      obj.verified = message.verified;
+    }
+    if (message.expiresAt !== undefined) {
+      obj.expiresAt = message.expiresAt.toISOString();
+    }
+    if (message.resendAfterSeconds !== 0) {
+      obj.resendAfterSeconds = Math.round(message.resendAfterSeconds);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetOtpStatusResponse>, I>>(base?: I): GetOtpStatusResponse {
+    return GetOtpStatusResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetOtpStatusResponse>, I>>(object: I): GetOtpStatusResponse {
+    const message = createBaseGetOtpStatusResponse();
+    message.state = object.state ?? 0;
+    message.channel = object.channel ?? 0;
+    message.messageId = object.messageId ?? "";
+    message.failureReason = object.failureReason ?? "";
+    message.verified = object.verified ?? false;
+    message.expiresAt = object.expiresAt ?? undefined;
+    message.resendAfterSeconds = object.resendAfterSeconds ?? 0;
+    return message;
+  },
+};
+
 /**
  * OtpService proves that a user owns a phone number: it sends a one-time code
  * to the number over WhatsApp and checks the code the user types back.
@@ -605,6 +1005,7 @@ export const VerifyOtpResponse: MessageFns<VerifyOtpResponse> = {
  *                       and so does a google.rpc.BadRequest detail.
  *   UNAUTHENTICATED     no valid caller token.
  *   PERMISSION_DENIED   codes are not sent to this number's country.
+ *   NOT_FOUND           GetOtpStatus: no code of the number is alive.
  *   RESOURCE_EXHAUSTED  a limit was hit; a google.rpc.RetryInfo detail says
  *                       how long to wait.
  *   FAILED_PRECONDITION the delivery provider refused the message for a reason
@@ -620,6 +1021,12 @@ export const OtpServiceService = {
    * who types the first code they received still gets in. A SendOtp that
    * fails, with any status, leaves nothing behind: its code never verifies and
    * it counts against no limit.
+   *
+   * With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+   * key and number, while the first code lives, answers what the first call
+   * answered and sends nothing (a repeat that arrives while the first call is
+   * still running waits for its answer). So a caller that got UNAVAILABLE or
+   * DEADLINE_EXCEEDED retries with the same key.
    */
   sendOtp: {
     path: "/otp.v1.OtpService/SendOtp" as const,
@@ -647,6 +1054,23 @@ export const OtpServiceService = {
     responseSerialize: (value: VerifyOtpResponse): Buffer => Buffer.from(VerifyOtpResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): VerifyOtpResponse => VerifyOtpResponse.decode(value),
   },
+  /**
+   * GetOtpStatus says what became of the number's latest code: how far
+   * WhatsApp delivered it (from the delivery provider's reports), whether it
+   * was verified, when it expires and when a new one may be sent. It never
+   * carries a code. NOT_FOUND when no code of the number is alive (none was
+   * sent, or it expired).
+   */
+  getOtpStatus: {
+    path: "/otp.v1.OtpService/GetOtpStatus" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetOtpStatusRequest): Buffer => Buffer.from(GetOtpStatusRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetOtpStatusRequest => GetOtpStatusRequest.decode(value),
+    responseSerialize: (value: GetOtpStatusResponse): Buffer =>
+      Buffer.from(GetOtpStatusResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetOtpStatusResponse => GetOtpStatusResponse.decode(value),
+  },
 } as const;
 
 export interface OtpServiceServer extends UntypedServiceImplementation {
@@ -656,6 +1080,12 @@ export interface OtpServiceServer extends UntypedServiceImplementation {
    * who types the first code they received still gets in. A SendOtp that
    * fails, with any status, leaves nothing behind: its code never verifies and
    * it counts against no limit.
+   *
+   * With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+   * key and number, while the first code lives, answers what the first call
+   * answered and sends nothing (a repeat that arrives while the first call is
+   * still running waits for its answer). So a caller that got UNAVAILABLE or
+   * DEADLINE_EXCEEDED retries with the same key.
    */
   sendOtp: handleUnaryCall<SendOtpRequest, SendOtpResponse>;
   /**
@@ -667,6 +1097,14 @@ export interface OtpServiceServer extends UntypedServiceImplementation {
    * NO_ACTIVE_CODE or TOO_MANY_ATTEMPTS needs a new code.
    */
   verifyOtp: handleUnaryCall<VerifyOtpRequest, VerifyOtpResponse>;
+  /**
+   * GetOtpStatus says what became of the number's latest code: how far
+   * WhatsApp delivered it (from the delivery provider's reports), whether it
+   * was verified, when it expires and when a new one may be sent. It never
+   * carries a code. NOT_FOUND when no code of the number is alive (none was
+   * sent, or it expired).
+   */
+  getOtpStatus: handleUnaryCall<GetOtpStatusRequest, GetOtpStatusResponse>;
 }
 
 export interface OtpServiceClient extends Client {
@@ -676,6 +1114,12 @@ export interface OtpServiceClient extends Client {
    * who types the first code they received still gets in. A SendOtp that
    * fails, with any status, leaves nothing behind: its code never verifies and
    * it counts against no limit.
+   *
+   * With an idempotency_key, SendOtp is safe to retry: a repeat with the same
+   * key and number, while the first code lives, answers what the first call
+   * answered and sends nothing (a repeat that arrives while the first call is
+   * still running waits for its answer). So a caller that got UNAVAILABLE or
+   * DEADLINE_EXCEEDED retries with the same key.
    */
   sendOtp(
     request: SendOtpRequest,
@@ -714,6 +1158,28 @@ export interface OtpServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: VerifyOtpResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * GetOtpStatus says what became of the number's latest code: how far
+   * WhatsApp delivered it (from the delivery provider's reports), whether it
+   * was verified, when it expires and when a new one may be sent. It never
+   * carries a code. NOT_FOUND when no code of the number is alive (none was
+   * sent, or it expired).
+   */
+  getOtpStatus(
+    request: GetOtpStatusRequest,
+    callback: (error: ServiceError | null, response: GetOtpStatusResponse) => void,
+  ): ClientUnaryCall;
+  getOtpStatus(
+    request: GetOtpStatusRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetOtpStatusResponse) => void,
+  ): ClientUnaryCall;
+  getOtpStatus(
+    request: GetOtpStatusRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetOtpStatusResponse) => void,
   ): ClientUnaryCall;
 }
 

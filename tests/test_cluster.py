@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -20,28 +21,61 @@ from otp_service import store
 from otp_service.config import ConfigError, Settings
 from otp_service.embedded_redis import EmbeddedRedis
 from otp_service.redis_backends import cluster_client
-from tests.conftest import PHONE, MakeService, send, status_of, verify, wrong_code
-from tests.fake_interakt import NOT_A_CONTACT, FakeInterakt, refusal
+from tests.conftest import (
+    PHONE,
+    MakeGateway,
+    MakeService,
+    eventually,
+    send,
+    status_of,
+    verify,
+    wrong_code,
+)
+from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
 from tests.redis_deployments import LocalCluster, wait_until
 from tests.test_abuse_limits import OTHER_PHONES
+from tests.test_delivery_status import ACCEPTED, reporting, state_becomes
+from tests.test_idempotency import received, send_with
 
 LUA_SCRIPTS = {name: source for name, source in vars(store).items() if name.endswith("_SCRIPT")}
 
 
+def scripts_run_by(admin: redis.Redis, sha: str) -> Callable[[], Awaitable[bool]]:
+    """A check for ``eventually``: Redis has logged an EVALSHA of script ``sha``."""
+
+    async def check() -> bool:
+        return any(sha in entry["command"].decode() for entry in admin.slowlog_get(10_000))
+
+    return check
+
+
 async def test_each_script_touches_one_hash_slot(
-    make_service: MakeService, interakt: FakeInterakt, private_redis: EmbeddedRedis
+    make_gateway: MakeGateway, interakt: FakeInterakt, private_redis: EmbeddedRedis
 ) -> None:
     """Every script the service runs, as Redis saw it: its keys all hash to one slot."""
     admin = redis.Redis.from_url(private_redis.url)
     admin.config_set("slowlog-log-slower-than", 0)  # log every command, with its arguments
     admin.config_set("slowlog-max-len", 10_000)
-    stub = await make_service(redis_url=private_redis.url, resend_cooldown_seconds=0)
-    await send(stub)
+    gateway = reporting(
+        await make_gateway(redis_url=private_redis.url, resend_cooldown_seconds=0), interakt
+    )
+    stub = gateway.stub
+    await send(stub)  # stores, counts, and records what Interakt accepted
+    assert await interakt.report(interakt.queued[-1], "delivered") == 200
+    await state_becomes(stub, otp_pb2.DELIVERY_STATE_DELIVERED)  # a report, and the status
     await verify(stub, wrong_code(interakt.received[0].code))
     await verify(stub, interakt.received[0].code)
     interakt.answer(refusal(NOT_A_CONTACT))  # a failed send: its code and count are undone
     with pytest.raises(Exception, match=NOT_A_CONTACT):
         await send(stub)
+    hold = asyncio.Event()  # a repeat of a send still running asks for the first one's answer
+    interakt.answer(Answer(200, ACCEPTED, hold=hold))
+    first = asyncio.ensure_future(send_with(stub, "key-1"))
+    await eventually(received(interakt, 3))
+    repeat = asyncio.ensure_future(send_with(stub, "key-1"))
+    await eventually(scripts_run_by(admin, _sha1(store._FIRST_ANSWER_SCRIPT)))
+    hold.set()
+    assert await repeat == await first
 
     ran: dict[str, set[frozenset[int]]] = {}
     for entry in admin.slowlog_get(10_000):

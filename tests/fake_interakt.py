@@ -61,6 +61,13 @@ def refusal(message: str, status: int = 400) -> Answer:
     return Answer(status, {"result": False, "message": message})
 
 
+def accepted(message_id: str, *, delay: float = 0.0) -> Answer:
+    """Interakt's acceptance of a message, ``delay`` seconds late. (An Answer without a body
+    answers JSON ``null``, which the service counts as a failed upstream.)"""
+    body = {"result": True, "message": "Message queued for sending", "id": message_id}
+    return Answer(200, body, delay=delay)
+
+
 @dataclass
 class Received:
     """A request as the fake saw it, and when (``time.monotonic()``, the tests' clock too)."""

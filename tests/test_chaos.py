@@ -42,7 +42,14 @@ from tests.conftest import (
     verify,
     wrong_code,
 )
-from tests.fake_interakt import API_KEY, NOT_A_CONTACT, RATE_LIMITED, Answer, FakeInterakt
+from tests.fake_interakt import (
+    API_KEY,
+    NOT_A_CONTACT,
+    RATE_LIMITED,
+    Answer,
+    FakeInterakt,
+    accepted,
+)
 from tests.redis_proxy import RedisProxy
 
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
@@ -436,7 +443,8 @@ async def test_sigkill_during_a_burst_of_sends_loses_no_code_a_caller_was_told_w
     start_replica: Callable[..., Awaitable[Replica]], interakt: FakeInterakt
 ) -> None:
     replica = await start_replica()
-    interakt.answer(*[Answer(delay=0.02 * (i % 10)) for i in range(400)])  # spread the answers
+    # Accepted, but spread over 0.2 s, so sends are at every stage when the kill comes.
+    interakt.answer(*[accepted(f"burst-{i}", delay=0.02 * (i % 10)) for i in range(400)])
     phones = numbers(3_700_000, 400)
     told_sent: list[str] = []
 

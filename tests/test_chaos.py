@@ -51,6 +51,7 @@ from tests.fake_interakt import (
     accepted,
 )
 from tests.redis_proxy import RedisProxy
+from tests.test_error_details import error_info
 
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
 CALLER_SENDS = f"otp:{{senders}}:caller-sends:{CALLER}"
@@ -315,21 +316,71 @@ async def half_answering_interakt() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-INTERAKT_FAULTS: dict[str, tuple[Callable[[], Answer] | None, grpc.StatusCode]] = {
-    "slow": (lambda: Answer(delay=5), UNAVAILABLE),
-    "failing": (lambda: Answer(503, {"result": False, "message": "down"}), UNAVAILABLE),
+# Each fault: the answer Interakt gives every request (None: the half-answering one above), and
+# what each send it fails must be answered: its status, ErrorInfo reason, and the words of its
+# message that name the fault (so an answer from the circuit breaker is not taken for it).
+INTERAKT_FAULTS: dict[str, tuple[Callable[[], Answer] | None, grpc.StatusCode, str, str]] = {
+    "slow": (
+        lambda: accepted("too-late", delay=5),
+        UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+        "(timed out)",
+    ),
+    "failing": (
+        lambda: Answer(503, {"result": False, "message": "down"}),
+        UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+        "(HTTP 503)",
+    ),
     "refusing": (
         lambda: Answer(400, {"result": False, "message": NOT_A_CONTACT}),
         grpc.StatusCode.FAILED_PRECONDITION,
+        "RECIPIENT_NOT_A_CONTACT",
+        NOT_A_CONTACT,
     ),
     "rate-limiting": (
         lambda: Answer(
             429, {"result": False, "message": RATE_LIMITED}, headers={"Retry-After": "60"}
         ),
         UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+        "(rate limited)",
     ),
-    "closing mid-response": (None, UNAVAILABLE),
+    "closing mid-response": (None, UNAVAILABLE, "PROVIDER_UNAVAILABLE", "(ClientPayloadError)"),
 }
+# Budgets out of the way of a storm of sends.
+STORM_BUDGETS = {"caller_sends_per_minute": 100_000, "interakt_sends_per_minute": 100_000}
+
+
+async def failed_send(call: Awaitable[object]) -> tuple[grpc.StatusCode, str, str]:
+    """How a send failed: its status, ErrorInfo reason and message."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error_info(error).reason, error.details() or ""
+    raise AssertionError("the send succeeded")
+
+
+async def send_storm(
+    stub: otp_pb2_grpc.OtpServiceStub, phones: list[str]
+) -> dict[str, tuple[grpc.StatusCode, str, str]]:
+    """Send to every number at once; how each number's send failed."""
+    requests = [otp_pb2.SendOtpRequest(phone_number=p) for p in phones]
+    failures = await asyncio.gather(
+        *(failed_send(stub.SendOtp(r, timeout=CALLER_DEADLINE)) for r in requests)
+    )
+    return dict(zip(phones, failures, strict=True))
+
+
+def nothing_left(db: redis.Redis) -> Callable[[], Awaitable[bool]]:
+    """Whether no code is stored and no send counted against the budgets."""
+
+    async def check() -> bool:
+        return not db.keys("otp:*:c") and not any(
+            db.zcard(key) for key in (CALLER_SENDS, ACCOUNT_SENDS)
+        )
+
+    return check
 
 
 @pytest.mark.chaos
@@ -341,29 +392,45 @@ async def test_interakt_faults_leave_no_usable_code(
     half_answering_interakt: str,
     redis_db: redis.Redis,
 ) -> None:
-    answer, status = INTERAKT_FAULTS[fault]
+    """Each send meets the fault itself: the circuit breaker, which would answer most of them
+    once Interakt has failed a few times in a row, is out of the way (the next test has it)."""
+    answer, status, reason, named = INTERAKT_FAULTS[fault]
     base_url = interakt.base_url if answer is not None else half_answering_interakt
     stub = await make_service(
         interakt_base_url=base_url,
         interakt_timeout_seconds=1.0,
-        caller_sends_per_minute=100_000,
-        interakt_sends_per_minute=100_000,
+        breaker_failures=1_000,  # more than the storm's 60 requests
+        **STORM_BUDGETS,
     )
-    phones = numbers(3_600_000, 20)
     if answer is not None:
         interakt.answer(*[answer() for _ in range(200)])  # enough for every retry
-    requests = [otp_pb2.SendOtpRequest(phone_number=p) for p in phones]
-    statuses = await asyncio.gather(
-        *(status_of(stub.SendOtp(r, timeout=CALLER_DEADLINE)) for r in requests)
-    )
-    assert set(statuses) == {status}  # within the delivery budget, never the caller's deadline
+    failures = await send_storm(stub, numbers(3_600_000, 20))
+    # Within the delivery budget, never the caller's deadline.
+    assert {(code, why) for code, why, _ in failures.values()} == {(status, reason)}
+    assert all(named in message for _, _, message in failures.values()), failures
+    await eventually(nothing_left(redis_db))
 
-    async def nothing_left() -> bool:
-        return not redis_db.keys("otp:*:c") and not any(
-            redis_db.zcard(key) for key in (CALLER_SENDS, ACCOUNT_SENDS)
-        )
 
-    await eventually(nothing_left)
+@pytest.mark.chaos
+async def test_the_breaker_opening_mid_storm_leaves_no_usable_code(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    """Interakt failing under a storm of sends, the breaker at its defaults: it opens after a
+    few failures, and refuses the retries of sends whose code is already stored: those are
+    withdrawn like any failed send."""
+    stub = await make_service(interakt_timeout_seconds=1.0, **STORM_BUDGETS)
+    interakt.answer(*[Answer(503, {"result": False, "message": "down"}) for _ in range(200)])
+    failures = await send_storm(stub, numbers(3_650_000, 20))
+    assert {code for code, _, _ in failures.values()} == {UNAVAILABLE}
+    assert {why for _, why, _ in failures.values()} <= {
+        "PROVIDER_CIRCUIT_OPEN",
+        "PROVIDER_UNAVAILABLE",
+    }
+    assert len(interakt.received) < 3 * len(failures)  # the breaker spared Interakt retries
+    # Sends that reached Interakt had stored their code; some were then refused by the breaker.
+    reached = {m.body["countryCode"] + m.body["phoneNumber"] for m in interakt.received}
+    assert any(failures[phone][1] == "PROVIDER_CIRCUIT_OPEN" for phone in reached), failures
+    await eventually(nothing_left(redis_db))
 
 
 # --- the service itself --------------------------------------------------------------------

@@ -61,11 +61,11 @@ def refusal(message: str, status: int = 400) -> Answer:
     return Answer(status, {"result": False, "message": message})
 
 
-def accepted(message_id: str, *, delay: float = 0.0) -> Answer:
-    """Interakt's acceptance of a message, ``delay`` seconds late. (An Answer without a body
-    answers JSON ``null``, which the service counts as a failed upstream.)"""
+def accepted(message_id: str, *, delay: float = 0.0, hold: asyncio.Event | None = None) -> Answer:
+    """Interakt's acceptance of a message, late as ``delay`` and ``hold`` say. (An Answer
+    without a body answers JSON ``null``, which the service counts as a failed upstream.)"""
     body = {"result": True, "message": "Message queued for sending", "id": message_id}
-    return Answer(200, body, delay=delay)
+    return Answer(200, body, delay=delay, hold=hold)
 
 
 @dataclass

@@ -20,12 +20,14 @@ from tests.conftest import (
     scrape,
     send,
 )
-from tests.fake_interakt import RATE_LIMITED, Answer, FakeInterakt, refusal
+from tests.fake_interakt import RATE_LIMITED, Answer, FakeInterakt, accepted, refusal
 from tests.test_error_details import error_info
+
+# The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
+pytestmark = pytest.mark.redis_backends
 
 OTHER_PHONES = ["+917003848502", "+917003848503", "+917003848504", "+917003848505"]
 FAILING = Answer(503, None)
-ACCEPTED = {"result": True, "message": "Message queued for sending", "id": "msg-trial"}
 
 
 async def send_fails(stub: otp_pb2_grpc.OtpServiceStub, phone: str) -> grpc.aio.AioRpcError:
@@ -89,7 +91,7 @@ async def test_after_the_cooloff_one_trial_goes_through_and_closes_it(
     gateway = await make_gateway(breaker_failures=3, breaker_cooloff_seconds=0.5)
     await open_circuit(gateway.stub, interakt)
     hold = asyncio.Event()
-    interakt.answer(Answer(200, ACCEPTED, hold=hold))
+    interakt.answer(accepted("msg-trial", hold=hold))
 
     async def send_once_allowed() -> otp_pb2.SendOtpResponse:
         while True:

@@ -31,10 +31,10 @@ from tests.conftest import (
     verify,
     wrong_code,
 )
-from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
+from tests.fake_interakt import NOT_A_CONTACT, FakeInterakt, accepted, refusal
 from tests.redis_deployments import LocalCluster, wait_until
 from tests.test_abuse_limits import OTHER_PHONES
-from tests.test_delivery_status import ACCEPTED, reporting, state_becomes
+from tests.test_delivery_status import reporting, state_becomes
 from tests.test_idempotency import received, send_with
 
 LUA_SCRIPTS = {name: source for name, source in vars(store).items() if name.endswith("_SCRIPT")}
@@ -69,7 +69,7 @@ async def test_each_script_touches_one_hash_slot(
     with pytest.raises(Exception, match=NOT_A_CONTACT):
         await send(stub)
     hold = asyncio.Event()  # a repeat of a send still running asks for the first one's answer
-    interakt.answer(Answer(200, ACCEPTED, hold=hold))
+    interakt.answer(accepted("msg-held", hold=hold))
     first = asyncio.ensure_future(send_with(stub, "key-1"))
     await eventually(received(interakt, 3))
     repeat = asyncio.ensure_future(send_with(stub, "key-1"))

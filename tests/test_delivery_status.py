@@ -1,5 +1,6 @@
 """Interakt's delivery reports (POST /webhooks/interakt) and GetOtpStatus, through the running
-server: the fake Interakt posts the reports as Interakt does, signed."""
+server: the fake Interakt posts the reports as Interakt does, signed. What happens while Redis
+cannot answer is in tests/test_delivery_redis_faults.py."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import random
-import signal
-from collections.abc import Callable
 
 import aiohttp
 import grpc
@@ -18,10 +16,8 @@ import pytest
 import redis
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from otp_service.embedded_redis import EmbeddedRedis
 from otp_service.gateway._webhooks import MAX_REPORT_BYTES
 from tests.conftest import (
-    PATIENCE_SECONDS,
     PHONE,
     WEBHOOK_SECRET,
     Gateway,
@@ -34,11 +30,13 @@ from tests.conftest import (
     send,
     verify,
 )
-from tests.fake_interakt import Answer, FakeInterakt, Queued, refusal, report_body, sign
+from tests.fake_interakt import FakeInterakt, Queued, refusal, report_body, sign
 from tests.test_no_leaks import everything_in
 
+# The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
+pytestmark = pytest.mark.redis_backends
+
 STATUS = "/api/v1/auth/otp-status"
-ACCEPTED = {"result": True, "message": "Message queued for sending", "id": "msg-held"}
 
 
 async def status(
@@ -409,142 +407,7 @@ async def test_a_report_over_the_size_limit_is_413(
     assert await interakt.post_report(body) == 413
 
 
-# --- the webhook: answered within Interakt's limit, nothing lost --------------------------------
-
-
-def pause(server: EmbeddedRedis) -> Callable[[], None]:
-    """Stop the redis-server process (SIGSTOP): every command waits, however long. Returns what
-    resumes it. (CLIENT PAUSE ALL cannot be ended early: it holds CLIENT UNPAUSE too.)"""
-    os.kill(server.pid, signal.SIGSTOP)
-    return lambda: os.kill(server.pid, signal.SIGCONT)
-
-
-@pytest.fixture
-async def paused_gateway(
-    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
-) -> tuple[Gateway, EmbeddedRedis]:
-    gateway = await make_gateway(redis_url=private_redis.url, shutdown_grace_seconds=30.0)
-    return reporting(gateway, interakt), private_redis
-
-
-async def test_reports_are_answered_while_redis_is_stopped_and_applied_once_it_is_back(
-    paused_gateway: tuple[Gateway, EmbeddedRedis], interakt: FakeInterakt
-) -> None:
-    gateway, server = paused_gateway
-    message = await sent_message(gateway, interakt)
-    resume = pause(server)
-    try:
-        # Answered while Redis cannot answer anything: the report waits in the queue.
-        async with asyncio.timeout(PATIENCE_SECONDS):
-            assert await interakt.report(message, "delivered") == 200
-            assert await interakt.report(message, "sent") == 200
-    finally:
-        resume()
-    await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_DELIVERED)
-
-
-async def test_a_send_whose_record_redis_did_not_take_is_answered_and_recorded_later(
-    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
-) -> None:
-    """Interakt took the message, then Redis hung: the caller still gets its answer (the code
-    is in Redis and on its way), and the message id is recorded once Redis is back."""
-    gateway = await make_gateway(redis_url=private_redis.url, redis_timeout_seconds=0.3)
-    hold = asyncio.Event()
-    interakt.answer(Answer(200, ACCEPTED, hold=hold))
-    sending = asyncio.ensure_future(
-        gateway.stub.SendOtp(
-            otp_pb2.SendOtpRequest(phone_number=PHONE, idempotency_key="key-1"), timeout=30
-        )
-    )
-
-    async def at_interakt() -> bool:
-        return len(interakt.received) == 1
-
-    await eventually(at_interakt)
-    resume = pause(private_redis)
-    try:
-        hold.set()
-        sent = await sending
-    finally:
-        resume()
-    assert sent.message_id == "msg-held"
-
-    async def recorded() -> bool:
-        return (await status(gateway.stub)).message_id == "msg-held"
-
-    await eventually(recorded)
-    # And the key's first answer was recorded too: a repeat gets it.
-    again = otp_pb2.SendOtpRequest(phone_number=PHONE, idempotency_key="key-1")
-    assert await gateway.stub.SendOtp(again, timeout=10) == sent
-    assert len(interakt.received) == 1
-
-
-async def test_shutdown_drains_the_reports_waiting_for_redis(
-    paused_gateway: tuple[Gateway, EmbeddedRedis], interakt: FakeInterakt
-) -> None:
-    gateway, server = paused_gateway
-    message = await sent_message(gateway, interakt)
-    resume = pause(server)
-    try:
-        assert await interakt.report(message, "read") == 200
-        closing = asyncio.create_task(gateway.http.close())
-
-        async def stopped_listening() -> bool:
-            try:
-                await interakt.report(message, "read")
-            except aiohttp.ClientConnectionError:
-                return True
-            return False
-
-        await eventually(stopped_listening)
-        # Requests are done with; the report still waits for Redis rather than being dropped.
-        assert not closing.done()
-    finally:
-        resume()
-    await closing
-    db = redis.Redis.from_url(server.url)
-    assert db.hget(f"otp:{{{PHONE}}}:d", "st") == str(otp_pb2.DELIVERY_STATE_READ).encode()
-    db.close()
-
-
-async def test_reports_redis_never_took_before_shutdown_are_logged_as_lost(
-    make_gateway: MakeGateway,
-    private_redis: EmbeddedRedis,
-    interakt: FakeInterakt,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    gateway = await make_gateway(redis_url=private_redis.url, shutdown_grace_seconds=0.5)
-    reporting(gateway, interakt)
-    message = await sent_message(gateway, interakt)
-    resume = pause(private_redis)
-    try:
-        assert await interakt.report(message, "read") == 200
-        assert await interakt.report(message, "delivered") == 200
-        await gateway.http.close()
-    finally:
-        resume()
-    [lost] = [r for r in caplog.records if getattr(r, "event", "") == "delivery_reports_lost"]
-    assert lost.levelname == "ERROR"
-    assert lost.count == 2  # type: ignore[attr-defined]
-
-
-async def test_a_full_queue_answers_503_so_interakt_sends_it_again(
-    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
-) -> None:
-    gateway = await make_gateway(redis_url=private_redis.url, webhook_capacity=2)
-    reporting(gateway, interakt)
-    message = await sent_message(gateway, interakt)
-    resume = pause(private_redis)
-    try:
-        # Eight workers take one each, then two wait in the queue; the next is refused.
-        answers = [await interakt.report(message, "sent") for _ in range(8 + 2)]
-        assert answers == [200] * 10
-        assert await interakt.report(message, "read") == 503
-    finally:
-        resume()
-    await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_SENT)
-    assert await interakt.report(message, "read") == 200  # Interakt's redelivery
-    await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_READ)
+# --- the webhook: a storm -------------------------------------------------------------------
 
 
 async def test_a_storm_of_reports_is_answered_and_every_one_applied(

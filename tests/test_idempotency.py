@@ -21,12 +21,14 @@ from tests.conftest import (
     redis_snapshot,
     verify,
 )
-from tests.fake_interakt import Answer, FakeInterakt, refusal
+from tests.fake_interakt import Answer, FakeInterakt, accepted, refusal
 from tests.test_abuse_limits import redis_calls, round_trips_since
 from tests.test_error_details import details, error_info, kinds, refused
 
+# The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
+pytestmark = pytest.mark.redis_backends
+
 OTHER_PHONE = "+917003848502"
-ACCEPTED = {"result": True, "message": "Message queued for sending", "id": "msg-held"}
 
 
 def received(interakt: FakeInterakt, count: int) -> Callable[[], Awaitable[bool]]:
@@ -123,7 +125,7 @@ async def test_concurrent_repeats_send_exactly_once_and_all_get_its_answer(
 ) -> None:
     stub = await make_service()
     hold = asyncio.Event()
-    interakt.answer(Answer(200, ACCEPTED, hold=hold))
+    interakt.answer(accepted("msg-held", hold=hold))
     running = scripts_run(redis_db, 10 + 1)
     calls = [asyncio.ensure_future(send_with(stub, "key-1")) for _ in range(10)]
     # All ten have reached Redis (the first has also counted its send) while the first is
@@ -142,7 +144,7 @@ async def test_a_repeat_waits_within_its_own_deadline_then_retries_get_the_answe
 ) -> None:
     stub = await make_service()
     hold = asyncio.Event()
-    interakt.answer(Answer(200, ACCEPTED, hold=hold))
+    interakt.answer(accepted("msg-held", hold=hold))
     first = asyncio.ensure_future(send_with(stub, "key-1"))
     await eventually(received(interakt, 1))
     with pytest.raises(grpc.aio.AioRpcError) as waited:

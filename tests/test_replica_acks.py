@@ -17,9 +17,11 @@ import grpc
 import pytest
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from tests.conftest import PHONE, MakeService, send, verify, wrong_code
-from tests.fake_interakt import FakeInterakt
+from tests.conftest import PHONE, MakeService, eventually, send, verify, wrong_code
+from tests.fake_interakt import FakeInterakt, accepted
 from tests.redis_deployments import RedisProcess, wait_until
+from tests.redis_proxy import RedisProxy
+from tests.test_idempotency import received, send_with
 
 CODES = f"otp:{{{PHONE}}}:c"
 
@@ -33,6 +35,17 @@ def primary_and_replica() -> Iterator[tuple[RedisProcess, RedisProcess]]:
     yield primary, replica
     replica.close()
     primary.close()
+
+
+async def in_sync(replica: RedisProcess) -> None:
+    """Wait until ``replica`` is in sync with its primary (in a thread: the replication link
+    may go through a proxy on this event loop)."""
+
+    def synced() -> bool:
+        with replica.client() as client:
+            return bool(client.info("replication")["master_link_status"] == "up")
+
+    await asyncio.to_thread(wait_until, synced, "sync")
 
 
 @dataclass
@@ -102,3 +115,72 @@ async def test_without_the_replica_a_verify_is_unavailable_and_the_code_stays_us
         wait_until(lambda: client.info("replication")["master_link_status"] == "up", "sync")
     await send(stub, "+917003848502")
     assert (await verify(stub, interakt.received[-1].code, "+917003848502")).verified
+
+
+async def test_an_idempotent_send_answered_before_a_failover_is_answered_the_same_after(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    """What a send's caller was told (its message id, the answer repeats of its key get) is
+    recorded until a replica confirms it, so a failover cannot lose it: a repeat after one gets
+    that answer, and nothing is sent twice.
+
+    The replica gets its primary's writes through a proxy that then drops them, as a replica
+    that falls behind would: it holds the send's code (confirmed before the message went out),
+    not Interakt's answer. The primary is lost, the replica promoted, and REDIS_URL (a proxy,
+    as a DNS name would) moved to it.
+    """
+    primary = RedisProcess().start()
+    link = await RedisProxy(primary.port).start()  # the replication link
+    replica = RedisProcess("--replicaof", "127.0.0.1", str(link.port)).start()
+    newcomer = RedisProcess()
+    service_link = await RedisProxy(primary.port).start()  # REDIS_URL
+    try:
+        await in_sync(replica)
+        stub = await make_service(
+            redis_url=service_link.url,
+            redis_replica_acks=1,
+            redis_timeout_seconds=0.5,
+            interakt_timeout_seconds=1.0,
+        )
+        hold = asyncio.Event()
+        interakt.answer(accepted("msg-1", hold=hold))
+        first = asyncio.ensure_future(send_with(stub, "key-1"))
+        await eventually(received(interakt, 1))  # the code is stored, and on the replica
+        link.drop()  # from now on the replica gets nothing
+        hold.set()
+        answer = await first  # the message is on its way: the caller is told so
+        assert answer.message_id == "msg-1"
+
+        await asyncio.to_thread(primary.stop, signal.SIGKILL)
+        with replica.client() as client:
+            client.execute_command("REPLICAOF", "NO", "ONE")
+            [claim] = client.keys(f"otp:{{{PHONE}}}:k:*")
+            assert client.hget(claim, "done") is None  # the failover lost the answer
+        service_link.redis_port = replica.port
+        service_link.cut()
+        # The new primary gets a replica of its own, so writes can be confirmed again.
+        await asyncio.to_thread(newcomer.start)
+        with newcomer.client() as client:
+            client.execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
+        await in_sync(newcomer)
+
+        # The caller repeats, as the clients do while the answer is UNAVAILABLE (connections
+        # the cut left are found dead one call at a time).
+        repeats: list[otp_pb2.SendOtpResponse] = []
+
+        async def repeated() -> bool:
+            try:
+                repeats.append(await send_with(stub, "key-1"))
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            return bool(repeats)
+
+        await eventually(repeated)
+        assert repeats == [answer]
+        assert len(interakt.received) == 1
+    finally:
+        for node in (newcomer, replica, primary):
+            node.close()
+        await link.close()
+        await service_link.close()

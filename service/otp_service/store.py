@@ -52,7 +52,8 @@ unanswered it leaves a tombstone; the scripts that store and count a send do not
 withdrawn one, so the order in which Redis sees them does not matter.
 
 A send that Interakt accepted is recorded (``Store.record_sent``: its message id, and the answer
-an idempotent repeat gets), in the background until Redis has done it, like a withdrawal.
+an idempotent repeat gets), in the background until Redis has done it (with replica acks,
+until the replicas hold it), like a withdrawal.
 Interakt's delivery reports then move the record's state forward (``Store.report_delivery``).
 """
 
@@ -313,19 +314,23 @@ return 1
 # KEYS[1] delivery record, KEYS[2] the record it replaced, KEYS[3] the idempotency key's record
 # (only for a send with a key)
 # ARGV[1] send id, ARGV[2] channel, ARGV[3] Interakt's message id ("" when none)
-# Returns 1. Records a send that Interakt accepted: the record it replaced is no longer needed,
-# and the key's first answer is complete, for repeats to get. Running it twice changes nothing;
-# it changes nothing either once a later send replaced the record (or the key).
+# Returns 1 when it recorded the send, 0 when a later send replaced its record and its key
+# (nothing to record). Records a send that Interakt accepted: the record it replaced is no
+# longer needed, and the key's first answer is complete, for repeats to get. Running it again
+# writes the same again (so a replica can be asked to confirm it again) and changes nothing.
 _SENT_SCRIPT = """
+local recorded = 0
 if redis.call('HGET', KEYS[1], 'send') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'ch', ARGV[2])
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'msg', ARGV[3]) end
   redis.call('DEL', KEYS[2])
+  recorded = 1
 end
 if KEYS[3] and redis.call('HGET', KEYS[3], 'send') == ARGV[1] then
   redis.call('HSET', KEYS[3], 'ch', ARGV[2], 'msg', ARGV[3], 'done', 1)
+  recorded = 1
 end
-return 1
+return recorded
 """
 
 # KEYS[1] the idempotency key's record
@@ -433,6 +438,14 @@ _CODE_USED_OR_COUNTED = _Durable(
     lambda reply: reply[0] in (1, 2, 4),
     "storage is unavailable: no replica confirmed this verification in time; it counted as "
     "an attempt (a right code is used up)",
+)
+# What a sent message's caller was told (its message id, the answer repeats of its key get):
+# losing it would have a repeat wait for an answer that never comes, then be refused or sent
+# again. The caller is answered all the same (the message is on its way); the record is made
+# again until a replica confirms it, on whichever node is primary by then.
+_ANSWER_RECORDED = _Durable(
+    lambda reply: reply == 1,
+    "storage is unavailable: no replica confirmed the record of a sent message in time",
 )
 
 
@@ -560,9 +573,10 @@ class Store(Protocol):
         """Record that Interakt accepted send ``send_id``: its message id for the delivery
         record, and the answer of its ``key`` for repeats.
 
-        Done once Redis answers (within its timeout); if it does not, or the call is cancelled,
-        it goes on in the background until Redis has done it (at most one code TTL). Never
-        raises StoreUnavailable: the message went out all the same.
+        Done once Redis answers (within its timeout; with replica acks, once the replicas hold
+        it); if it does not, or the call is cancelled, it goes on in the background until Redis
+        has done it (at most one code TTL). Never raises StoreUnavailable: the message went out
+        all the same.
         """
 
     async def first_answer(self, phone: str, key: str) -> FirstAnswer | Pending | None:
@@ -711,6 +725,9 @@ class RedisStore:
     With ``acks`` (OTP_REDIS_REPLICA_ACKS), a stored code is sent, and a verify that used a
     code or counted an attempt is answered, only once ``acks.replicas`` replicas hold it, so a
     failover cannot lose a code a user was given, nor bring back a used code or a spent attempt.
+    A sent message's record (what repeats of its idempotency key are answered) is made until
+    replicas hold it. Delivery reports, the send budgets and which number a key names are not
+    waited for: docs/scaling.md says what a failover may lose of them.
     """
 
     def __init__(
@@ -726,7 +743,7 @@ class RedisStore:
         )
         self._budget = _Script(client, _BUDGET_SCRIPT)
         self._unbudget = _Script(client, _UNBUDGET_SCRIPT)
-        self._sent = _Script(client, _SENT_SCRIPT)
+        self._sent = _Script(client, _SENT_SCRIPT, acks=acks, durable=_ANSWER_RECORDED)
         self._first = _Script(client, _FIRST_ANSWER_SCRIPT)
         self._report = _Script(client, _REPORT_SCRIPT)
         self._status = _Script(client, _STATUS_SCRIPT)
@@ -900,9 +917,9 @@ class RedisStore:
 
             def gave_up(error: BaseException) -> None:
                 log.error(
-                    "could not record a sent message: its status lacks the message id until "
-                    "Interakt reports on it, and repeats of its idempotency key wait for an "
-                    "answer until the key's claim lapses (%r)",
+                    "could not record a sent message (or no replica confirmed it): its status "
+                    "lacks the message id until Interakt reports on it, and repeats of its "
+                    "idempotency key wait for an answer until the key's claim lapses (%r)",
                     error,
                     extra={"event": "send_record_failed"},
                 )

@@ -15,17 +15,27 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from otp_service.errors import LimitExceeded, StoreUnavailable
+from otp_service.errors import InvalidInput, LimitExceeded, StoreUnavailable
 from otp_service.redis_backends import open_store
-from otp_service.results import VerifyOutcome
-from otp_service.store import RedisStore, Rules, Store
+from otp_service.results import (
+    Channel,
+    Delivery,
+    DeliveryReport,
+    DeliveryState,
+    ReportOutcome,
+    VerifyOutcome,
+)
+from otp_service.store import FirstAnswer, Pending, RedisStore, Rules, Store, Stored
 from tests.conftest import RedisBackend
 
 PHONE = "+917003848501"
+OTHER_PHONE = "+917003848502"
 RIGHT = "a" * 32
 WRONG = "b" * 32
 SEND = "send-1"
 CALLER = "billing"
+KEY = "k" * 32  # an idempotency key's id, as the domain makes it
+LEASE_MS = 60_000
 RULES = Rules(
     ttl_seconds=600,
     max_attempts=5,
@@ -177,3 +187,56 @@ async def test_scripts_are_loaded_again_after_script_flush(
     assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.WRONG_CODE
     redis_db.script_flush()
     assert (await store.verify(PHONE, RIGHT)).verified
+
+
+async def test_an_idempotent_send_answers_its_repeats_once_recorded(
+    make_store: Callable[..., Store],
+) -> None:
+    store = make_store()
+    stored = await store.add_code(PHONE, RIGHT, SEND, key=KEY, lease_ms=LEASE_MS)
+    assert isinstance(stored, Stored)
+    await store.count_caller_send(CALLER, SEND, phone=PHONE, key=KEY)
+    # While the first send runs, a repeat is told so, and stores nothing.
+    assert await store.add_code(PHONE, WRONG, "send-2", key=KEY, lease_ms=LEASE_MS) is (
+        Pending.RUNNING
+    )
+    assert await store.first_answer(PHONE, KEY) is Pending.RUNNING
+    delivery = Delivery(Channel.TEXT, "msg-1")
+    await store.record_sent(SEND, phone=PHONE, delivery=delivery, key=KEY)
+    first = FirstAnswer(stored.expires_at_ms, stored.resend_after_ms, delivery)
+    assert await store.first_answer(PHONE, KEY) == first
+    assert await store.add_code(PHONE, WRONG, "send-2", key=KEY, lease_ms=LEASE_MS) == first
+    # The key names its number while the code lives.
+    with pytest.raises(InvalidInput):
+        await store.count_caller_send(CALLER, "send-3", phone=OTHER_PHONE, key=KEY)
+    assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.WRONG_CODE
+    assert (await store.verify(PHONE, RIGHT)).verified
+
+
+async def test_delivery_reports_move_the_status_forward_only(
+    make_store: Callable[..., Store],
+) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT, SEND)
+    queued = await store.status(PHONE)
+    assert queued is not None
+    assert (queued.state, queued.channel, queued.message_id) == (DeliveryState.QUEUED, None, "")
+    await store.record_sent(SEND, phone=PHONE, delivery=Delivery(Channel.TEXT, "msg-1"))
+
+    def report(state: DeliveryState, message_id: str = "msg-1") -> DeliveryReport:
+        return DeliveryReport(phone=PHONE, message_id=message_id, send_id=SEND, state=state)
+
+    assert await store.report_delivery(report(DeliveryState.DELIVERED)) is ReportOutcome.APPLIED
+    assert await store.report_delivery(report(DeliveryState.SENT)) is ReportOutcome.UNCHANGED
+    assert await store.report_delivery(report(DeliveryState.READ, "msg-0")) is (
+        ReportOutcome.UNKNOWN
+    )
+    status = await store.status(PHONE)
+    assert status is not None
+    assert (status.state, status.channel, status.message_id, status.verified) == (
+        DeliveryState.DELIVERED,
+        Channel.TEXT,
+        "msg-1",
+        False,
+    )
+    assert await store.status(OTHER_PHONE) is None

@@ -6,9 +6,10 @@ the rules themselves run on every deployment (tests/test_delivery_status.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -21,11 +22,15 @@ from tests.fake_interakt import FakeInterakt, accepted
 from tests.test_delivery_status import reporting, sent_message, state_becomes, status
 
 
-def pause(server: EmbeddedRedis) -> Callable[[], None]:
-    """Stop the redis-server process (SIGSTOP): every command waits, however long. Returns what
-    resumes it. (CLIENT PAUSE ALL cannot be ended early: it holds CLIENT UNPAUSE too.)"""
+@contextlib.contextmanager
+def paused(server: EmbeddedRedis) -> Iterator[None]:
+    """The redis-server process stopped (SIGSTOP) inside: every command waits, however long.
+    (CLIENT PAUSE ALL cannot be ended early: it holds CLIENT UNPAUSE too.)"""
     os.kill(server.pid, signal.SIGSTOP)
-    return lambda: os.kill(server.pid, signal.SIGCONT)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
 
 
 @pytest.fixture
@@ -41,14 +46,11 @@ async def test_reports_are_answered_while_redis_is_stopped_and_applied_once_it_i
 ) -> None:
     gateway, server = paused_gateway
     message = await sent_message(gateway, interakt)
-    resume = pause(server)
-    try:
+    with paused(server):
         # Answered while Redis cannot answer anything: the report waits in the queue.
         async with asyncio.timeout(PATIENCE_SECONDS):
             assert await interakt.report(message, "delivered") == 200
             assert await interakt.report(message, "sent") == 200
-    finally:
-        resume()
     await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_DELIVERED)
 
 
@@ -70,12 +72,9 @@ async def test_a_send_whose_record_redis_did_not_take_is_answered_and_recorded_l
         return len(interakt.received) == 1
 
     await eventually(at_interakt)
-    resume = pause(private_redis)
-    try:
+    with paused(private_redis):
         hold.set()
         sent = await sending
-    finally:
-        resume()
     assert sent.message_id == "msg-held"
 
     async def recorded() -> bool:
@@ -93,8 +92,7 @@ async def test_shutdown_drains_the_reports_waiting_for_redis(
 ) -> None:
     gateway, server = paused_gateway
     message = await sent_message(gateway, interakt)
-    resume = pause(server)
-    try:
+    with paused(server):
         assert await interakt.report(message, "read") == 200
         closing = asyncio.create_task(gateway.http.close())
 
@@ -108,8 +106,6 @@ async def test_shutdown_drains_the_reports_waiting_for_redis(
         await eventually(stopped_listening)
         # Requests are done with; the report still waits for Redis rather than being dropped.
         assert not closing.done()
-    finally:
-        resume()
     await closing
     db = redis.Redis.from_url(server.url)
     assert db.hget(f"otp:{{{PHONE}}}:d", "st") == str(otp_pb2.DELIVERY_STATE_READ).encode()
@@ -125,13 +121,10 @@ async def test_reports_redis_never_took_before_shutdown_are_logged_as_lost(
     gateway = await make_gateway(redis_url=private_redis.url, shutdown_grace_seconds=0.5)
     reporting(gateway, interakt)
     message = await sent_message(gateway, interakt)
-    resume = pause(private_redis)
-    try:
+    with paused(private_redis):
         assert await interakt.report(message, "read") == 200
         assert await interakt.report(message, "delivered") == 200
         await gateway.http.close()
-    finally:
-        resume()
     [lost] = [r for r in caplog.records if getattr(r, "event", "") == "delivery_reports_lost"]
     assert lost.levelname == "ERROR"
     assert lost.count == 2  # type: ignore[attr-defined]
@@ -143,14 +136,11 @@ async def test_a_full_queue_answers_503_so_interakt_sends_it_again(
     gateway = await make_gateway(redis_url=private_redis.url, webhook_capacity=2)
     reporting(gateway, interakt)
     message = await sent_message(gateway, interakt)
-    resume = pause(private_redis)
-    try:
+    with paused(private_redis):
         # Eight workers take one each, then two wait in the queue; the next is refused.
         answers = [await interakt.report(message, "sent") for _ in range(8 + 2)]
         assert answers == [200] * 10
         assert await interakt.report(message, "read") == 503
-    finally:
-        resume()
     await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_SENT)
     assert await interakt.report(message, "read") == 200  # Interakt's redelivery
     await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_READ)

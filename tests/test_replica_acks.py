@@ -137,10 +137,7 @@ async def test_an_idempotent_send_answered_before_a_failover_is_answered_the_sam
     try:
         await in_sync(replica)
         stub = await make_service(
-            redis_url=service_link.url,
-            redis_replica_acks=1,
-            redis_timeout_seconds=0.5,
-            interakt_timeout_seconds=1.0,
+            redis_url=service_link.url, redis_replica_acks=1, redis_timeout_seconds=0.5
         )
         hold = asyncio.Event()
         interakt.answer(accepted("msg-1", hold=hold))
@@ -164,6 +161,11 @@ async def test_an_idempotent_send_answered_before_a_failover_is_answered_the_sam
             client.execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
         await in_sync(newcomer)
 
+        async def answer_recorded_again() -> bool:
+            with replica.client() as client:
+                return client.hget(claim, "done") is not None
+
+        await eventually(answer_recorded_again)  # by the service, still trying to record it
         # The caller repeats, as the clients do while the answer is UNAVAILABLE (connections
         # the cut left are found dead one call at a time).
         repeats: list[otp_pb2.SendOtpResponse] = []

@@ -4,7 +4,8 @@ each with an assertion about what was lost. The long ones run in `make chaos` (m
 What every fault must leave, once it is over:
 - every call ended with a right answer or UNAVAILABLE, before its deadline (never a hang);
 - a send answered OK left a code that verifies once; a send that failed left nothing, not even
-  a count against the limits (the withdrawal of tests/test_redis_faults.py, at scale);
+  a count against the limits or a delivery record saying its message is queued (the
+  withdrawal of tests/test_redis_faults.py, at scale);
 - a verify that was answered used the code or counted the attempt exactly as it said; one that
   was UNAVAILABLE may have run, so its code is either used or still usable, nothing else;
 - the service holds no connection it gave up on.
@@ -98,6 +99,13 @@ async def storm(
     return list(await asyncio.gather(*(run_cycle(stub, interakt, p) for p in phones)))
 
 
+def left_by_send(db: redis.Redis, phone: str) -> list[str]:
+    """What the one send to ``phone`` left: its code, its count against the number's limits,
+    its delivery record (a status saying QUEUED), the record it replaced."""
+    keys = [f"otp:{{{phone}}}:{kind}" for kind in ("c", "s", "d", "d:prev")]
+    return [key for key in keys if db.exists(key)]
+
+
 async def assert_nothing_lost(
     cycles: list[Cycle], stub: otp_pb2_grpc.OtpServiceStub, db: redis.Redis
 ) -> None:
@@ -110,10 +118,8 @@ async def assert_nothing_lost(
     failed = [c for c in cycles if c.send != OK]
 
     async def failed_sends_withdrawn() -> bool:
-        return all(
-            not db.exists(f"otp:{{{c.phone}}}:c") and not db.zcard(f"otp:{{{c.phone}}}:s")
-            for c in failed
-        ) and db.zcard(CALLER_SENDS) == db.zcard(ACCOUNT_SENDS) == len(sent)
+        counted = db.zcard(CALLER_SENDS) == db.zcard(ACCOUNT_SENDS) == len(sent)
+        return counted and not any(left_by_send(db, c.phone) for c in failed)
 
     await eventually(failed_sends_withdrawn)
     for cycle in sent:
@@ -373,11 +379,11 @@ async def send_storm(
     return dict(zip(phones, failures, strict=True))
 
 
-def nothing_left(db: redis.Redis) -> Callable[[], Awaitable[bool]]:
-    """Whether no code is stored and no send counted against the budgets."""
+def nothing_left(db: redis.Redis, phones: list[str]) -> Callable[[], Awaitable[bool]]:
+    """Whether the sends to ``phones`` left nothing, and none is counted against the budgets."""
 
     async def check() -> bool:
-        return not db.keys("otp:*:c") and not any(
+        return not any(left_by_send(db, phone) for phone in phones) and not any(
             db.zcard(key) for key in (CALLER_SENDS, ACCOUNT_SENDS)
         )
 
@@ -405,11 +411,12 @@ async def test_interakt_faults_leave_no_usable_code(
     )
     if answer is not None:
         interakt.answer(*[answer() for _ in range(200)])  # enough for every retry
-    failures = await send_storm(stub, numbers(3_600_000, 20))
+    phones = numbers(3_600_000, 20)
+    failures = await send_storm(stub, phones)
     # Within the delivery budget, never the caller's deadline.
     assert {(code, why) for code, why, _ in failures.values()} == {(status, reason)}
     assert all(named in message for _, _, message in failures.values()), failures
-    await eventually(nothing_left(redis_db))
+    await eventually(nothing_left(redis_db, phones))
 
 
 @pytest.mark.chaos
@@ -421,7 +428,8 @@ async def test_the_breaker_opening_mid_storm_leaves_no_usable_code(
     withdrawn like any failed send."""
     stub = await make_service(interakt_timeout_seconds=1.0, **STORM_BUDGETS)
     interakt.answer(*[Answer(503, {"result": False, "message": "down"}) for _ in range(200)])
-    failures = await send_storm(stub, numbers(3_650_000, 20))
+    phones = numbers(3_650_000, 20)
+    failures = await send_storm(stub, phones)
     assert {code for code, _, _ in failures.values()} == {UNAVAILABLE}
     assert {why for _, why, _ in failures.values()} <= {
         "PROVIDER_CIRCUIT_OPEN",
@@ -431,7 +439,7 @@ async def test_the_breaker_opening_mid_storm_leaves_no_usable_code(
     # Sends that reached Interakt had stored their code; some were then refused by the breaker.
     reached = {m.body["countryCode"] + m.body["phoneNumber"] for m in interakt.received}
     assert any(failures[phone][1] == "PROVIDER_CIRCUIT_OPEN" for phone in reached), failures
-    await eventually(nothing_left(redis_db))
+    await eventually(nothing_left(redis_db, phones))
 
 
 # --- the service itself --------------------------------------------------------------------

@@ -20,7 +20,7 @@ from redis.exceptions import DataError, NoPermissionError, NoScriptError, Respon
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otp_service.embedded_redis import EmbeddedRedis
-from otp_service.pipelined_redis import PipelinedRedis
+from otp_service.pipelined_redis import PipelinedRedis, _packer
 from tests.conftest import MakeService, SilentRedis, eventually, verify
 from tests.redis_proxy import RedisProxy
 from tests.test_tls import Authority
@@ -118,6 +118,27 @@ async def test_a_command_that_cannot_be_encoded_fails_alone(client: PipelinedRed
     assert isinstance(results[1], DataError)
     assert results[2] == b"second"
     assert await client.execute_command("ECHO", "third") == b"third"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+async def test_commands_are_sent_as_redis_py_would_send_them(encoding: str) -> None:
+    """Packed by hiredis where it can (the fast path) or by redis-py: the same bytes either way,
+    and what neither can encode is redis-py's DataError."""
+    url = f"redis://127.0.0.1:1/0?encoding={encoding}"
+    connection = ConnectionPool.from_url(url).make_connection()
+    pack = _packer(connection)
+    commands: list[tuple[object, ...]] = [
+        ("EVALSHA", "a" * 40, 2, "otp:{+917003848501}:c", b"raw", -3, 1.5, 2**70, "\u00e9"),
+        ("CLIENT SETNAME", "two-word name"),  # split by redis-py, not sent as one word
+        (b"PING",),
+        ("SET", "k", bytearray(b"v")),  # hiredis refuses a bytearray, redis-py sends it
+        ("SET", "k", memoryview(b"v")),
+    ]
+    for command in commands:
+        assert pack(command) == b"".join(connection.pack_command(*command))
+    for unencodable in (None, True, object()):
+        with pytest.raises(DataError):
+            pack(("SET", "k", unencodable))
 
 
 async def test_unreachable_redis_fails_fast() -> None:

@@ -628,7 +628,7 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             "memory": {
                 "service RSS after warm-up (MiB)": rss_before,
                 f"service RSS after {verifies} more verifies (MiB)": rss_after,
-                "Redis bytes per pending code (MEMORY USAGE, both keys)": code_bytes,
+                "Redis bytes per pending code (MEMORY USAGE, the number's keys)": code_bytes,
             },
             "sizes": sizes,
             "h2load": use_h2load,

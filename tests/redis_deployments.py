@@ -69,6 +69,14 @@ class RedisProcess(EmbeddedRedis):
     def client(self, **options: Any) -> redis.Redis:
         return redis.Redis(port=self.port, password=self.password, socket_timeout=5, **options)
 
+    def wait_in_sync(self) -> None:
+        """Wait until this replica's link to its primary is up (its initial sync done)."""
+        with self.client() as client:
+            wait_until(
+                lambda: client.info("replication")["master_link_status"] == "up",
+                f"replica {self.address} in sync",
+            )
+
 
 class ClusterAdmin(redis.RedisCluster):
     """A test's view of a whole Cluster: key-space and stats commands cover every primary.
@@ -248,11 +256,7 @@ class LocalSentinel:
         for node in [*self.data_nodes, *self.sentinels]:
             node.start()
         for replica in self.replicas:
-            with replica.client() as client:
-                wait_until(
-                    lambda c=client: c.info("replication")["master_link_status"] == "up",  # type: ignore[misc]
-                    f"replica {replica.address} in sync",
-                )
+            replica.wait_in_sync()
         # Sentinels find the replicas and each other through the primary; a failover needs both.
         for sentinel in self.sentinels:
             with sentinel.client() as client:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,8 +19,9 @@ from otp.v1 import otp_pb2
 
 from otp_service.embedded_redis import EmbeddedRedis
 from tests.conftest import PATIENCE_SECONDS, PHONE, Gateway, MakeGateway, eventually
-from tests.fake_interakt import FakeInterakt, accepted
+from tests.fake_interakt import FakeInterakt, Queued, accepted
 from tests.test_delivery_status import reporting, sent_message, state_becomes, status
+from tests.test_idempotency import received
 
 
 @contextlib.contextmanager
@@ -33,20 +35,19 @@ def paused(server: EmbeddedRedis) -> Iterator[None]:
         os.kill(server.pid, signal.SIGCONT)
 
 
-@pytest.fixture
-async def paused_gateway(
-    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
-) -> tuple[Gateway, EmbeddedRedis]:
-    gateway = await make_gateway(redis_url=private_redis.url, shutdown_grace_seconds=30.0)
-    return reporting(gateway, interakt), private_redis
+async def reported_on(
+    make_gateway: MakeGateway, server: EmbeddedRedis, interakt: FakeInterakt, **settings: Any
+) -> tuple[Gateway, Queued]:
+    """A gateway on ``server`` whose reports the fake Interakt posts, and a message it sent."""
+    gateway = reporting(await make_gateway(redis_url=server.url, **settings), interakt)
+    return gateway, await sent_message(gateway, interakt)
 
 
 async def test_reports_are_answered_while_redis_is_stopped_and_applied_once_it_is_back(
-    paused_gateway: tuple[Gateway, EmbeddedRedis], interakt: FakeInterakt
+    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
 ) -> None:
-    gateway, server = paused_gateway
-    message = await sent_message(gateway, interakt)
-    with paused(server):
+    gateway, message = await reported_on(make_gateway, private_redis, interakt)
+    with paused(private_redis):
         # Answered while Redis cannot answer anything: the report waits in the queue.
         async with asyncio.timeout(PATIENCE_SECONDS):
             assert await interakt.report(message, "delivered") == 200
@@ -67,11 +68,7 @@ async def test_a_send_whose_record_redis_did_not_take_is_answered_and_recorded_l
             otp_pb2.SendOtpRequest(phone_number=PHONE, idempotency_key="key-1"), timeout=30
         )
     )
-
-    async def at_interakt() -> bool:
-        return len(interakt.received) == 1
-
-    await eventually(at_interakt)
+    await eventually(received(interakt, 1))
     with paused(private_redis):
         hold.set()
         sent = await sending
@@ -88,11 +85,12 @@ async def test_a_send_whose_record_redis_did_not_take_is_answered_and_recorded_l
 
 
 async def test_shutdown_drains_the_reports_waiting_for_redis(
-    paused_gateway: tuple[Gateway, EmbeddedRedis], interakt: FakeInterakt
+    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
 ) -> None:
-    gateway, server = paused_gateway
-    message = await sent_message(gateway, interakt)
-    with paused(server):
+    gateway, message = await reported_on(
+        make_gateway, private_redis, interakt, shutdown_grace_seconds=30.0
+    )
+    with paused(private_redis):
         assert await interakt.report(message, "read") == 200
         closing = asyncio.create_task(gateway.http.close())
 
@@ -107,7 +105,7 @@ async def test_shutdown_drains_the_reports_waiting_for_redis(
         # Requests are done with; the report still waits for Redis rather than being dropped.
         assert not closing.done()
     await closing
-    db = redis.Redis.from_url(server.url)
+    db = redis.Redis.from_url(private_redis.url)
     assert db.hget(f"otp:{{{PHONE}}}:d", "st") == str(otp_pb2.DELIVERY_STATE_READ).encode()
     db.close()
 
@@ -118,9 +116,9 @@ async def test_reports_redis_never_took_before_shutdown_are_logged_as_lost(
     interakt: FakeInterakt,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    gateway = await make_gateway(redis_url=private_redis.url, shutdown_grace_seconds=0.5)
-    reporting(gateway, interakt)
-    message = await sent_message(gateway, interakt)
+    gateway, message = await reported_on(
+        make_gateway, private_redis, interakt, shutdown_grace_seconds=0.5
+    )
     with paused(private_redis):
         assert await interakt.report(message, "read") == 200
         assert await interakt.report(message, "delivered") == 200
@@ -133,9 +131,7 @@ async def test_reports_redis_never_took_before_shutdown_are_logged_as_lost(
 async def test_a_full_queue_answers_503_so_interakt_sends_it_again(
     make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
 ) -> None:
-    gateway = await make_gateway(redis_url=private_redis.url, webhook_capacity=2)
-    reporting(gateway, interakt)
-    message = await sent_message(gateway, interakt)
+    gateway, message = await reported_on(make_gateway, private_redis, interakt, webhook_capacity=2)
     with paused(private_redis):
         # Eight workers take one each, then two wait in the queue; the next is refused.
         answers = [await interakt.report(message, "sent") for _ in range(8 + 2)]

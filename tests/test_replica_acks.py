@@ -30,8 +30,7 @@ CODES = f"otp:{{{PHONE}}}:c"
 def primary_and_replica() -> Iterator[tuple[RedisProcess, RedisProcess]]:
     primary = RedisProcess().start()
     replica = RedisProcess("--replicaof", "127.0.0.1", str(primary.port)).start()
-    with replica.client() as client:
-        wait_until(lambda: client.info("replication")["master_link_status"] == "up", "sync")
+    replica.wait_in_sync()
     yield primary, replica
     replica.close()
     primary.close()
@@ -40,12 +39,7 @@ def primary_and_replica() -> Iterator[tuple[RedisProcess, RedisProcess]]:
 async def in_sync(replica: RedisProcess) -> None:
     """Wait until ``replica`` is in sync with its primary (in a thread: the replication link
     may go through a proxy on this event loop)."""
-
-    def synced() -> bool:
-        with replica.client() as client:
-            return bool(client.info("replication")["master_link_status"] == "up")
-
-    await asyncio.to_thread(wait_until, synced, "sync")
+    await asyncio.to_thread(replica.wait_in_sync)
 
 
 @dataclass
@@ -111,8 +105,7 @@ async def test_without_the_replica_a_verify_is_unavailable_and_the_code_stays_us
     assert answer.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
 
     await asyncio.to_thread(replica.start)  # the replica is back: verifies are answered again
-    with replica.client() as client:
-        wait_until(lambda: client.info("replication")["master_link_status"] == "up", "sync")
+    await in_sync(replica)
     await send(stub, "+917003848502")
     assert (await verify(stub, interakt.received[-1].code, "+917003848502")).verified
 

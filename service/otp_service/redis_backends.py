@@ -107,7 +107,7 @@ def _sentinel_pools(target: RedisTarget) -> Callable[[], ConnectionPool]:
     # Sentinels are asked in turn; each gets a share of the timeout, connecting to the primary
     # the last share, so a dead sentinel cannot use up a connect's whole budget.
     share = target.timeout / (len(target.sentinels) + 1)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         target.sentinels,
         sentinel_kwargs={
             "password": target.sentinel_password,

@@ -1,28 +1,55 @@
-# One command for each routine job. Everything lives in .venv (Python) and .venv/buf (the buf CLI),
-# the Node client's packages in clients/node/node_modules.
+# One command for each routine job. Every version installed comes from a committed lock:
+# uv.lock for .venv (Python), tools/package-lock.json for the buf CLI, clients/node's for the Node
+# client; requirements-uv.txt pins uv itself, which pip puts in .tools (README "Development").
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-BUF    := $(VENV)/buf/node_modules/.bin/buf
-BUF_VERSION := 1.75.0
+UV     := .tools/bin/uv
+BUF    := tools/node_modules/.bin/buf
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+# Two make commands at once (`make run` beside `make test`) take turns at installing.
+SERIAL := flock .install.lock
+# uv uses this machine's Python and certificates, never a Python of its own.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+export UV_NATIVE_TLS := 1
+export UV_NO_PROGRESS := 1
+UV_SYNC := $(SERIAL) $(UV) sync --locked --quiet
 
-.PHONY: install run test test-clients chaos lint proto proto-check bench clean
+.PHONY: install install-run run test pytest test-clients test-latest upgrade chaos lint proto \
+	proto-check bench clean
 
+# Everything the tests, lint, proto and the clients need.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml clients/node/package-lock.json
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[dev]'
-	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/buf @bufbuild/buf@$(BUF_VERSION)
-	npm ci --silent --no-audit --no-fund --prefix clients/node
+$(UV): requirements-uv.txt
+	$(SERIAL) sh -c 'test $(UV) -nt requirements-uv.txt || $(PYTHON) -m pip install --quiet \
+	  --disable-pip-version-check --root-user-action=ignore --require-hashes --no-deps \
+	  --upgrade --target .tools -r requirements-uv.txt'
 	touch $@
 
-# The dev server, with the test number the client examples use (clients/README.md).
-OTP_TEST_NUMBERS ?= +919999900001:246810
-run: install
-	OTP_TEST_NUMBERS='$(OTP_TEST_NUMBERS)' $(BIN)/otp-service serve --dev
+$(STAMP): $(UV) pyproject.toml uv.lock clients/python/pyproject.toml tools/package-lock.json \
+		clients/node/package-lock.json
+	$(UV_SYNC) --extra dev
+	$(SERIAL) npm ci --silent --no-audit --no-fund --prefix tools
+	$(SERIAL) npm ci --silent --no-audit --no-fund --prefix clients/node
+	touch $@ $(RUN_STAMP)
+
+# What `make run` needs: the service and its runtime dependencies, as locked. --inexact keeps
+# what `make install` added (the dev tools).
+install-run: $(RUN_STAMP)
+
+$(RUN_STAMP): $(UV) pyproject.toml uv.lock clients/python/pyproject.toml
+	$(UV_SYNC) --inexact
+	touch $@
+
+# The dev server, with dev.env's settings: the test number clients/README.md's examples use, and
+# per-number limits that let them run again and again. `make run NAME=value` changes one.
+include dev.env
+DEV_SETTINGS := $(shell sed -n 's/^\([A-Z_]*\)=.*/\1/p' dev.env)
+run: install-run
+	$(foreach name,$(DEV_SETTINGS),$(name)='$($(name))') $(BIN)/otp-service serve --dev
 
 # What is generated from proto/: buf.gen.yaml's Python, TypeScript and Go, and the descriptor set.
 GENERATED := clients/python/src/otp clients/node/src/gen clients/go/otp proto/otp.binpb
@@ -48,6 +75,7 @@ proto-check: install
 	  if [ $$stale = 0 ]; then echo "generated code is fresh"; \
 	  else echo "generated code is stale: run 'make proto' and commit"; exit 1; fi
 
+# BIN names the environment lint and the suite run in: .venv, or test-latest's throwaway one.
 lint: install
 	$(BIN)/ruff check service tests bench clients/python clients/run_contract.py proto
 	$(BIN)/ruff format --check service tests bench clients/python clients/run_contract.py proto
@@ -56,15 +84,34 @@ lint: install
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
-test: install lint proto-check
+pytest: install
 	$(BIN)/python -m pytest
+
+test: install lint proto-check pytest
 	$(MAKE) --no-print-directory test-clients
 
 # Each client's contract test (clients/*/) and clients/README.md's examples against a live server:
-# the one OTP_TARGET names, else one clients/run_contract.py starts. Outside CI a missing Go or
-# Node toolchain skips that client with a line saying so; with CI=true nothing skips.
+# the one OTP_TARGET names, else one clients/run_contract.py starts. The Python client runs on the
+# lock's versions and on the lowest its pyproject.toml allows. Outside CI a missing Go or Node
+# toolchain skips that client with a line saying so; with CI=true nothing skips.
 test-clients: install
 	$(BIN)/python clients/run_contract.py
+
+# What the next upgrade would break: lint, the suite and the clients on the newest versions
+# pyproject.toml allows, in a throwaway environment. The lock and .venv are not touched.
+test-latest: install
+	@$(UV) lock --upgrade --dry-run 2>&1 | sed 's/^/test-latest: /'
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(UV) venv --quiet "$$tmp" && \
+	  VIRTUAL_ENV="$$tmp" $(UV) pip install --quiet --upgrade -e ./clients/python -e '.[dev]' && \
+	  $(MAKE) --no-print-directory lint pytest BIN="$$tmp/bin" && \
+	  OTP_PYTHON_CLIENT=newest $(MAKE) --no-print-directory test-clients BIN="$$tmp/bin"
+
+# Refresh uv.lock to the newest versions pyproject.toml allows, install them, and run the tests.
+# Commit the new lock on its own (README "Development").
+upgrade: $(UV)
+	$(SERIAL) $(UV) lock --upgrade
+	$(MAKE) --no-print-directory test
 
 # The fault suite's long tests (tests/test_chaos.py): a storm under each network fault, Interakt
 # faults, SIGKILL during a burst of sends, a soak of OTP_SOAK_SECONDS (180) on two replicas.
@@ -77,8 +124,9 @@ bench: install
 	@command -v h2load >/dev/null || apt-get install -y -qq nghttp2-client >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nghttp2-client >/dev/null 2>&1; } || \
 	  echo "h2load could not be installed: using the Python load client"
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(UV_SYNC) --extra dev --extra bench
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules clients/node/dist
+	rm -rf $(VENV) .tools .install.lock .pytest_cache .mypy_cache .ruff_cache tools/node_modules \
+	  clients/node/node_modules clients/node/dist

@@ -1,13 +1,16 @@
 """``make test-clients``: every client's contract scenario, then clients/README.md's examples.
 
 The scenarios (clients/*/) run against the server OTP_TARGET names, with OTP_TOKEN and, as
-comma-separated lists of three, OTP_TEST_NUMBER and OTP_TEST_CODE (one number per client, so one
-client's send does not trip the next one's cooldown). Without OTP_TARGET they run against a
+comma-separated lists of four, OTP_TEST_NUMBER and OTP_TEST_CODE (one number per scenario, so one
+scenario's send does not trip the next one's cooldown). Without OTP_TARGET they run against a
 server this script starts: production mode, a private Redis, test numbers only, and an Interakt
-address where nothing listens. The examples always run against that server: each fenced
-```python, ```ts, ```go and ```sh block of clients/README.md as written, after a flush of the
-server's Redis, and each must exit 0 having verified a code. Indented blocks (install commands)
-are not run.
+address where nothing listens. The Python client's scenario runs twice: in the environment
+running this script (.venv, as uv.lock pins it; `make test-latest`'s newest versions), and in a
+virtualenv of the client alone at the lowest versions its pyproject.toml allows.
+
+The examples run against a dev server configured as `make run` configures it (dev.env): each
+fenced ```python, ```ts, ```go and ```sh block of clients/README.md as written, twice in a row,
+and each run must exit 0 having verified a code. Indented blocks (install commands) are not run.
 
 Outside CI a missing Node 20 or Go toolchain skips that language with one line saying so; with
 CI=true that is a failure. The last line counts what passed, failed and was skipped.
@@ -31,26 +34,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NoReturn
 
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
-CLIENT_VENV = VENV / "client-python"  # the Python client alone, as another team installs it
+BIN = Path(sys.executable).parent  # the environment's own tools: otp-service, grpcurl
+UV = ROOT / ".tools/bin/uv"
+# The Python client alone, as another team installs it, on the lowest versions it allows.
+CLIENT_VENV = VENV / "client-python-lowest"
 GOPATH = VENV / "gopath"  # holds only the link to clients/go as otp-service/clients/go
 DEBIAN_GOPATH = Path("/usr/share/gocode")
 NODE = ROOT / "clients/node"
 CI = os.environ.get("CI") == "true"
-LANGUAGES = ("python", "node", "go")
-# The test number clients/README.md (and `make run`) uses, and one per contract scenario.
-EXAMPLE_NUMBER = ("+919999900001", "246810")
+# The contract scenarios: the language each is in, and the toolchain it needs.
+SCENARIOS = (
+    ("python", "python"),
+    ("python (lowest versions)", "python"),
+    ("node", "node"),
+    ("go", "go"),
+)
+# One test number per contract scenario.
 SCENARIO_NUMBERS = [
     ("+919999900011", "135790"),
     ("+919999900012", "975310"),
     ("+919999900013", "864200"),
+    ("+919999900014", "531975"),
 ]
+# What clients/README.md has a TypeScript project install to compile the example.
+TS_TOOLS = ("typescript@5.9.3", "@types/node@20.19.43")
+EXAMPLE_RUNS = 2  # each example in a row, with no flush between: it must work every time
 GO_PACKAGES = (
     "golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev "
     "golang-google-protobuf-dev"
@@ -78,7 +92,6 @@ class Server:
     target: str
     token: str
     http: str
-    db: redis.Redis
 
 
 def main() -> int:
@@ -112,16 +125,20 @@ def main() -> int:
                 for number, code in SCENARIO_NUMBERS
             ]  # fmt: skip
         print(f"test-clients: contract scenarios against {scenarios[0]['OTP_TARGET']}", flush=True)
-        for language, env in zip(LANGUAGES, scenarios, strict=True):
-            check(f"{language} contract", language, functools.partial(CONTRACTS[language], env))
+        for (name, toolchain), env in zip(SCENARIOS, scenarios, strict=True):
+            step = functools.partial(CONTRACTS[name], env)
+            check(f"{name} contract", toolchain, step)
+    with own_server(dev=True) as server:
+        print(f"test-clients: clients/README.md's examples against {server.target}", flush=True)
         env = {"OTP_TARGET": server.target, "OTP_TOKEN": server.token, "OTP_HTTP": server.http}
         for index, (language, source) in enumerate(readme_examples(), start=1):
             toolchain = {"ts": "node", "sh": "python"}.get(language, language)
-            check(
-                f"clients/README.md example {index} ({language})",
-                toolchain,
-                functools.partial(run_example, server, env, language, source),
-            )
+            for run_number in range(1, EXAMPLE_RUNS + 1):
+                check(
+                    f"clients/README.md example {index} ({language}), run {run_number}",
+                    toolchain,
+                    functools.partial(run_example, server, env, language, source),
+                )
     print(f"test-clients: took {time.monotonic() - started:.0f} s")
     # The last line in the plain form CI reads: N passed, N failed, N skipped.
     passed, failed, skipped = counts["passed"], counts["failed"], counts["skipped"]
@@ -137,10 +154,10 @@ def scenario_targets() -> list[dict[str, str]] | None:
     token = os.environ.get("OTP_TOKEN", "")
     numbers = os.environ.get("OTP_TEST_NUMBER", "").split(",")
     codes = os.environ.get("OTP_TEST_CODE", "").split(",")
-    if not token or len(numbers) != len(LANGUAGES) or len(codes) != len(LANGUAGES):
+    if not token or len(numbers) != len(SCENARIOS) or len(codes) != len(SCENARIOS):
         sys.exit(
             "test-clients: with OTP_TARGET, set OTP_TOKEN, and OTP_TEST_NUMBER and OTP_TEST_CODE "
-            "to three comma-separated test numbers and their codes (one per client)"
+            f"to {len(SCENARIOS)} comma-separated test numbers and their codes (one per scenario)"
         )
     return [
         {"OTP_TARGET": target, "OTP_TOKEN": token, "OTP_TEST_NUMBER": n, "OTP_TEST_CODE": c}
@@ -149,36 +166,46 @@ def scenario_targets() -> list[dict[str, str]] | None:
 
 
 @contextlib.contextmanager
-def own_server() -> Iterator[Server]:
-    """``otp-service serve`` in production mode with test numbers; nothing reaches Interakt."""
-    token = secrets.token_urlsafe(24)
+def own_server(*, dev: bool = False) -> Iterator[Server]:
+    """``otp-service serve`` with test numbers: in production mode, where nothing reaches
+    Interakt; or ``dev``, as `make run` serves it (dev.env), for the examples."""
     grpc_port, http_port = free_port(), free_port()
-    test_numbers = [EXAMPLE_NUMBER, *SCENARIO_NUMBERS]
     with EmbeddedRedis() as embedded, tempfile.TemporaryFile("w+") as log:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTP_", "INTERAKT_"))}
         env.update(
             REDIS_URL=embedded.url,
-            OTP_SECRET=secrets.token_hex(16),
-            INTERAKT_API_KEY="bm90LXVzZWQ=",  # base64 "not-used"
-            # Nothing listens there: a code for anything but a test number would fail loudly.
-            INTERAKT_BASE_URL=f"http://127.0.0.1:{free_port()}/v1/public",
-            OTP_CLIENT_TOKENS=f"contract:{token}",
-            OTP_TEST_NUMBERS=",".join(f"{n}:{c}" for n, c in test_numbers),
             OTP_GRPC_ADDRESS=f"127.0.0.1:{grpc_port}",
             OTP_HTTP_ADDRESS=f"127.0.0.1:{http_port}",
         )
-        process = subprocess.Popen(
-            [str(VENV / "bin/otp-service"), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+        if dev:
+            token = "dev"  # noqa: S105 (what the dev server accepts: clients/README.md)
+            env.update(dev_settings())
+        else:
+            token = secrets.token_urlsafe(24)
+            env.update(
+                OTP_SECRET=secrets.token_hex(16),
+                INTERAKT_API_KEY="bm90LXVzZWQ=",  # base64 "not-used"
+                # Nothing listens there: a code for anything but a test number would fail loudly.
+                INTERAKT_BASE_URL=f"http://127.0.0.1:{free_port()}/v1/public",
+                OTP_CLIENT_TOKENS=f"contract:{token}",
+                OTP_TEST_NUMBERS=",".join(f"{n}:{c}" for n, c in SCENARIO_NUMBERS),
+            )
+        command = [str(BIN / "otp-service"), "serve", *(["--dev"] if dev else [])]
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         http = f"http://127.0.0.1:{http_port}"
-        db = redis.Redis.from_url(embedded.url)
         try:
             wait_ready(process, http, log)
-            yield Server(f"127.0.0.1:{grpc_port}", token, http, db)
+            yield Server(f"127.0.0.1:{grpc_port}", token, http)
         finally:
-            db.close()
             process.terminate()
             process.wait(timeout=30)
+
+
+def dev_settings() -> dict[str, str]:
+    """What `make run` sets for the dev server: dev.env's ``NAME=value`` lines."""
+    lines = (ROOT / "dev.env").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+    return {name.strip(): value.strip() for name, value in pairs}
 
 
 def wait_ready(process: subprocess.Popen[bytes], http: str, log: IO[str]) -> None:
@@ -223,18 +250,22 @@ def run(command: list[str], env: Mapping[str, str], *, cwd: Path = ROOT, stdin: 
 @functools.cache
 def python_client() -> Path:
     """The Python of a venv holding the client package alone (and pytest), installed from
-    ./clients/python as clients/README.md says: with its declared dependencies when the venv is
-    made (again whenever pyproject.toml changes), the package itself anew each run."""
+    ./clients/python as clients/README.md says, with the lowest version of every dependency
+    that its pyproject.toml allows (uv's ``--resolution lowest``: the same versions on any day).
+    The venv is made again whenever pyproject.toml changes; the package is installed anew each
+    run."""
     python = CLIENT_VENV / "bin/python"
     stamp = CLIENT_VENV / ".installed"
     project = ROOT / "clients/python/pyproject.toml"
+    uv_env = {"VIRTUAL_ENV": str(CLIENT_VENV)}
     if not stamp.exists() or stamp.stat().st_mtime < project.stat().st_mtime:
-        run([sys.executable, "-m", "venv", "--clear", str(CLIENT_VENV)], {})
-        run([str(python), "-m", "pip", "install", "--quiet", "./clients/python[test]"], {})
+        run([str(UV), "venv", "--quiet", str(CLIENT_VENV)], {})
+        lowest = ["--resolution", "lowest", "./clients/python[test]"]
+        run([str(UV), "pip", "install", "--quiet", *lowest], uv_env)
         stamp.touch()
     else:
-        pip = [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall"]
-        run([*pip, "./clients/python"], {})
+        again = ["--no-deps", "--reinstall-package", "otp-service-client", "./clients/python"]
+        run([str(UV), "pip", "install", "--quiet", *again], uv_env)
     return python
 
 
@@ -272,10 +303,10 @@ def go() -> dict[str, str]:
 GO_PACKAGE_PATHS = ["otp-service/clients/go/otp/v1", "otp-service/clients/go/otpclient"]
 
 
-def python_contract(env: Mapping[str, str]) -> None:
+def python_contract(python: Callable[[], Path], env: Mapping[str, str]) -> None:
     config = ["-c", "clients/python/pyproject.toml", "--rootdir", "clients/python"]
     test = "clients/python/tests/test_contract.py"
-    run([str(python_client()), "-m", "pytest", "-q", "-p", "no:cacheprovider", *config, test], env)
+    run([str(python()), "-m", "pytest", "-q", "-p", "no:cacheprovider", *config, test], env)
 
 
 def node_contract(env: Mapping[str, str]) -> None:
@@ -293,7 +324,8 @@ def go_contract(env: Mapping[str, str]) -> None:
 
 
 CONTRACTS: dict[str, Callable[[Mapping[str, str]], None]] = {
-    "python": python_contract,
+    "python": functools.partial(python_contract, lambda: Path(sys.executable)),
+    "python (lowest versions)": functools.partial(python_contract, python_client),
     "node": node_contract,
     "go": go_contract,
 }
@@ -306,28 +338,27 @@ def readme_examples() -> list[tuple[str, str]]:
 
 def run_example(server: Server, env: dict[str, str], language: str, source: str) -> None:
     """Run one README example against ``server``; it must verify a code."""
-    server.db.flushall()
     before = verified(server.http)
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         if language == "python":
             run([str(python_client()), "-"], env, stdin=source)
         elif language == "sh":
-            tools = [CLIENT_VENV / "bin", VENV / "bin", VENV / "buf/node_modules/.bin"]
+            tools = [CLIENT_VENV / "bin", BIN, ROOT / "tools/node_modules/.bin"]
             python_client()
             path = os.pathsep.join([*map(str, tools), os.environ["PATH"]])
             run(["bash", "-euo", "pipefail", "-c", source], {**env, "PATH": path})
         elif language == "ts":
-            # A project of its own that installs the packed client and its dependencies.
+            # A project of its own that installs the packed client, then compiles and runs the
+            # example as clients/README.md says.
             (directory / "package.json").write_text('{"name": "example", "private": true}')
             npm = ["npm", "install", "--silent", "--no-audit", "--no-fund"]
             run([*npm, str(node_package())], {}, cwd=directory)
+            run([*npm, "--save-dev", *TS_TOOLS], {}, cwd=directory)
             (directory / "example.ts").write_text(source)
-            tsc = [str(NODE / "node_modules/.bin/tsc"), "--strict", "--esModuleInterop"]
-            tsc += ["--module", "commonjs", "--target", "es2022", "--types", "node"]
-            tsc += ["--typeRoots", str(NODE / "node_modules/@types"), "--outDir", "out"]
-            run([*tsc, "example.ts"], {}, cwd=directory)
-            run(["node", "out/example.js"], env, cwd=directory)
+            tsc = ["npx", "tsc", "--strict", "--module", "commonjs", "--target", "es2022"]
+            run([*tsc, "--types", "node", "example.ts"], {}, cwd=directory)
+            run(["node", "example.js"], env, cwd=directory)
         else:
             go_env = go()
             (directory / "main.go").write_text(source)

@@ -130,19 +130,22 @@ def test_production_without_configuration_exits_2_before_listening() -> None:
     ]
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])  # noqa: S104 (the default's host)
 @pytest.mark.parametrize("busy", ["OTP_GRPC_ADDRESS", "OTP_HTTP_ADDRESS"])
-def test_busy_port_is_one_clear_line_and_exit_2(busy: str) -> None:
+def test_busy_port_is_one_clear_line_naming_the_setting_and_exit_2(busy: str, host: str) -> None:
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind((host, 0))
         taken.listen()
         port = taken.getsockname()[1]
         addresses = {"OTP_GRPC_ADDRESS": "127.0.0.1:0", "OTP_HTTP_ADDRESS": "127.0.0.1:0"}
-        finished = run({**VALID, **addresses, busy: f"127.0.0.1:{port}"})
+        finished = run({**VALID, **addresses, busy: f"{host}:{port}"})
     assert finished.returncode == 2
     side = "gRPC" if busy == "OTP_GRPC_ADDRESS" else "HTTP"
-    # Only our line: not gRPC's raw `add_port.cc` line before it, nor a trace.
+    # Only our line: not gRPC's raw `add_port.cc` lines before it (one per address family), nor
+    # a trace.
     assert finished.stderr.splitlines() == [
-        f"otp-service: cannot listen on 127.0.0.1:{port} ({side}): Address already in use"
+        f"otp-service: cannot listen on {host}:{port} ({side}): Address already in use; "
+        f"set {busy} to a free address"
     ]
 
 

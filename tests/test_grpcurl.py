@@ -13,7 +13,7 @@ from tests.fake_interakt import FakeInterakt
 
 ROOT = Path(__file__).parent.parent
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
-BUF = str(ROOT / ".venv/buf/node_modules/.bin/buf")
+BUF = str(ROOT / "tools/node_modules/.bin/buf")
 DESCRIPTOR_SET = str(ROOT / "proto/otp.binpb")
 
 

@@ -278,9 +278,7 @@ async def test_the_cli_exits_0_only_for_a_sent_or_verified_code(make_server: Mak
     assert await run("verify", TEST_NUMBER, TEST_CODE) == (0, "verified", "")
     code, out, _ = await run("status", TEST_NUMBER)
     assert code == 0
-    assert re.fullmatch(
-        r"queued; test message -; verified; valid until \S+; resend allowed in \d+ s", out
-    )
+    assert re.fullmatch(r"queued via test; verified; valid until \S+; resend allowed in \d+ s", out)
     code, out, err = await run("status", PHONE)
     assert (code, out) == (1, "")
     assert err.startswith("otp-client: NO_CODE_SENT: phone_number: no code of this number")

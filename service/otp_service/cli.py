@@ -30,7 +30,7 @@ from otp_service.gateway import (
     RemoteBackend,
 )
 from otp_service.observability import configure_logging
-from otp_service.server import ListenError, OtpServer, build_deps, create_server
+from otp_service.server import ListenError, OtpServer, build_deps, create_server, listen_error
 
 log = logging.getLogger("otp_service")
 
@@ -326,7 +326,8 @@ async def _start_http(
         )
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ListenError(f"cannot listen on {settings.http_address} (HTTP): {why}") from exc
+        message = listen_error(settings.http_address, "HTTP", "OTP_HTTP_ADDRESS", why)
+        raise ListenError(message) from exc
     log.info(
         "listening on %s (HTTP: JSON gateway, /metrics, /healthz, /readyz)",
         http.address,

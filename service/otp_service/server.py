@@ -205,9 +205,17 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
                 return server.add_insecure_port(address)
             return server.add_secure_port(address, credentials)
     except RuntimeError:
-        reason = re.search(r"Error in bind for address '[^']*': ([^)\n]+)", "".join(captured))
-        why = reason.group(1) if reason else "gRPC cannot bind it"
-        raise ListenError(f"cannot listen on {address} (gRPC): {why}") from None
+        # One line per address family tried (0.0.0.0 tries two), not always ending in a newline.
+        reason = re.search(
+            r"Error in bind for address '[^']*': (.+?)(?=Error in bind|[)\n]|$)", "".join(captured)
+        )
+        why = reason.group(1).strip() if reason else "gRPC cannot bind it"
+        raise ListenError(listen_error(address, "gRPC", "OTP_GRPC_ADDRESS", why)) from None
+
+
+def listen_error(address: str, side: str, setting: str, why: str) -> str:
+    """The one line an operator reads when ``address`` cannot be listened on."""
+    return f"cannot listen on {address} ({side}): {why}; set {setting} to a free address"
 
 
 @contextlib.contextmanager

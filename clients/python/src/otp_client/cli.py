@@ -86,9 +86,11 @@ def _describe_status(status: OtpStatus) -> str:
     state = status.state.name.lower()
     if status.failure_reason:
         state += f" ({status.failure_reason})"
+    via = f"via {status.channel.name.lower()}"
+    if status.message_id:
+        via += f" as message {status.message_id}"
     return (
-        f"{state}; {status.channel.name.lower()} message {status.message_id or '-'}; "
-        f"{'verified' if status.verified else 'not verified'}; valid until "
+        f"{state} {via}; {'verified' if status.verified else 'not verified'}; valid until "
         f"{status.expires_at.isoformat(timespec='seconds')}; resend allowed in "
         f"{status.resend_after_seconds} s"
     )

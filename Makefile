@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 UV     := .tools/bin/uv
 BUF    := tools/node_modules/.bin/buf
 STAMP  := $(VENV)/.installed
-RUN_STAMP := $(VENV)/.installed-run
+PY_STAMP := $(VENV)/.installed-python
 # Two make commands at once (`make run` beside `make test`) take turns at installing.
 SERIAL := flock .install.lock
 # uv uses this machine's Python and certificates, never a Python of its own.
@@ -17,7 +17,7 @@ export UV_NATIVE_TLS := 1
 export UV_NO_PROGRESS := 1
 UV_SYNC := $(SERIAL) $(UV) sync --locked --quiet
 
-.PHONY: install install-run run test pytest test-clients test-latest upgrade chaos lint proto \
+.PHONY: install run test pytest test-clients test-latest upgrade chaos lint proto \
 	proto-check bench clean
 
 # Everything the tests, lint, proto and the clients need.
@@ -29,26 +29,22 @@ $(UV): requirements-uv.txt
 	  --upgrade --target .tools -r requirements-uv.txt'
 	touch $@
 
-$(STAMP): $(UV) pyproject.toml uv.lock clients/python/pyproject.toml tools/package-lock.json \
-		clients/node/package-lock.json
+# .venv: the service with its tests', lint's and tools' packages (grpcurl among them), exactly as
+# uv.lock has them. It is all `make run` needs.
+$(PY_STAMP): $(UV) pyproject.toml uv.lock clients/python/pyproject.toml
 	$(UV_SYNC) --extra dev
+	touch $@
+
+$(STAMP): $(PY_STAMP) tools/package-lock.json clients/node/package-lock.json
 	$(SERIAL) npm ci --silent --no-audit --no-fund --prefix tools
 	$(SERIAL) npm ci --silent --no-audit --no-fund --prefix clients/node
-	touch $@ $(RUN_STAMP)
-
-# What `make run` needs: the service and its runtime dependencies, as locked. --inexact keeps
-# what `make install` added (the dev tools).
-install-run: $(RUN_STAMP)
-
-$(RUN_STAMP): $(UV) pyproject.toml uv.lock clients/python/pyproject.toml
-	$(UV_SYNC) --inexact
 	touch $@
 
 # The dev server, with dev.env's settings: the test number clients/README.md's examples use, and
 # per-number limits that let them run again and again. `make run NAME=value` changes one.
 include dev.env
 DEV_SETTINGS := $(shell sed -n 's/^\([A-Z_]*\)=.*/\1/p' dev.env)
-run: install-run
+run: $(PY_STAMP)
 	$(foreach name,$(DEV_SETTINGS),$(name)='$($(name))') $(BIN)/otp-service serve --dev
 
 # What is generated from proto/: buf.gen.yaml's Python, TypeScript and Go, and the descriptor set.

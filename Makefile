@@ -16,6 +16,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_NATIVE_TLS := 1
 export UV_NO_PROGRESS := 1
 UV_SYNC := $(SERIAL) $(UV) sync --locked --quiet
+STALE_LOCK := uv.lock does not match pyproject.toml: run '$(UV) lock' (or 'make upgrade') and commit uv.lock
 
 .PHONY: install run test pytest test-clients test-latest upgrade chaos lint proto \
 	proto-check bench clean
@@ -32,6 +33,7 @@ $(UV): requirements-uv.txt
 # .venv: the service with its tests', lint's and tools' packages (grpcurl among them), exactly as
 # uv.lock has them. It is all `make run` needs.
 $(PY_STAMP): $(UV) pyproject.toml uv.lock clients/python/pyproject.toml
+	@$(UV) lock --check --offline --quiet 2>/dev/null || { echo "$(STALE_LOCK)" >&2; exit 1; }
 	$(UV_SYNC) --extra dev
 	touch $@
 

@@ -13,7 +13,7 @@ SERIAL := flock .install.lock
 # uv uses this machine's Python and certificates, never a Python of its own.
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
-export UV_NATIVE_TLS := 1
+export UV_SYSTEM_CERTS := 1
 export UV_NO_PROGRESS := 1
 UV_SYNC := $(SERIAL) $(UV) sync --locked --quiet
 STALE_LOCK := uv.lock does not match pyproject.toml: run '$(UV) lock' (or 'make upgrade') and commit uv.lock

@@ -160,6 +160,7 @@ def own_server() -> Iterator[Server]:
             REDIS_URL=embedded.url,
             OTP_SECRET=secrets.token_hex(16),
             INTERAKT_API_KEY="bm90LXVzZWQ=",  # base64 "not-used"
+            INTERAKT_CHANNEL="text",
             # Nothing listens there: a code for anything but a test number would fail loudly.
             INTERAKT_BASE_URL=f"http://127.0.0.1:{free_port()}/v1/public",
             OTP_CLIENT_TOKENS=f"contract:{token}",

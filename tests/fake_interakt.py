@@ -39,6 +39,21 @@ STATUS_WORDS = {"sent": "Sent", "delivered": "Delivered", "read": "Read", "faile
 Signature = Literal["right", "wrong", "none"]
 
 
+# Meta's 131008, as Interakt passes it on, for an authentication template sent without the code
+# for its OTP button.
+BUTTON_PARAMETER_MISSING = "Button at index 0 of type Url requires a parameter"
+# Meta's 132000: parameters given that the template has no place for (a button value for a
+# template without a button).
+PARAMETER_COUNT_MISMATCH = "Number of parameters does not match the expected number of params"
+# The approved translations of the test template "Auth" (an authentication template with a
+# copy-code button), and "OldAuth", a template approved before authentication templates had
+# buttons.
+APPROVED_TEMPLATES = frozenset(
+    {("Auth", "en"), ("Auth", "en_GB"), ("Auth", "hi"), ("Auth", "pt_BR"), ("OldAuth", "en")}
+)
+BUTTON_TEMPLATES = frozenset({"Auth"})
+
+
 def no_template(name: str, language: str) -> str:
     return f"No approved template found with name '{name}' and language '{language}'"
 
@@ -124,7 +139,9 @@ class FakeInterakt:
         self._origin = ""
         # Contacts who wrote within 24 hours; None means everyone did.
         self.in_window: set[str] | None = None
-        self.approved_templates: set[tuple[str, str]] = {("Auth", "en")}
+        # (name, language) pairs approved; the names of those with an OTP button at index 0.
+        self.approved_templates: set[tuple[str, str]] = set(APPROVED_TEMPLATES)
+        self.button_templates: set[str] = set(BUTTON_TEMPLATES)
 
     def answer(self, *answers: Answer) -> None:
         """Queue answers for the next requests, in order."""
@@ -141,7 +158,8 @@ class FakeInterakt:
         self._answers.clear()
         self._ids = itertools.count(1)
         self.in_window = None
-        self.approved_templates = {("Auth", "en")}
+        self.approved_templates = set(APPROVED_TEMPLATES)
+        self.button_templates = set(BUTTON_TEMPLATES)
         self.queued.clear()
         self.webhook_url = self.webhook_secret = ""
         self.reports = ()
@@ -163,14 +181,16 @@ class FakeInterakt:
         *,
         signature: Signature | None = None,
         reason: str | None = None,
+        error_code: int | str | None = None,
         kind: str | None = None,
     ) -> int:
         """Post one delivery report on ``message`` to ``webhook_url``; the HTTP status it got.
 
-        ``status`` is sent, delivered, read or failed (``reason`` a failure's); ``kind``
-        replaces the report's type (another kind of report).
+        ``status`` is sent, delivered, read or failed (``reason`` and ``error_code``, WhatsApp's
+        code, a failure's); ``kind`` replaces the report's type (another kind of report).
         """
-        body = json.dumps(report_body(message, status, reason=reason, kind=kind), indent=2)
+        report = report_body(message, status, reason=reason, error_code=error_code, kind=kind)
+        body = json.dumps(report, indent=2)
         return await self.post_report(body.encode(), signature=signature)
 
     async def post_report(self, body: bytes, *, signature: Signature | None = None) -> int:
@@ -245,6 +265,12 @@ class FakeInterakt:
             template = body["template"]
             if (template["name"], template["languageCode"]) not in self.approved_templates:
                 return _refuse(no_template(template["name"], template["languageCode"]))
+            buttons = template.get("buttonValues")
+            if template["name"] in self.button_templates:
+                if not (isinstance(buttons, dict) and buttons.get("0")):
+                    return _refuse(BUTTON_PARAMETER_MISSING)
+            elif buttons:
+                return _refuse(PARAMETER_COUNT_MISMATCH)
         else:
             return _refuse("Invalid message type")
         message = Queued(
@@ -276,7 +302,12 @@ class FakeInterakt:
 
 
 def report_body(
-    message: Queued, status: str, *, reason: str | None = None, kind: str | None = None
+    message: Queued,
+    status: str,
+    *,
+    reason: str | None = None,
+    error_code: int | str | None = None,
+    kind: str | None = None,
 ) -> dict[str, Any]:
     """A delivery report on ``message`` as Interakt writes it (docs/interakt.md)."""
     reported: dict[str, Any] = {"id": message.id, "message_status": STATUS_WORDS[status]}
@@ -284,6 +315,8 @@ def report_body(
         reported["callback_data"] = message.callback_data
     if reason is not None:
         reported["channel_failure_reason"] = reason
+    if error_code is not None:
+        reported["channel_error_code"] = error_code
     return {
         "version": "1.0",
         "timestamp": "2026-11-30T12:00:00.000000",

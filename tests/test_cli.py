@@ -28,6 +28,7 @@ CLEAN_ENV = {
 }
 VALID = {
     "INTERAKT_API_KEY": "ZmFrZS1pbnRlcmFrdC1rZXk=",
+    "INTERAKT_TEMPLATE_NAME": "Auth",
     "OTP_SECRET": "a-production-secret-0123456789",
     "OTP_CLIENT_TOKENS": "billing:a-billing-token-0123456789",
 }
@@ -47,8 +48,10 @@ def test_defaults_match_the_readme() -> None:
     settings = Settings.from_env(VALID)
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.interakt_base_url == "https://api.interakt.ai/v1/public"
-    assert settings.template_name is None
-    assert settings.template_language == "en"
+    assert (settings.interakt_channel, settings.template_name) == ("template", "Auth")
+    assert (settings.template_language, settings.template_languages) == ("en", ())
+    assert settings.template_button
+    assert settings.status_readers == frozenset()
     assert settings.grpc_address == "0.0.0.0:50051"
     assert (settings.code_length, settings.ttl_seconds, settings.max_attempts) == (6, 600, 5)
     assert (settings.resend_cooldown_seconds, settings.max_sends_per_hour) == (30, 5)
@@ -107,6 +110,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "REDIS_URL",
         "INTERAKT_API_KEY",
         "OTP_SECRET",
+        "INTERAKT_TEMPLATE_NAME",
         "INTERAKT_BASE_URL",
         "OTP_TTL_SECONDS",
         "OTP_CLIENT_TOKENS / OTP_CLIENT_TOKENS_FILE",
@@ -124,6 +128,9 @@ def test_production_without_configuration_exits_2_before_listening() -> None:
     assert lines == [
         "otp-service: configuration error: INTERAKT_API_KEY: required in production mode",
         "otp-service: configuration error: OTP_SECRET: required in production mode",
+        "otp-service: configuration error: INTERAKT_TEMPLATE_NAME: required in production mode "
+        "(an approved authentication template, docs/interakt.md), unless INTERAKT_CHANNEL=text "
+        "is chosen",
         "otp-service: configuration error: OTP_CLIENT_TOKENS / OTP_CLIENT_TOKENS_FILE: at least "
         "one caller token is required in production mode (OTP_AUTH=none turns caller "
         "authentication off)",

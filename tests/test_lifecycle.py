@@ -112,6 +112,7 @@ async def test_health_follows_redis_and_rpcs_fail_fast_without_it(
 
 PRODUCTION = {
     "INTERAKT_API_KEY": API_KEY,
+    "INTERAKT_CHANNEL": "text",
     "OTP_SECRET": SECRET.decode(),
     "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
 }
@@ -211,6 +212,7 @@ async def served(
     env = {
         "REDIS_URL": redis_server.url,
         "INTERAKT_API_KEY": API_KEY,
+        "INTERAKT_CHANNEL": "text",
         "INTERAKT_BASE_URL": interakt.base_url,
         "OTP_SECRET": SECRET.decode(),
         "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",

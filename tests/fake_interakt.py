@@ -37,6 +37,8 @@ _ELSEWHERE = "/elsewhere/message/"
 # Interakt's word for each status, as reports carry it in message_status.
 STATUS_WORDS = {"sent": "Sent", "delivered": "Delivered", "read": "Read", "failed": "Failed"}
 Signature = Literal["right", "wrong", "none"]
+# Where a report carries the send's callbackData: both have been seen (docs/interakt.md).
+CallbackAt = Literal["message", "meta_data"]
 
 
 # Meta's 131008, as Interakt passes it on, for an authentication template sent without the code
@@ -127,6 +129,7 @@ class FakeInterakt:
         self.redeliver = False  # each report twice
         self.reverse = False  # a message's reports in reverse order
         self.early = False  # reported before the send is answered
+        self.callback_at: CallbackAt = "message"
         self.report_answers: list[int] = []
         self._reporting: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -165,6 +168,7 @@ class FakeInterakt:
         self.reports = ()
         self.signature = "right"
         self.redeliver = self.reverse = self.early = False
+        self.callback_at = "message"
         self.report_answers.clear()
         for task in self._reporting:  # a test that did not wait for its reports
             task.cancel()
@@ -189,7 +193,14 @@ class FakeInterakt:
         ``status`` is sent, delivered, read or failed (``reason`` and ``error_code``, WhatsApp's
         code, a failure's); ``kind`` replaces the report's type (another kind of report).
         """
-        report = report_body(message, status, reason=reason, error_code=error_code, kind=kind)
+        report = report_body(
+            message,
+            status,
+            reason=reason,
+            error_code=error_code,
+            kind=kind,
+            callback_at=self.callback_at,
+        )
         body = json.dumps(report, indent=2)
         return await self.post_report(body.encode(), signature=signature)
 
@@ -308,11 +319,15 @@ def report_body(
     reason: str | None = None,
     error_code: int | str | None = None,
     kind: str | None = None,
+    callback_at: CallbackAt = "message",
 ) -> dict[str, Any]:
     """A delivery report on ``message`` as Interakt writes it (docs/interakt.md)."""
     reported: dict[str, Any] = {"id": message.id, "message_status": STATUS_WORDS[status]}
-    if message.callback_data is not None:
+    if message.callback_data is not None and callback_at == "message":
         reported["callback_data"] = message.callback_data
+    elif message.callback_data is not None:
+        source = {"source_type": "API", "callback_data": message.callback_data}
+        reported["meta_data"] = {"source_data": source}
     if reason is not None:
         reported["channel_failure_reason"] = reason
     if error_code is not None:

@@ -94,6 +94,52 @@ def test_delivery_settings() -> None:
     assert "short-secret" not in str(bad.value)
 
 
+def test_template_settings() -> None:
+    """Production sends an authentication template; Text must be chosen (INTERAKT_CHANNEL)."""
+    custom = Settings.from_env(
+        {
+            **VALID,
+            "INTERAKT_TEMPLATE_LANGUAGE": "en_US",
+            "INTERAKT_TEMPLATE_LANGUAGES": "91:hi, +44:en_GB,",
+            "INTERAKT_TEMPLATE_BUTTON": "false",
+            "OTP_STATUS_READERS": "support, audit",
+        }
+    )
+    assert custom.template_language == "en_US"
+    assert custom.template_languages == (("91", "hi"), ("44", "en_GB"))
+    assert not custom.template_button
+    assert custom.status_readers == {"support", "audit"}
+    without = {k: v for k, v in VALID.items() if k != "INTERAKT_TEMPLATE_NAME"}
+    text = Settings.from_env({**without, "INTERAKT_CHANNEL": "Text"})
+    assert (text.interakt_channel, text.template_name) == ("text", None)
+    assert Settings.from_env({}, dev=True).template_name is None  # dev writes codes to its log
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env(
+            {
+                **VALID,
+                "INTERAKT_CHANNEL": "text",
+                "INTERAKT_TEMPLATE_LANGUAGE": "en-US",
+                "INTERAKT_TEMPLATE_LANGUAGES": "91:hi,91:en,999:en,44:english,:hi",
+                "OTP_STATUS_READERS": "a b",
+            }
+        )
+    assert bad.value.problems == [
+        "INTERAKT_TEMPLATE_NAME: set, but INTERAKT_CHANNEL=text sends no template; unset one of "
+        "them",
+        "INTERAKT_TEMPLATE_LANGUAGE: 'en-US' is not one of WhatsApp's template languages (such "
+        "as en, en_US, hi, pt_BR: docs/interakt.md)",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 2: +91 is given twice",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 3: expected callingcode:language, such as 91:hi",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 4: 'english' is not one of WhatsApp's template "
+        "languages (such as en, en_US, hi, pt_BR: docs/interakt.md)",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 5: expected callingcode:language, such as 91:hi",
+        "OTP_STATUS_READERS: expected caller names (as in OTP_CLIENT_TOKENS), comma-separated",
+    ]
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env({**without, "INTERAKT_CHANNEL": "sms"})
+    assert bad.value.problems == ["INTERAKT_CHANNEL: must be 'template' or 'text' (got 'sms')"]
+
+
 def test_every_problem_is_reported_at_once() -> None:
     env = {
         "OTP_SECRET": "short",

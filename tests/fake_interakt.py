@@ -130,6 +130,8 @@ class FakeInterakt:
         self.reverse = False  # a message's reports in reverse order
         self.early = False  # reported before the send is answered
         self.callback_at: CallbackAt = "message"
+        # The reason and WhatsApp error code of the "failed" reports it sends by itself.
+        self.failed_with: tuple[str, int] | None = None
         self.report_answers: list[int] = []
         self._reporting: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -169,6 +171,7 @@ class FakeInterakt:
         self.signature = "right"
         self.redeliver = self.reverse = self.early = False
         self.callback_at = "message"
+        self.failed_with = None
         self.report_answers.clear()
         for task in self._reporting:  # a test that did not wait for its reports
             task.cancel()
@@ -223,9 +226,16 @@ class FakeInterakt:
 
     async def _report_on(self, message: Queued) -> None:
         statuses = list(reversed(self.reports) if self.reverse else self.reports)
+        reason, code = self.failed_with or (None, None)
         for status in statuses:
+            failed = status == "failed"
             for _ in range(2 if self.redeliver else 1):
-                await self.report(message, status)
+                await self.report(
+                    message,
+                    status,
+                    reason=reason if failed else None,
+                    error_code=code if failed else None,
+                )
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

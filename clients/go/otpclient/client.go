@@ -108,6 +108,11 @@ func WithIdempotencyKey(key string) SendOption {
 	return func(r *otpv1.SendOtpRequest) { r.IdempotencyKey = key }
 }
 
+// WithLocale gives the user's language as a BCP 47 tag (e.g. "hi-IN"), for the template's language.
+func WithLocale(locale string) SendOption {
+	return func(r *otpv1.SendOtpRequest) { r.Locale = locale }
+}
+
 // SendOtp sends a new code to phoneNumber (E.164, e.g. "+917003848501"); retried on UNAVAILABLE
 // with one idempotency key.
 func (c *Client) SendOtp(ctx context.Context, phoneNumber string, opts ...SendOption) (*SendResult, error) {

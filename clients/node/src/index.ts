@@ -64,6 +64,8 @@ export interface SendOptions extends CallOptions {
    * an answer was lost, and the service answers what it answered, sending nothing.
    */
   idempotencyKey?: string;
+  /** The user's language as a BCP 47 tag (e.g. "hi-IN"), for the template's language. */
+  locale?: string;
 }
 
 export interface SendResult {
@@ -237,7 +239,11 @@ export class OtpClient {
 
   /** Send a new code to `phoneNumber` (E.164, e.g. "+917003848501"); retried on UNAVAILABLE. */
   async sendOtp(phoneNumber: string, options: SendOptions = {}): Promise<SendResult> {
-    const request = { phoneNumber, idempotencyKey: options.idempotencyKey || randomUUID() };
+    const request = {
+      phoneNumber,
+      idempotencyKey: options.idempotencyKey || randomUUID(),
+      locale: options.locale ?? "",
+    };
     const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
     for (let attempt = 0; ; attempt++) {
       try {

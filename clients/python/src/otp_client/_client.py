@@ -173,11 +173,13 @@ def _status(response: otp_pb2.GetOtpStatusResponse) -> OtpStatus:
     )
 
 
-def _send_request(phone_number: str, idempotency_key: str | None) -> otp_pb2.SendOtpRequest:
+def _send_request(
+    phone_number: str, idempotency_key: str | None, locale: str
+) -> otp_pb2.SendOtpRequest:
     # One key for the logical send, whatever the retries: the service answers a repeat with
     # the first answer and sends nothing.
     key = idempotency_key or uuid.uuid4().hex
-    return otp_pb2.SendOtpRequest(phone_number=phone_number, idempotency_key=key)
+    return otp_pb2.SendOtpRequest(phone_number=phone_number, idempotency_key=key, locale=locale)
 
 
 def _retry_wait(error: OtpError, attempt: int, time_left: float) -> float | None:
@@ -244,13 +246,15 @@ class OtpClient(_Client):
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        locale: str = "",
     ) -> SendResult:
         """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501").
 
         ``idempotency_key`` names the logical send (a new one is made when None): give the same
         key to call again after an answer was lost, and the service answers what it answered.
+        ``locale`` (BCP 47, e.g. "hi-IN") is the user's language, for the template's.
         """
-        request = _send_request(phone_number, idempotency_key)
+        request = _send_request(phone_number, idempotency_key, locale)
         deadline = time.monotonic() + self._deadline(timeout)
         for attempt in itertools.count():
             try:
@@ -331,10 +335,11 @@ class AsyncOtpClient(_Client):
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        locale: str = "",
     ) -> SendResult:
         """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501"); retried as
         ``OtpClient.send_otp`` is."""
-        request = _send_request(phone_number, idempotency_key)
+        request = _send_request(phone_number, idempotency_key, locale)
         deadline = time.monotonic() + self._deadline(timeout)
         for attempt in itertools.count():
             try:

@@ -5,10 +5,10 @@ comma-separated lists of three, OTP_TEST_NUMBER and OTP_TEST_CODE (one number pe
 client's send does not trip the next one's cooldown). Without OTP_TARGET they run against a
 server this script starts: production mode, a private Redis, test numbers, and the service
 tests' fake Interakt, which takes messages only for UNREACHABLE_NUMBERS (one per scenario, as
-OTP_UNREACHABLE_NUMBER) and reports each failed, not on WhatsApp. The examples always run against that server: each fenced
-```python, ```ts, ```go and ```sh block of clients/README.md as written, after a flush of the
-server's Redis, and each must exit 0 having verified a code. Indented blocks (install commands)
-are not run.
+OTP_UNREACHABLE_NUMBER) and reports each failed, not on WhatsApp. The examples always run
+against that server: each fenced ```python, ```ts, ```go and ```sh block of clients/README.md as
+written, after a flush of the server's Redis, and each must exit 0 having verified a code.
+Indented blocks (install commands) are not run.
 
 Outside CI a missing Node 20 or Go toolchain skips that language with one line saying so; with
 CI=true that is a failure. The last line counts what passed, failed and was skipped.

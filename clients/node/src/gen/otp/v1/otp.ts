@@ -1209,7 +1209,9 @@ export const OtpServiceService = {
    * WhatsApp delivered it (from the delivery provider's reports), whether it
    * was verified, when it expires and when a new one may be sent. It never
    * carries a code. NOT_FOUND when no code of the number is alive (none was
-   * sent, or it expired).
+   * sent, or it expired), and when another calling service sent it: a caller
+   * sees the status of its own sends only (unless the server's
+   * OTP_STATUS_READERS names it), and cannot tell the two apart.
    */
   getOtpStatus: {
     path: "/otp.v1.OtpService/GetOtpStatus" as const,
@@ -1252,7 +1254,9 @@ export interface OtpServiceServer extends UntypedServiceImplementation {
    * WhatsApp delivered it (from the delivery provider's reports), whether it
    * was verified, when it expires and when a new one may be sent. It never
    * carries a code. NOT_FOUND when no code of the number is alive (none was
-   * sent, or it expired).
+   * sent, or it expired), and when another calling service sent it: a caller
+   * sees the status of its own sends only (unless the server's
+   * OTP_STATUS_READERS names it), and cannot tell the two apart.
    */
   getOtpStatus: handleUnaryCall<GetOtpStatusRequest, GetOtpStatusResponse>;
 }
@@ -1314,7 +1318,9 @@ export interface OtpServiceClient extends Client {
    * WhatsApp delivered it (from the delivery provider's reports), whether it
    * was verified, when it expires and when a new one may be sent. It never
    * carries a code. NOT_FOUND when no code of the number is alive (none was
-   * sent, or it expired).
+   * sent, or it expired), and when another calling service sent it: a caller
+   * sees the status of its own sends only (unless the server's
+   * OTP_STATUS_READERS names it), and cannot tell the two apart.
    */
   getOtpStatus(
     request: GetOtpStatusRequest,

@@ -99,7 +99,6 @@ async def test_a_full_cycle_with_errors_leaks_no_secret(
         "its digest": digest(PHONE, code)[:32],
         "OTP_SECRET": SECRET.decode(),
         "INTERAKT_API_KEY": API_KEY,
-        "INTERAKT_CHANNEL": "text",
         "the caller token": TOKEN,
         "a presented token": WRONG_TOKEN,
         **{f"undelivered code {c}": c for c in refused_codes},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import aiohttp
 import grpc
 import pytest
 import redis
@@ -17,6 +18,7 @@ from prometheus_client import REGISTRY
 from otp_service.languages import check_locale, whatsapp_language
 from tests.conftest import (
     PHONE,
+    MakeGateway,
     MakeService,
     assert_no_code_left,
     redis_snapshot,
@@ -180,3 +182,19 @@ async def test_a_malformed_locale_is_invalid_argument_naming_it_and_changes_noth
 def test_bcp47_locales_map_to_whatsapps_codes(locale: str, language: str | None) -> None:
     check_locale(locale)
     assert whatsapp_language(locale) == language
+
+
+async def test_the_json_send_takes_a_locale_too(
+    make_gateway: MakeGateway, interakt: FakeInterakt, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(template_name="Auth")
+    url = gateway.url + "/api/v1/auth/send-otp"
+    async with http.post(url, json={"phone_number": PHONE, "locale": "pt-BR"}) as answer:
+        assert answer.status == 200
+    assert language_sent(interakt) == "pt_BR"
+    async with http.post(url, json={"phone_number": US_PHONE, "locale": "pt_BR"}) as answer:
+        assert answer.status == 400
+        reply = await answer.json()
+    assert reply["message"].startswith("locale: must be a BCP 47 language tag")
+    assert reply["details"][1]["field_violations"][0]["field"] == "locale"
+    assert len(interakt.received) == 1

@@ -383,6 +383,7 @@ def service_env(
         **os.environ,
         "REDIS_URL": redis_url,
         "INTERAKT_API_KEY": API_KEY,
+        "INTERAKT_CHANNEL": "text",
         "INTERAKT_BASE_URL": interakt_url,
         "OTP_SECRET": SECRET,
         "OTP_GRPC_ADDRESS": grpc_address,

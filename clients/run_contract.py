@@ -3,8 +3,9 @@
 The scenarios (clients/*/) run against the server OTP_TARGET names, with OTP_TOKEN and, as
 comma-separated lists of four, OTP_TEST_NUMBER and OTP_TEST_CODE (one number per scenario, so one
 scenario's send does not trip the next one's cooldown). Without OTP_TARGET they run against a
-server this script starts: production mode, a private Redis, test numbers only, and an Interakt
-address where nothing listens. The Python client's scenario runs twice: in the environment
+server this script starts: production mode, a private Redis, test numbers, and the service
+tests' fake Interakt, which takes messages only for UNREACHABLE_NUMBERS (one per scenario, as
+OTP_UNREACHABLE_NUMBER) and reports each failed, not on WhatsApp. The Python client's scenario runs twice: in the environment
 running this script (.venv, as uv.lock pins it; `make test-latest`'s newest versions), and in a
 virtualenv of the client alone at the lowest versions its pyproject.toml allows.
 
@@ -18,6 +19,7 @@ CI=true that is a failure. The last line counts what passed, failed and was skip
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -27,16 +29,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO, TYPE_CHECKING, NoReturn
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from otp_service.embedded_redis import EmbeddedRedis, free_port
+
+if TYPE_CHECKING:
+    from tests.fake_interakt import FakeInterakt
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
@@ -62,6 +68,10 @@ SCENARIO_NUMBERS = [
     ("+919999900013", "864200"),
     ("+919999900014", "531975"),
 ]
+# Numbers that are not on WhatsApp, one per scenario: the server sends them a code, and the fake
+# Interakt it talks to reports each message failed, as Interakt does (WhatsApp's 131026).
+UNREACHABLE_NUMBERS = ["+919999900021", "+919999900022", "+919999900023", "+919999900024"]
+NOT_ON_WHATSAPP = ("Message undeliverable", 131026)
 # What clients/README.md has a TypeScript project install to compile the example.
 TS_TOOLS = ("typescript@5.9.3", "@types/node@20.19.43")
 EXAMPLE_RUNS = 2  # each example in a row, with no flush between: it must work every time
@@ -121,8 +131,11 @@ def main() -> int:
         if scenarios is None:
             scenarios = [
                 {"OTP_TARGET": server.target, "OTP_TOKEN": server.token,
-                 "OTP_TEST_NUMBER": number, "OTP_TEST_CODE": code}
-                for number, code in SCENARIO_NUMBERS
+                 "OTP_TEST_NUMBER": number, "OTP_TEST_CODE": code,
+                 "OTP_UNREACHABLE_NUMBER": unreachable}
+                for (number, code), unreachable in zip(
+                    SCENARIO_NUMBERS, UNREACHABLE_NUMBERS, strict=True
+                )
             ]  # fmt: skip
         print(f"test-clients: contract scenarios against {scenarios[0]['OTP_TARGET']}", flush=True)
         for (name, toolchain), env in zip(SCENARIOS, scenarios, strict=True):
@@ -167,10 +180,15 @@ def scenario_targets() -> list[dict[str, str]] | None:
 
 @contextlib.contextmanager
 def own_server(*, dev: bool = False) -> Iterator[Server]:
-    """``otp-service serve`` with test numbers: in production mode, where nothing reaches
-    Interakt; or ``dev``, as `make run` serves it (dev.env), for the examples."""
+    """``otp-service serve`` with test numbers: in production mode, with the fake Interakt of
+    the service's tests, which takes messages only for UNREACHABLE_NUMBERS and reports each
+    failed; or ``dev``, as `make run` serves it (dev.env), for the examples."""
     grpc_port, http_port = free_port(), free_port()
-    with EmbeddedRedis() as embedded, tempfile.TemporaryFile("w+") as log:
+    with (
+        EmbeddedRedis() as embedded,
+        tempfile.TemporaryFile("w+") as log,
+        fake_interakt() as interakt,
+    ):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTP_", "INTERAKT_"))}
         env.update(
             REDIS_URL=embedded.url,
@@ -182,11 +200,18 @@ def own_server(*, dev: bool = False) -> Iterator[Server]:
             env.update(dev_settings())
         else:
             token = secrets.token_urlsafe(24)
+            webhook_secret = secrets.token_hex(16)
+            # A code for any other number is refused (outside the 24-hour window): loudly.
+            interakt.in_window = set(UNREACHABLE_NUMBERS)
+            interakt.failed_with = NOT_ON_WHATSAPP
+            webhook = f"http://127.0.0.1:{http_port}/webhooks/interakt"
+            interakt.send_reports_to(webhook, webhook_secret, "failed")
             env.update(
                 OTP_SECRET=secrets.token_hex(16),
-                INTERAKT_API_KEY="bm90LXVzZWQ=",  # base64 "not-used"
-                # Nothing listens there: a code for anything but a test number would fail loudly.
-                INTERAKT_BASE_URL=f"http://127.0.0.1:{free_port()}/v1/public",
+                INTERAKT_API_KEY=fake_api_key(),
+                INTERAKT_CHANNEL="text",
+                INTERAKT_BASE_URL=interakt.base_url,
+                INTERAKT_WEBHOOK_SECRET=webhook_secret,
                 OTP_CLIENT_TOKENS=f"contract:{token}",
                 OTP_TEST_NUMBERS=",".join(f"{n}:{c}" for n, c in SCENARIO_NUMBERS),
             )
@@ -199,6 +224,32 @@ def own_server(*, dev: bool = False) -> Iterator[Server]:
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def fake_interakt() -> Iterator[FakeInterakt]:
+    """tests/fake_interakt.py's fake, serving on loopback from an event loop of its own."""
+    sys.path.insert(0, str(ROOT))
+    # Imported here, once ROOT is on the path: the fake lives in the service's tests.
+    from tests.fake_interakt import FakeInterakt
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-interakt", daemon=True)
+    thread.start()
+    fake = asyncio.run_coroutine_threadsafe(FakeInterakt().start(), loop).result(STARTUP_SECONDS)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(STARTUP_SECONDS)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def fake_api_key() -> str:
+    from tests.fake_interakt import API_KEY  # fake_interakt() put ROOT on the path
+
+    return API_KEY
 
 
 def dev_settings() -> dict[str, str]:

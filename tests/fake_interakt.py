@@ -37,6 +37,23 @@ _ELSEWHERE = "/elsewhere/message/"
 # Interakt's word for each status, as reports carry it in message_status.
 STATUS_WORDS = {"sent": "Sent", "delivered": "Delivered", "read": "Read", "failed": "Failed"}
 Signature = Literal["right", "wrong", "none"]
+# Where a report carries the send's callbackData: both have been seen (docs/interakt.md).
+CallbackAt = Literal["message", "meta_data"]
+
+
+# Meta's 131008, as Interakt passes it on, for an authentication template sent without the code
+# for its OTP button.
+BUTTON_PARAMETER_MISSING = "Button at index 0 of type Url requires a parameter"
+# Meta's 132000: parameters given that the template has no place for (a button value for a
+# template without a button).
+PARAMETER_COUNT_MISMATCH = "Number of parameters does not match the expected number of params"
+# The approved translations of the test template "Auth" (an authentication template with a
+# copy-code button), and "OldAuth", a template approved before authentication templates had
+# buttons.
+APPROVED_TEMPLATES = frozenset(
+    {("Auth", "en"), ("Auth", "en_GB"), ("Auth", "hi"), ("Auth", "pt_BR"), ("OldAuth", "en")}
+)
+BUTTON_TEMPLATES = frozenset({"Auth"})
 
 
 def no_template(name: str, language: str) -> str:
@@ -112,6 +129,9 @@ class FakeInterakt:
         self.redeliver = False  # each report twice
         self.reverse = False  # a message's reports in reverse order
         self.early = False  # reported before the send is answered
+        self.callback_at: CallbackAt = "message"
+        # The reason and WhatsApp error code of the "failed" reports it sends by itself.
+        self.failed_with: tuple[str, int] | None = None
         self.report_answers: list[int] = []
         self._reporting: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -124,7 +144,9 @@ class FakeInterakt:
         self._origin = ""
         # Contacts who wrote within 24 hours; None means everyone did.
         self.in_window: set[str] | None = None
-        self.approved_templates: set[tuple[str, str]] = {("Auth", "en")}
+        # (name, language) pairs approved; the names of those with an OTP button at index 0.
+        self.approved_templates: set[tuple[str, str]] = set(APPROVED_TEMPLATES)
+        self.button_templates: set[str] = set(BUTTON_TEMPLATES)
 
     def answer(self, *answers: Answer) -> None:
         """Queue answers for the next requests, in order."""
@@ -141,12 +163,15 @@ class FakeInterakt:
         self._answers.clear()
         self._ids = itertools.count(1)
         self.in_window = None
-        self.approved_templates = {("Auth", "en")}
+        self.approved_templates = set(APPROVED_TEMPLATES)
+        self.button_templates = set(BUTTON_TEMPLATES)
         self.queued.clear()
         self.webhook_url = self.webhook_secret = ""
         self.reports = ()
         self.signature = "right"
         self.redeliver = self.reverse = self.early = False
+        self.callback_at = "message"
+        self.failed_with = None
         self.report_answers.clear()
         for task in self._reporting:  # a test that did not wait for its reports
             task.cancel()
@@ -163,14 +188,23 @@ class FakeInterakt:
         *,
         signature: Signature | None = None,
         reason: str | None = None,
+        error_code: int | str | None = None,
         kind: str | None = None,
     ) -> int:
         """Post one delivery report on ``message`` to ``webhook_url``; the HTTP status it got.
 
-        ``status`` is sent, delivered, read or failed (``reason`` a failure's); ``kind``
-        replaces the report's type (another kind of report).
+        ``status`` is sent, delivered, read or failed (``reason`` and ``error_code``, WhatsApp's
+        code, a failure's); ``kind`` replaces the report's type (another kind of report).
         """
-        body = json.dumps(report_body(message, status, reason=reason, kind=kind), indent=2)
+        report = report_body(
+            message,
+            status,
+            reason=reason,
+            error_code=error_code,
+            kind=kind,
+            callback_at=self.callback_at,
+        )
+        body = json.dumps(report, indent=2)
         return await self.post_report(body.encode(), signature=signature)
 
     async def post_report(self, body: bytes, *, signature: Signature | None = None) -> int:
@@ -192,9 +226,16 @@ class FakeInterakt:
 
     async def _report_on(self, message: Queued) -> None:
         statuses = list(reversed(self.reports) if self.reverse else self.reports)
+        reason, code = self.failed_with or (None, None)
         for status in statuses:
+            failed = status == "failed"
             for _ in range(2 if self.redeliver else 1):
-                await self.report(message, status)
+                await self.report(
+                    message,
+                    status,
+                    reason=reason if failed else None,
+                    error_code=code if failed else None,
+                )
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -245,6 +286,12 @@ class FakeInterakt:
             template = body["template"]
             if (template["name"], template["languageCode"]) not in self.approved_templates:
                 return _refuse(no_template(template["name"], template["languageCode"]))
+            buttons = template.get("buttonValues")
+            if template["name"] in self.button_templates:
+                if not (isinstance(buttons, dict) and buttons.get("0")):
+                    return _refuse(BUTTON_PARAMETER_MISSING)
+            elif buttons:
+                return _refuse(PARAMETER_COUNT_MISMATCH)
         else:
             return _refuse("Invalid message type")
         message = Queued(
@@ -276,14 +323,25 @@ class FakeInterakt:
 
 
 def report_body(
-    message: Queued, status: str, *, reason: str | None = None, kind: str | None = None
+    message: Queued,
+    status: str,
+    *,
+    reason: str | None = None,
+    error_code: int | str | None = None,
+    kind: str | None = None,
+    callback_at: CallbackAt = "message",
 ) -> dict[str, Any]:
     """A delivery report on ``message`` as Interakt writes it (docs/interakt.md)."""
     reported: dict[str, Any] = {"id": message.id, "message_status": STATUS_WORDS[status]}
-    if message.callback_data is not None:
+    if message.callback_data is not None and callback_at == "message":
         reported["callback_data"] = message.callback_data
+    elif message.callback_data is not None:
+        source = {"source_type": "API", "callback_data": message.callback_data}
+        reported["meta_data"] = {"source_data": source}
     if reason is not None:
         reported["channel_failure_reason"] = reason
+    if error_code is not None:
+        reported["channel_error_code"] = error_code
     return {
         "version": "1.0",
         "timestamp": "2026-11-30T12:00:00.000000",

@@ -358,7 +358,7 @@ def test_a_malformed_tokens_file_is_refused_at_start_up(tmp_path: Path) -> None:
 
 
 def test_production_needs_a_caller_token_unless_auth_is_off() -> None:
-    env = {"INTERAKT_API_KEY": "k", "OTP_SECRET": "s" * 16}
+    env = {"INTERAKT_API_KEY": "k", "INTERAKT_CHANNEL": "text", "OTP_SECRET": "s" * 16}
     with pytest.raises(ConfigError) as refused:
         Settings.from_env(env)
     assert any("at least one caller token" in p for p in refused.value.problems)
@@ -402,7 +402,12 @@ def test_bad_security_settings_are_named(env: dict[str, str], problem: str) -> N
 
 
 def test_production_without_tokens_exits_2() -> None:
-    env = {"PATH": os.environ["PATH"], "INTERAKT_API_KEY": "k", "OTP_SECRET": "s" * 16}
+    env = {
+        "PATH": os.environ["PATH"],
+        "INTERAKT_API_KEY": "k",
+        "INTERAKT_CHANNEL": "text",
+        "OTP_SECRET": "s" * 16,
+    }
     done = subprocess.run(
         [sys.executable, "-m", "otp_service", "serve"],
         env=env,
@@ -419,6 +424,7 @@ def test_auth_none_warns_at_start(redis_server: object) -> None:
     env = {
         "PATH": os.environ["PATH"],
         "INTERAKT_API_KEY": "k",
+        "INTERAKT_CHANNEL": "text",
         "OTP_SECRET": "s" * 16,
         "OTP_AUTH": "none",
         "OTP_GRPC_ADDRESS": "127.0.0.1:0",

@@ -482,6 +482,7 @@ async def start_replica(
                 "PATH": os.environ.get("PATH", ""),
                 "REDIS_URL": redis_server.url,
                 "INTERAKT_API_KEY": API_KEY,
+                "INTERAKT_CHANNEL": "text",
                 "INTERAKT_BASE_URL": interakt.base_url,
                 "OTP_SECRET": SECRET.decode(),
                 "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",

@@ -28,6 +28,7 @@ CLEAN_ENV = {
 }
 VALID = {
     "INTERAKT_API_KEY": "ZmFrZS1pbnRlcmFrdC1rZXk=",
+    "INTERAKT_TEMPLATE_NAME": "Auth",
     "OTP_SECRET": "a-production-secret-0123456789",
     "OTP_CLIENT_TOKENS": "billing:a-billing-token-0123456789",
 }
@@ -47,8 +48,10 @@ def test_defaults_match_the_readme() -> None:
     settings = Settings.from_env(VALID)
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.interakt_base_url == "https://api.interakt.ai/v1/public"
-    assert settings.template_name is None
-    assert settings.template_language == "en"
+    assert (settings.interakt_channel, settings.template_name) == ("template", "Auth")
+    assert (settings.template_language, settings.template_languages) == ("en", ())
+    assert settings.template_button
+    assert settings.status_readers == frozenset()
     assert settings.grpc_address == "0.0.0.0:50051"
     assert (settings.code_length, settings.ttl_seconds, settings.max_attempts) == (6, 600, 5)
     assert (settings.resend_cooldown_seconds, settings.max_sends_per_hour) == (30, 5)
@@ -91,6 +94,52 @@ def test_delivery_settings() -> None:
     assert "short-secret" not in str(bad.value)
 
 
+def test_template_settings() -> None:
+    """Production sends an authentication template; Text must be chosen (INTERAKT_CHANNEL)."""
+    custom = Settings.from_env(
+        {
+            **VALID,
+            "INTERAKT_TEMPLATE_LANGUAGE": "en_US",
+            "INTERAKT_TEMPLATE_LANGUAGES": "91:hi, +44:en_GB,",
+            "INTERAKT_TEMPLATE_BUTTON": "false",
+            "OTP_STATUS_READERS": "support, audit",
+        }
+    )
+    assert custom.template_language == "en_US"
+    assert custom.template_languages == (("91", "hi"), ("44", "en_GB"))
+    assert not custom.template_button
+    assert custom.status_readers == {"support", "audit"}
+    without = {k: v for k, v in VALID.items() if k != "INTERAKT_TEMPLATE_NAME"}
+    text = Settings.from_env({**without, "INTERAKT_CHANNEL": "Text"})
+    assert (text.interakt_channel, text.template_name) == ("text", None)
+    assert Settings.from_env({}, dev=True).template_name is None  # dev writes codes to its log
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env(
+            {
+                **VALID,
+                "INTERAKT_CHANNEL": "text",
+                "INTERAKT_TEMPLATE_LANGUAGE": "en-US",
+                "INTERAKT_TEMPLATE_LANGUAGES": "91:hi,91:en,999:en,44:english,:hi",
+                "OTP_STATUS_READERS": "a b",
+            }
+        )
+    assert bad.value.problems == [
+        "INTERAKT_TEMPLATE_NAME: set, but INTERAKT_CHANNEL=text sends no template; unset one of "
+        "them",
+        "INTERAKT_TEMPLATE_LANGUAGE: 'en-US' is not one of WhatsApp's template languages (such "
+        "as en, en_US, hi, pt_BR: docs/interakt.md)",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 2: +91 is given twice",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 3: expected callingcode:language, such as 91:hi",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 4: 'english' is not one of WhatsApp's template "
+        "languages (such as en, en_US, hi, pt_BR: docs/interakt.md)",
+        "INTERAKT_TEMPLATE_LANGUAGES: entry 5: expected callingcode:language, such as 91:hi",
+        "OTP_STATUS_READERS: expected caller names (as in OTP_CLIENT_TOKENS), comma-separated",
+    ]
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env({**without, "INTERAKT_CHANNEL": "sms"})
+    assert bad.value.problems == ["INTERAKT_CHANNEL: must be 'template' or 'text' (got 'sms')"]
+
+
 def test_every_problem_is_reported_at_once() -> None:
     env = {
         "OTP_SECRET": "short",
@@ -107,6 +156,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "REDIS_URL",
         "INTERAKT_API_KEY",
         "OTP_SECRET",
+        "INTERAKT_TEMPLATE_NAME",
         "INTERAKT_BASE_URL",
         "OTP_TTL_SECONDS",
         "OTP_CLIENT_TOKENS / OTP_CLIENT_TOKENS_FILE",
@@ -124,6 +174,9 @@ def test_production_without_configuration_exits_2_before_listening() -> None:
     assert lines == [
         "otp-service: configuration error: INTERAKT_API_KEY: required in production mode",
         "otp-service: configuration error: OTP_SECRET: required in production mode",
+        "otp-service: configuration error: INTERAKT_TEMPLATE_NAME: required in production mode "
+        "(an approved authentication template, docs/interakt.md), unless INTERAKT_CHANNEL=text "
+        "is chosen",
         "otp-service: configuration error: OTP_CLIENT_TOKENS / OTP_CLIENT_TOKENS_FILE: at least "
         "one caller token is required in production mode (OTP_AUTH=none turns caller "
         "authentication off)",

@@ -159,7 +159,12 @@ def _sha1(source: str) -> str:
 
 
 def test_cluster_urls_are_checked() -> None:
-    env = {"OTP_SECRET": "x" * 16, "INTERAKT_API_KEY": "k", "OTP_CLIENT_TOKENS": "a:" + "t" * 16}
+    env = {
+        "OTP_SECRET": "x" * 16,
+        "INTERAKT_API_KEY": "k",
+        "INTERAKT_CHANNEL": "text",
+        "OTP_CLIENT_TOKENS": "a:" + "t" * 16,
+    }
     url = "rediss+cluster://user:secret@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002"
     assert Settings.from_env({**env, "REDIS_URL": url}).redis_url == url
     for bad, problem in [

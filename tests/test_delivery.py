@@ -92,6 +92,21 @@ async def test_refusals_are_failed_precondition_with_the_reason(
     assert_no_code_left(redis_db)
 
 
+@pytest.mark.parametrize("status", [400, 404, 422])
+async def test_result_true_with_a_4xx_is_not_an_acceptance(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis, status: int
+) -> None:
+    """Only a 2xx with ``result: true`` is a queued message: a 4xx that says true (a proxy's
+    page, an API change) sent nothing we know of, so the code is not left behind."""
+    stub = await make_service()
+    body = {"result": True, "message": "Message queued for sending", "id": "msg-4xx"}
+    interakt.answer(Answer(status, body))
+    failed = await send_fails(stub, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "msg-4xx" not in (failed.details() or "")
+    assert len(interakt.received) == 1
+    assert_no_code_left(redis_db)
+
+
 async def test_the_fake_itself_refuses_what_interakt_would(
     make_service: MakeService, interakt: FakeInterakt
 ) -> None:

@@ -18,7 +18,9 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service.gateway._webhooks import MAX_REPORT_BYTES
 from tests.conftest import (
+    CALLER,
     PHONE,
+    TOKEN,
     WEBHOOK_SECRET,
     Gateway,
     MakeGateway,
@@ -30,7 +32,7 @@ from tests.conftest import (
     send,
     verify,
 )
-from tests.fake_interakt import FakeInterakt, Queued, refusal, report_body, sign
+from tests.fake_interakt import CallbackAt, FakeInterakt, Queued, refusal, report_body, sign
 from tests.test_no_leaks import everything_in
 
 # The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
@@ -89,6 +91,8 @@ async def test_status_of_a_sent_code_says_queued_and_never_carries_the_code(
     assert answer.channel == otp_pb2.CHANNEL_TEXT
     assert answer.message_id == sent.message_id == interakt.queued[0].id
     assert answer.failure_reason == ""
+    assert answer.failure == otp_pb2.DELIVERY_FAILURE_UNSPECIFIED
+    assert answer.language == ""  # a Text message has none
     assert not answer.verified
     assert answer.expires_at == sent.expires_at
     assert 0 < answer.resend_after_seconds <= sent.resend_after_seconds
@@ -260,12 +264,14 @@ async def test_failed_says_why_and_lifts_the_cooldown_but_not_the_hourly_cap(
     assert retry_delay(capped.value) > 3000
 
 
+@pytest.mark.parametrize("callback_at", ["message", "meta_data"])
 async def test_a_report_before_the_send_is_answered_is_applied(
-    gateway: Gateway, interakt: FakeInterakt
+    gateway: Gateway, interakt: FakeInterakt, callback_at: CallbackAt
 ) -> None:
     """Interakt may report before its answer to the send is recorded: the callback data finds
-    the message."""
+    the message, at either place a report has it."""
     interakt.reports, interakt.early = ("sent",), True
+    interakt.callback_at = callback_at
     sent = await send(gateway.stub)
     assert interakt.report_answers == [200]
     answer = await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_SENT)
@@ -504,7 +510,9 @@ async def test_send_retry_then_failed_then_resend_at_once_over_rest(
 
     assert (await rest_status())["state"] == "DELIVERY_STATE_QUEUED"
     await interakt.report(interakt.queued[0], "sent")
-    await interakt.report(interakt.queued[0], "failed", reason="Number is not on WhatsApp")
+    await interakt.report(
+        interakt.queued[0], "failed", reason="Number is not on WhatsApp", error_code=131026
+    )
 
     async def failed() -> bool:
         return (await rest_status())["state"] == "DELIVERY_STATE_FAILED"
@@ -512,6 +520,7 @@ async def test_send_retry_then_failed_then_resend_at_once_over_rest(
     await eventually(failed)
     reply = await rest_status()
     assert reply["failure_reason"] == "Number is not on WhatsApp"
+    assert reply["failure"] == "DELIVERY_FAILURE_NOT_ON_WHATSAPP"
     assert reply["resend_after_seconds"] == 0
     assert reply["message_id"] == first["message_id"]
     assert set(reply) == {field.name for field in otp_pb2.GetOtpStatusResponse.DESCRIPTOR.fields}
@@ -537,3 +546,135 @@ async def test_rest_status_of_a_number_without_a_code_is_404_and_needs_its_param
         gateway.url + STATUS, params={"phone_number": PHONE}, headers={"Authorization": "Bearer x"}
     ) as answer:
         assert answer.status == 401
+
+
+# --- typed failures, the language, and whose status it is ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error_code", "reason", "failure"),
+    [
+        (131026, "Message undeliverable", otp_pb2.DELIVERY_FAILURE_NOT_ON_WHATSAPP),
+        ("131026", "Failed", otp_pb2.DELIVERY_FAILURE_NOT_ON_WHATSAPP),
+        (None, "Message Undeliverable.", otp_pb2.DELIVERY_FAILURE_NOT_ON_WHATSAPP),
+        (
+            132001,
+            "Template name does not exist in the translation",
+            otp_pb2.DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE,
+        ),
+        (131008, "Required parameter is missing", otp_pb2.DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE),
+        (
+            131049,
+            "This message was not delivered to maintain healthy ecosystem engagement.",
+            otp_pb2.DELIVERY_FAILURE_RATE_LIMITED,
+        ),
+        (
+            131056,
+            "(Business Account, Consumer Account) pair rate limit hit",
+            otp_pb2.DELIVERY_FAILURE_RATE_LIMITED,
+        ),
+        (130429, "Rate limit hit", otp_pb2.DELIVERY_FAILURE_RATE_LIMITED),
+        (None, "Message expired", otp_pb2.DELIVERY_FAILURE_EXPIRED),
+        (1, "Something new", otp_pb2.DELIVERY_FAILURE_UNKNOWN),
+        (None, None, otp_pb2.DELIVERY_FAILURE_UNKNOWN),
+    ],
+)
+async def test_a_failed_report_is_typed_from_its_error_code_else_its_words(
+    gateway: Gateway,
+    interakt: FakeInterakt,
+    error_code: int | str | None,
+    reason: str | None,
+    failure: int,
+) -> None:
+    message = await sent_message(gateway, interakt)
+    assert await interakt.report(message, "failed", reason=reason, error_code=error_code) == 200
+    answer = await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_FAILED)
+    assert answer.failure == failure
+    assert answer.failure_reason == (reason or "")
+    # Delivered after all (reports come in any order): no failure left.
+    assert await interakt.report(message, "delivered") == 200
+    answer = await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_DELIVERED)
+    assert answer.failure == otp_pb2.DELIVERY_FAILURE_UNSPECIFIED
+
+
+async def test_status_and_the_rest_route_say_the_template_language(
+    make_gateway: MakeGateway, interakt: FakeInterakt, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(template_name="Auth", template_languages=(("91", "hi"),))
+    await send(gateway.stub)
+    assert (await status(gateway.stub)).language == "hi"
+    async with http.get(gateway.url + STATUS, params={"phone_number": PHONE}) as answer:
+        reply = await answer.json()
+    assert (reply["channel"], reply["language"]) == ("CHANNEL_TEMPLATE", "hi")
+
+
+async def test_an_array_of_reports_is_applied_each_once_and_a_malformed_one_ignored(
+    gateway: Gateway, interakt: FakeInterakt, http: aiohttp.ClientSession
+) -> None:
+    message = await sent_message(gateway, interakt)
+    other_phone = "+917003848502"
+    other = await sent_message(gateway, interakt, other_phone)
+    _, before = await scrape(http, gateway.url)
+    reports = [
+        report_body(message, "sent"),
+        42,
+        {"type": "message_api_read"},
+        report_body(other, "failed", reason="Message undeliverable", error_code=131026),
+        report_body(message, "delivered", callback_at="meta_data"),
+    ]
+    assert await interakt.post_report(json.dumps(reports).encode()) == 200
+    answer = await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_DELIVERED)
+    assert answer.message_id == message.id
+    other_answer = await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_FAILED, other_phone)
+    assert other_answer.failure == otp_pb2.DELIVERY_FAILURE_NOT_ON_WHATSAPP
+
+    async def counted() -> bool:
+        _, after = await scrape(http, gateway.url)
+        return delta(before, after, "otp_delivery_reports_total", result="applied") == 3
+
+    await eventually(counted)
+    _, after = await scrape(http, gateway.url)
+    assert delta(before, after, "otp_delivery_reports_total", result="malformed") == 2
+    assert await interakt.post_report(b"[]") == 200
+
+
+OTHER_CALLER, OTHER_TOKEN = "signup", "another-caller-token-abcdefgh"
+READER, READER_TOKEN = "support", "a-support-token-0123456789"
+
+
+@pytest.mark.parametrize("readers", [frozenset(), frozenset({READER})])
+async def test_status_is_for_the_caller_that_sent_the_code_unless_one_may_read_all(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, readers: frozenset[str]
+) -> None:
+    """Another caller is told NOT_FOUND, exactly as for a number without a code (SECURITY.md);
+    OTP_STATUS_READERS names callers that see every status."""
+    gateway = await make_gateway(
+        client_tokens=((CALLER, TOKEN), (OTHER_CALLER, OTHER_TOKEN), (READER, READER_TOKEN)),
+        status_readers=readers,
+    )
+    other = {"authorization": f"Bearer {OTHER_TOKEN}"}
+    with pytest.raises(grpc.aio.AioRpcError) as never_sent:
+        await status(gateway.stub, "+917003848509")
+    await send(gateway.stub)
+    assert (await status(gateway.stub)).message_id  # the sender sees its own
+    with pytest.raises(grpc.aio.AioRpcError) as hidden:
+        await gateway.stub.GetOtpStatus(
+            otp_pb2.GetOtpStatusRequest(phone_number=PHONE), timeout=10, metadata=(*other.items(),)
+        )
+    assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+    assert hidden.value.details() == never_sent.value.details()
+    assert "NO_CODE_SENT" in str(hidden.value.trailing_metadata())
+
+    async def rest_status(headers: dict[str, str]) -> int:
+        async with http.get(
+            gateway.url + STATUS, params={"phone_number": PHONE}, headers=headers
+        ) as answer:
+            if answer.status == 404:
+                assert (await answer.json())["details"][0]["reason"] == "NO_CODE_SENT"
+            return answer.status
+
+    assert await rest_status(other) == 404
+    assert await rest_status({}) == 200  # the test caller's own token
+    assert await rest_status({"authorization": f"Bearer {READER_TOKEN}"}) == (
+        200 if readers else 404
+    )

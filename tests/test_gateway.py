@@ -535,7 +535,7 @@ def openapi() -> dict[str, Any]:
 
 
 # Request fields a caller may leave out (the proto says so in their comments).
-OPTIONAL_FIELDS = frozenset({"idempotency_key"})
+OPTIONAL_FIELDS = frozenset({"idempotency_key", "locale"})
 
 
 def test_openapi_document_matches_the_live_routes_and_the_proto() -> None:

@@ -112,6 +112,7 @@ async def test_health_follows_redis_and_rpcs_fail_fast_without_it(
 
 PRODUCTION = {
     "INTERAKT_API_KEY": API_KEY,
+    "INTERAKT_CHANNEL": "text",
     "OTP_SECRET": SECRET.decode(),
     "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
 }
@@ -211,6 +212,7 @@ async def served(
     env = {
         "REDIS_URL": redis_server.url,
         "INTERAKT_API_KEY": API_KEY,
+        "INTERAKT_CHANNEL": "text",
         "INTERAKT_BASE_URL": interakt.base_url,
         "OTP_SECRET": SECRET.decode(),
         "OTP_CLIENT_TOKENS": f"{CALLER}:{TOKEN}",
@@ -447,9 +449,11 @@ async def test_the_webhook_is_off_without_a_secret_and_a_line_says_so(
     redis_server: EmbeddedRedis,
     interakt: FakeInterakt,
 ) -> None:
+    """And Text chosen instead of a template (INTERAKT_CHANNEL=text) is a WARNING too."""
+    template = {"INTERAKT_CHANNEL": "template", "INTERAKT_TEMPLATE_NAME": "Auth"}
     async with (
         served(redis_server, interakt) as off,
-        served(redis_server, interakt, INTERAKT_WEBHOOK_SECRET=WEBHOOK_SECRET) as on,
+        served(redis_server, interakt, INTERAKT_WEBHOOK_SECRET=WEBHOOK_SECRET, **template) as on,
         aiohttp.ClientSession() as interakt_side,  # no caller token: Interakt has none
     ):
         webhook = "/webhooks/interakt"
@@ -467,6 +471,10 @@ async def test_the_webhook_is_off_without_a_secret_and_a_line_says_so(
     assert said["message"].startswith("POST /webhooks/interakt is off (no INTERAKT_WEBHOOK_SECRET)")
     assert not [line for line in logged[1] if line["event"] == "webhook_off"]
     assert WEBHOOK_SECRET not in json.dumps(logged[1])
+    [text] = [line for line in logged[0] if line["event"] == "text_channel"]
+    assert text["level"] == "WARNING"
+    assert "wrote to the business in the last 24 hours" in text["message"]
+    assert not [line for line in logged[1] if line["event"] == "text_channel"]
 
 
 def git_commit() -> str:

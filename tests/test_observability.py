@@ -199,10 +199,13 @@ async def test_one_json_line_per_request_with_the_request_id_in_the_sender_lines
     )
 
     lines = json_log.lines()
-    [retry] = [line for line in lines if line.get("logger") == "otp_service.sender"]
-    assert retry["request_id"] == "req-log-1"
+    retry, queued = [line for line in lines if line.get("logger") == "otp_service.sender"]
+    assert retry["request_id"] == queued["request_id"] == "req-log-1"
     assert retry["reason"] == "HTTP 503"
     assert retry["level"] == "WARNING"
+    # The message Interakt queued, with the template's language ("" for Text).
+    assert (queued["event"], queued["level"], queued["language"]) == ("interakt_queued", "INFO", "")
+    assert queued["message"] == f"interakt queued message {interakt.queued[-1].id} (text)"
 
     send, verify = [line for line in lines if line["event"] == "rpc"]
     assert list(send) == [

@@ -24,7 +24,12 @@ from tests.redis_deployments import SENTINEL_MASTER, LocalSentinel, RedisProcess
 from tests.redis_proxy import RedisProxy
 from tests.test_store_contract import RULES
 
-PRODUCTION = {"OTP_SECRET": "x" * 16, "INTERAKT_API_KEY": "k", "OTP_CLIENT_TOKENS": "a:" + "t" * 16}
+PRODUCTION = {
+    "OTP_SECRET": "x" * 16,
+    "INTERAKT_API_KEY": "k",
+    "INTERAKT_CHANNEL": "text",
+    "OTP_CLIENT_TOKENS": "a:" + "t" * 16,
+}
 # Cycles of the load to see before the failover, and again after it.
 CYCLES = 20
 Answer = TypeVar("Answer")

@@ -20,6 +20,7 @@ from otp_service.redis_backends import open_store
 from otp_service.results import (
     Channel,
     Delivery,
+    DeliveryFailure,
     DeliveryReport,
     DeliveryState,
     ReportOutcome,
@@ -217,26 +218,41 @@ async def test_delivery_reports_move_the_status_forward_only(
     make_store: Callable[..., Store],
 ) -> None:
     store = make_store()
-    await store.add_code(PHONE, RIGHT, SEND)
-    queued = await store.status(PHONE)
-    assert queued is not None
+    await store.add_code(PHONE, RIGHT, SEND, caller=CALLER)
+    found = await store.status(PHONE)
+    assert found is not None
+    queued, sent_by = found
     assert (queued.state, queued.channel, queued.message_id) == (DeliveryState.QUEUED, None, "")
-    await store.record_sent(SEND, phone=PHONE, delivery=Delivery(Channel.TEXT, "msg-1"))
+    assert (sent_by, queued.language, queued.failure) == (CALLER, "", None)
+    delivery = Delivery(Channel.TEMPLATE, "msg-1", language="pt_BR")
+    await store.record_sent(SEND, phone=PHONE, delivery=delivery)
 
-    def report(state: DeliveryState, message_id: str = "msg-1") -> DeliveryReport:
-        return DeliveryReport(phone=PHONE, message_id=message_id, send_id=SEND, state=state)
+    def report(
+        state: DeliveryState, message_id: str = "msg-1", failure: DeliveryFailure | None = None
+    ) -> DeliveryReport:
+        return DeliveryReport(
+            phone=PHONE, message_id=message_id, send_id=SEND, state=state, failure=failure
+        )
+
+    failed = report(DeliveryState.FAILED, failure=DeliveryFailure.NOT_ON_WHATSAPP)
+    assert await store.report_delivery(failed) is ReportOutcome.APPLIED
+    found = await store.status(PHONE)
+    assert found is not None
+    assert (found[0].failure, found[0].language) == (DeliveryFailure.NOT_ON_WHATSAPP, "pt_BR")
 
     assert await store.report_delivery(report(DeliveryState.DELIVERED)) is ReportOutcome.APPLIED
     assert await store.report_delivery(report(DeliveryState.SENT)) is ReportOutcome.UNCHANGED
     assert await store.report_delivery(report(DeliveryState.READ, "msg-0")) is (
         ReportOutcome.UNKNOWN
     )
-    status = await store.status(PHONE)
-    assert status is not None
+    found = await store.status(PHONE)
+    assert found is not None
+    status = found[0]
     assert (status.state, status.channel, status.message_id, status.verified) == (
         DeliveryState.DELIVERED,
-        Channel.TEXT,
+        Channel.TEMPLATE,
         "msg-1",
         False,
     )
+    assert status.failure is None
     assert await store.status(OTHER_PHONE) is None

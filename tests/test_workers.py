@@ -83,6 +83,7 @@ def two_workers(redis_server: EmbeddedRedis) -> Iterator[tuple[subprocess.Popen[
         **os.environ,
         "REDIS_URL": redis_server.url,
         "INTERAKT_API_KEY": API_KEY,
+        "INTERAKT_CHANNEL": "text",
         "INTERAKT_BASE_URL": "http://127.0.0.1:9/v1/public",  # never called by a verify
         "OTP_SECRET": SECRET.decode(),
         "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}",

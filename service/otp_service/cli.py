@@ -244,6 +244,14 @@ def _warn_about_modes(settings: Settings) -> None:
             DEV_TOKEN,
             extra={"event": "dev_token"},
         )
+    if not settings.dev and settings.interakt_channel == "text":
+        log.warning(
+            "INTERAKT_CHANNEL=text: codes are sent as WhatsApp Text messages, which reach only "
+            "people who wrote to the business in the last 24 hours; everyone else is refused "
+            "(OUTSIDE_24_HOUR_WINDOW). Configure an authentication template "
+            "(INTERAKT_TEMPLATE_NAME) to reach anyone",
+            extra={"event": "text_channel"},
+        )
     if settings.test_numbers:
         log.warning(
             "OTP_TEST_NUMBERS: %d test numbers configured; their codes are fixed and never sent, "

@@ -18,11 +18,16 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from otp_service.errors import InvalidInput
+from otp_service.languages import WHATSAPP_LANGUAGES
 from otp_service.phone import parse_phone
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_INTERAKT_BASE_URL = "https://api.interakt.ai/v1/public"
 DEFAULT_TEMPLATE_LANGUAGE = "en"
+# What production sends (INTERAKT_CHANNEL): an approved template, which reaches anyone; Text
+# reaches only people who wrote to the business in the last 24 hours, and must be chosen.
+CHANNELS = ("template", "text")
+DEFAULT_CHANNEL = "template"
 DEFAULT_GRPC_ADDRESS = "0.0.0.0:50051"
 DEFAULT_HTTP_ADDRESS = "0.0.0.0:8080"
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
@@ -54,6 +59,7 @@ DEFAULT_BREAKER_COOLOFF_SECONDS = 30.0
 MIN_WEBHOOK_SECRET_LENGTH = 16
 
 MIN_CODE_LENGTH = 4
+# WhatsApp's authentication templates take codes of at most 15 characters.
 MAX_CODE_LENGTH = 10
 # A development-only key, so `serve --dev` needs no configuration. Production refuses to start
 # without OTP_SECRET, so this value can never protect real codes.
@@ -103,8 +109,14 @@ class Settings:
     interakt_webhook_secret: str = dataclasses.field(default="", repr=False)
     breaker_failures: int = DEFAULT_BREAKER_FAILURES
     breaker_cooloff_seconds: float = DEFAULT_BREAKER_COOLOFF_SECONDS
+    interakt_channel: str = DEFAULT_CHANNEL
     template_name: str | None = None
+    # The default language, and the language by calling code (INTERAKT_TEMPLATE_LANGUAGES).
     template_language: str = DEFAULT_TEMPLATE_LANGUAGE
+    template_languages: tuple[tuple[str, str], ...] = ()
+    # Whether a template send carries the code for the OTP button too (an authentication
+    # template has one; only an old template without it needs false).
+    template_button: bool = True
     otp_secret: bytes = dataclasses.field(default=b"", repr=False)
     grpc_address: str = DEFAULT_GRPC_ADDRESS
     # The JSON gateway, /metrics and the health endpoints; "" runs no HTTP server.
@@ -135,6 +147,8 @@ class Settings:
     max_failed_verifies_per_hour: int = DEFAULT_MAX_FAILED_VERIFIES_PER_HOUR
     # Numbers in E.164 with their fixed code (OTP_TEST_NUMBERS): never sent, every limit holds.
     test_numbers: tuple[tuple[str, str], ...] = ()
+    # Callers that may read GetOtpStatus of other callers' sends (OTP_STATUS_READERS).
+    status_readers: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(
@@ -161,6 +175,7 @@ class Settings:
                 reader.problems.append("OTP_SECRET: required in production mode")
             elif len(secret) < 16:
                 reader.problems.append("OTP_SECRET: must be at least 16 characters")
+        channel, template_name = _channel(reader, dev=dev, gateway_only=gateway_only)
         webhook_secret = reader.text("INTERAKT_WEBHOOK_SECRET", None) or ""
         if webhook_secret and len(webhook_secret) < MIN_WEBHOOK_SECRET_LENGTH:
             reader.problems.append(
@@ -202,6 +217,9 @@ class Settings:
                 )
         if metrics_auth and auth == "none":
             reader.problems.append("OTP_METRICS_AUTH: cannot be on with OTP_AUTH=none")
+        template_language = _language(
+            reader, "INTERAKT_TEMPLATE_LANGUAGE", reader.text("INTERAKT_TEMPLATE_LANGUAGE", None)
+        )
         tls_cert, tls_key = _path(reader, "OTP_TLS_CERT"), _path(reader, "OTP_TLS_KEY")
         tls_client_ca = _path(reader, "OTP_TLS_CLIENT_CA")
         if (tls_cert is None) != (tls_key is None):
@@ -235,9 +253,11 @@ class Settings:
                 low=0.1,
                 high=3_600,
             ),
-            template_name=reader.text("INTERAKT_TEMPLATE_NAME", None) or None,
-            template_language=reader.text("INTERAKT_TEMPLATE_LANGUAGE", DEFAULT_TEMPLATE_LANGUAGE)
-            or DEFAULT_TEMPLATE_LANGUAGE,
+            interakt_channel=channel,
+            template_name=template_name,
+            template_language=template_language or DEFAULT_TEMPLATE_LANGUAGE,
+            template_languages=_template_languages(reader),
+            template_button=reader.boolean("INTERAKT_TEMPLATE_BUTTON", True),
             otp_secret=(secret or (DEV_SECRET if dev else "")).encode(),
             grpc_address=_address(reader, "OTP_GRPC_ADDRESS", DEFAULT_GRPC_ADDRESS),
             # Set but empty means "no HTTP server", unlike the other settings, where empty is unset.
@@ -290,6 +310,7 @@ class Settings:
                 high=1_000,
             ),
             test_numbers=_test_numbers(reader, code_length),
+            status_readers=_status_readers(reader),
         )
         for name in reader.unknown():
             problem = f"{name}: not a variable otp-service reads (a typo?)"
@@ -515,6 +536,68 @@ def _test_numbers(reader: _Reader, code_length: int) -> tuple[tuple[str, str], .
         else:
             numbers[e164] = code
     return tuple(numbers.items())
+
+
+def _channel(reader: _Reader, *, dev: bool, gateway_only: bool) -> tuple[str, str | None]:
+    """INTERAKT_CHANNEL and INTERAKT_TEMPLATE_NAME: production sends a template unless Text is
+    chosen, since Text reaches only people who wrote to the business in the last 24 hours."""
+    channel = (reader.text("INTERAKT_CHANNEL", DEFAULT_CHANNEL) or DEFAULT_CHANNEL).lower()
+    name = reader.text("INTERAKT_TEMPLATE_NAME", None)
+    if channel not in CHANNELS:
+        reader.problems.append(f"INTERAKT_CHANNEL: must be 'template' or 'text' (got {channel!r})")
+    elif channel == "text" and name:
+        reader.problems.append(
+            "INTERAKT_TEMPLATE_NAME: set, but INTERAKT_CHANNEL=text sends no template; "
+            "unset one of them"
+        )
+    elif channel == "template" and not name and not dev and not gateway_only:
+        reader.problems.append(
+            "INTERAKT_TEMPLATE_NAME: required in production mode (an approved authentication "
+            "template, docs/interakt.md), unless INTERAKT_CHANNEL=text is chosen"
+        )
+    return channel, name
+
+
+def _language(reader: _Reader, name: str, value: str | None) -> str | None:
+    if value is not None and value not in WHATSAPP_LANGUAGES:
+        reader.problems.append(
+            f"{name}: {value[:16]!r} is not one of WhatsApp's template languages "
+            "(such as en, en_US, hi, pt_BR: docs/interakt.md)"
+        )
+    return value
+
+
+def _template_languages(reader: _Reader) -> tuple[tuple[str, str], ...]:
+    """INTERAKT_TEMPLATE_LANGUAGES: ``calling code:language`` entries, e.g. ``91:hi,44:en_GB``."""
+    raw = reader.text("INTERAKT_TEMPLATE_LANGUAGES", None)
+    if raw is None:
+        return ()
+    entries: dict[str, str] = {}
+    for position, entry in enumerate(raw.split(","), start=1):
+        if not entry.strip():
+            continue
+        code, _, language = (part.strip() for part in entry.partition(":"))
+        code = code.lstrip("+")
+        problem = f"INTERAKT_TEMPLATE_LANGUAGES: entry {position}"
+        if not code.isdigit() or phonenumbers.region_code_for_country_code(int(code)) == "ZZ":
+            reader.problems.append(f"{problem}: expected callingcode:language, such as 91:hi")
+        elif code in entries:
+            reader.problems.append(f"{problem}: +{code} is given twice")
+        elif _language(reader, problem, language) is not None:
+            entries[code] = language
+    return tuple(entries.items())
+
+
+def _status_readers(reader: _Reader) -> frozenset[str]:
+    raw = reader.text("OTP_STATUS_READERS", None)
+    if raw is None:
+        return frozenset()
+    names = frozenset(name.strip() for name in raw.split(",") if name.strip())
+    if not names or not all(_CALLER_NAME.fullmatch(name) for name in names):
+        reader.problems.append(
+            "OTP_STATUS_READERS: expected caller names (as in OTP_CLIENT_TOKENS), comma-separated"
+        )
+    return names
 
 
 def _path(reader: _Reader, name: str) -> str | None:

@@ -64,6 +64,12 @@ SENDS = Counter(
     "Delivery attempts, by channel and what the upstream answered.",
     ["channel", "result"],
 )
+TEMPLATE_LANGUAGE_FALLBACKS = Counter(
+    "otp_template_language_fallbacks_total",
+    "Template sends refused for a language without an approved translation and sent again in "
+    "INTERAKT_TEMPLATE_LANGUAGE, by the language refused (one configured, or other).",
+    ["language"],
+)
 UPSTREAM_SECONDS = Histogram(
     "otp_upstream_request_seconds",
     "Duration of one request to the message provider (Interakt).",
@@ -112,6 +118,7 @@ SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
     RPC_SECONDS,
     VERIFICATIONS,
     SENDS,
+    TEMPLATE_LANGUAGE_FALLBACKS,
     UPSTREAM_SECONDS,
     LIMIT_REFUSALS,
     AUTH_FAILURES,

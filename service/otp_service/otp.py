@@ -20,6 +20,7 @@ from otp_service.errors import (
     SendInProgress,
     StoreUnavailable,
 )
+from otp_service.languages import check_locale
 from otp_service.phone import PhoneNumber, parse_phone
 from otp_service.results import (
     Channel,
@@ -59,6 +60,7 @@ class OtpService:
         send_timeout_seconds: float,
         allowed_countries: frozenset[str],
         test_numbers: Mapping[str, str] | None = None,
+        status_readers: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
         self._sender = sender
@@ -69,13 +71,20 @@ class OtpService:
         self._allowed_countries = allowed_countries
         # E.164 number -> its fixed code (OTP_TEST_NUMBERS).
         self._test_numbers = dict(test_numbers or {})
+        # Callers that may read the status of any caller's sends (OTP_STATUS_READERS).
+        self._status_readers = status_readers
         # A send answers within this: its store calls, its delivery and the record of its
         # answer. A send that claimed an idempotency key longer ago and never answered is gone
         # (its process died), and a repeat sends in its place.
         self._key_lease = send_timeout_seconds + 2 * store_timeout_seconds + 1.0
 
     async def send(
-        self, phone_number: str, *, budget: float | None = None, idempotency_key: str = ""
+        self,
+        phone_number: str,
+        *,
+        budget: float | None = None,
+        idempotency_key: str = "",
+        locale: str = "",
     ) -> SendResult:
         """Store a new code for the number and deliver it within ``budget`` seconds.
 
@@ -88,9 +97,12 @@ class OtpService:
         With ``idempotency_key``, a repeat of a send that answered gets that answer again and
         sends nothing; one that arrives while that send runs waits for its answer (within
         ``budget``: else SendInProgress), and sends in its place should it fail.
+
+        ``locale`` (BCP 47, optional) chooses the template's language.
         """
         phone = parse_phone(phone_number)
         key = _key_id(idempotency_key)
+        check_locale(locale)
         if phone.country_code[1:] not in self._allowed_countries:
             allowed = ", ".join(f"+{c}" for c in sorted(self._allowed_countries))
             raise NotAllowed(
@@ -109,7 +121,7 @@ class OtpService:
         loop = asyncio.get_running_loop()
         deadline = None if budget is None else loop.time() + budget
         while True:
-            sent = await self._send(phone, test_code, key, deadline)
+            sent = await self._send(phone, test_code, key, deadline, locale)
             if sent is not Pending.RUNNING:
                 return sent
             # A call with the same key is sending: its answer is this call's too. None: it
@@ -135,7 +147,12 @@ class OtpService:
         return None
 
     async def _send(
-        self, phone: PhoneNumber, test_code: str | None, key: str | None, deadline: float | None
+        self,
+        phone: PhoneNumber,
+        test_code: str | None,
+        key: str | None,
+        deadline: float | None,
+        locale: str,
     ) -> SendResult | Pending:
         """One try of ``send``: Pending when another send holds ``key``."""
         code = test_code or "".join(secrets.choice("0123456789") for _ in range(self._code_length))
@@ -156,7 +173,12 @@ class OtpService:
             async with _store_deadline(self._store_timeout):
                 stored = True
                 added = await self._store.add_code(
-                    phone.e164, digest, send_id, key=key, lease_ms=int(self._key_lease * 1000)
+                    phone.e164,
+                    digest,
+                    send_id,
+                    key=key,
+                    lease_ms=int(self._key_lease * 1000),
+                    caller=caller,
                 )
                 if not isinstance(added, Stored):
                     return added if added is Pending.RUNNING else _answer(added)
@@ -171,7 +193,9 @@ class OtpService:
             if deadline is not None:
                 remaining = min(remaining, deadline - store_done)
             if test_code is None:
-                delivery = await self._sender.send(phone, code, budget=remaining, reference=send_id)
+                delivery = await self._sender.send(
+                    phone, code, budget=remaining, reference=send_id, locale=locale
+                )
             else:
                 delivery = _test_number_used(phone, "SendOtp")
         except BaseException as exc:
@@ -234,14 +258,23 @@ class OtpService:
             delay = min(delay * 2, _LAST_POLL_SECONDS)
 
     async def status(self, phone_number: str) -> OtpStatus:
-        """What became of the number's latest code. Raises InvalidInput, NotFound."""
+        """What became of the number's latest code. Raises InvalidInput, NotFound.
+
+        Only for the calling service that sent it (or one of OTP_STATUS_READERS): to any other,
+        a number with a live code is NotFound like one without, so a caller learns nothing of
+        another's users (SECURITY.md).
+        """
         phone = parse_phone(phone_number)
-        status = await self._store.status(phone.e164)
-        if status is None:
+        found = await self._store.status(phone.e164)
+        if found is None or not self._may_read(found[1]):
             raise NotFound(
                 "phone_number: no code of this number is live: none was sent, or it expired"
             )
-        return status
+        return found[0]
+
+    def _may_read(self, sent_by: str) -> bool:
+        caller = context.caller.get()
+        return caller == sent_by or caller in self._status_readers
 
     async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
         """Apply one of Interakt's delivery reports. Raises StoreUnavailable."""

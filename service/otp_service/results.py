@@ -38,10 +38,11 @@ class Channel(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """What the message provider accepted."""
+    """What the message provider accepted; ``language`` is a template's ("" for Text)."""
 
     channel: Channel
     message_id: str
+    language: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,17 @@ class DeliveryState(enum.Enum):
     FAILED = 5
 
 
+class DeliveryFailure(enum.Enum):
+    """Why WhatsApp did not deliver a message, for a caller to act on (mirrors
+    otp.v1.DeliveryFailure; docs/interakt.md maps WhatsApp's codes to these)."""
+
+    NOT_ON_WHATSAPP = 1
+    TEMPLATE_UNAVAILABLE = 2
+    RATE_LIMITED = 3
+    EXPIRED = 4
+    UNKNOWN = 5
+
+
 @dataclass(frozen=True, slots=True)
 class OtpStatus:
     """What became of a number's latest code (GetOtpStatus); never the code itself."""
@@ -75,6 +87,10 @@ class OtpStatus:
     verified: bool
     expires_at_ms: int
     resend_after_seconds: int
+    # Set with FAILED.
+    failure: DeliveryFailure | None = None
+    # The template's language the message went out in ("" for Text, or before it was accepted).
+    language: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +98,8 @@ class DeliveryReport:
     """One of Interakt's delivery reports (a webhook), about the message sent to ``phone``.
 
     ``send_id`` is what the send put in Interakt's callbackData ("" when the report has none);
-    ``reason`` is Interakt's failure reason, "" when there is none.
+    ``reason`` is Interakt's failure reason, "" when there is none, and ``failure`` what it
+    means (set with FAILED).
     """
 
     phone: str
@@ -90,6 +107,7 @@ class DeliveryReport:
     send_id: str
     state: DeliveryState
     reason: str = ""
+    failure: DeliveryFailure | None = None
 
 
 class ReportOutcome(enum.Enum):

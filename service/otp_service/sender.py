@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import aiohttp
 from otp_service import metrics
 from otp_service.breaker import CircuitBreaker
 from otp_service.errors import DeliveryRefused, DeliveryUnavailable, ErrorReason
+from otp_service.languages import TemplateLanguages
 from otp_service.phone import PhoneNumber
 from otp_service.results import Channel, Delivery
 
@@ -36,6 +38,9 @@ _NOT_A_CONTACT = "Customer is not available for the organization"
 _OUTSIDE_24H = "Customer has not messaged within last 24 hours"
 _BAD_TOKEN = "Invalid token provided"  # noqa: S105 - an error message, not a token
 _NO_TEMPLATE = "No approved template found"
+# Meta's 131008 and 132000: the template's parameters (its OTP button's) do not match the send.
+_BUTTON_PARAMETER = "requires a parameter"
+_PARAMETER_COUNT = "Number of parameters does not match"
 # Not Interakt's words but ours, for a 3xx (see _post): the same path as its refusals.
 _REDIRECTED = "a redirect, not followed"
 _REFUSALS = {
@@ -58,6 +63,17 @@ _REFUSALS = {
         "the configured WhatsApp template is not approved or not synced (operator: check "
         "INTERAKT_TEMPLATE_NAME and INTERAKT_TEMPLATE_LANGUAGE)",
     ),
+    _BUTTON_PARAMETER: (
+        ErrorReason.TEMPLATE_NOT_APPROVED,
+        "the configured WhatsApp template has an OTP button and the code was not sent for it "
+        "(operator: INTERAKT_TEMPLATE_BUTTON must be true for an authentication template)",
+    ),
+    _PARAMETER_COUNT: (
+        ErrorReason.TEMPLATE_NOT_APPROVED,
+        "the configured WhatsApp template does not take the parameters sent (operator: an "
+        "authentication template has a code button, INTERAKT_TEMPLATE_BUTTON=true; an old "
+        "template without one, INTERAKT_TEMPLATE_BUTTON=false)",
+    ),
     # A misconfiguration as lasting as a rejected key, but not Interakt's refusal.
     _REDIRECTED: (
         ErrorReason.PROVIDER_REFUSED,
@@ -74,11 +90,12 @@ class Sender(Protocol):
         """Raise DeliveryUnavailable (CircuitOpen) when a send now would not be attempted."""
 
     async def send(
-        self, phone: PhoneNumber, code: str, *, budget: float, reference: str
+        self, phone: PhoneNumber, code: str, *, budget: float, reference: str, locale: str = ""
     ) -> Delivery:
         """Deliver ``code`` within ``budget`` seconds, retries included.
 
-        ``reference`` comes back in the provider's delivery reports on the message.
+        ``reference`` comes back in the provider's delivery reports on the message; ``locale``
+        (BCP 47, checked) is the user's language, if the caller knows it.
         Raises DeliveryRefused or DeliveryUnavailable.
         """
 
@@ -119,7 +136,8 @@ class InteraktSender:
         brand: str,
         ttl_seconds: int,
         template_name: str | None,
-        template_language: str,
+        languages: TemplateLanguages,
+        template_button: bool = True,
         breaker: CircuitBreaker,
     ) -> None:
         self._url = f"{base_url}/message/"
@@ -131,7 +149,10 @@ class InteraktSender:
             f". Valid for {_lifetime(ttl_seconds)}. Do not share this code with anyone."
         )
         self._template_name = template_name
-        self._template_language = template_language
+        self._languages = languages
+        self._template_button = template_button
+        # Languages whose missing translation was logged: once each, not once a send.
+        self._untranslated_logged: set[str] = set()
         self._breaker = breaker
         self._session: aiohttp.ClientSession | None = None
 
@@ -139,7 +160,7 @@ class InteraktSender:
         self._breaker.check()
 
     async def send(
-        self, phone: PhoneNumber, code: str, *, budget: float, reference: str
+        self, phone: PhoneNumber, code: str, *, budget: float, reference: str, locale: str = ""
     ) -> Delivery:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -147,18 +168,63 @@ class InteraktSender:
         # users inside WhatsApp's 24-hour window. So a Text refused for that window never has a
         # template to fall back to; the refusal tells the operator to configure one.
         channel = Channel.TEMPLATE if self._template_name else Channel.TEXT
-        body = self._body(phone, code, channel)
-        # Interakt echoes it in its delivery reports, as callback_data: a report that arrives
-        # before the answer to this request is recorded still finds its message by it.
-        body["callbackData"] = reference
+        language = self._languages.choose(phone, locale) if self._template_name else ""
         try:
-            return await self._send_with_retries(body, channel, deadline)
+            try:
+                return await self._send_in(phone, code, channel, language, reference, deadline)
+            except _Refused as exc:
+                # Each language of a template is approved on its own: one without an approved
+                # translation gets the default language instead, once, within the same deadline.
+                default = self._languages.default
+                if not (_NO_TEMPLATE in exc.message and language and language != default):
+                    raise
+                self._untranslated(language)
+                return await self._send_in(phone, code, channel, default, reference, deadline)
         except _Refused as exc:
             raise _refusal(exc) from exc
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    async def _send_in(
+        self,
+        phone: PhoneNumber,
+        code: str,
+        channel: Channel,
+        language: str,
+        reference: str,
+        deadline: float,
+    ) -> Delivery:
+        """One send of ``code`` in ``language`` (a template's; "" for Text), retries included."""
+        body = self._body(phone, code, channel, language)
+        # Interakt echoes it in its delivery reports, as callback_data: a report that arrives
+        # before the answer to this request is recorded still finds its message by it.
+        body["callbackData"] = reference
+        delivery = await self._send_with_retries(body, channel, deadline)
+        log.info(
+            "interakt queued message %s (%s%s)",
+            delivery.message_id,
+            channel.name.lower(),
+            f", language {language}" if language else "",
+            extra={"event": "interakt_queued", "language": language},
+        )
+        return dataclasses.replace(delivery, language=language)
+
+    def _untranslated(self, language: str) -> None:
+        """Count a send whose template is not approved in ``language``; log it once."""
+        label = language if language in self._languages.configured else "other"
+        metrics.child(metrics.TEMPLATE_LANGUAGE_FALLBACKS, label).inc()
+        if language not in self._untranslated_logged:
+            self._untranslated_logged.add(language)
+            log.warning(
+                "template %s has no approved translation in %s: sends in it go out in %s "
+                "(logged once; otp_template_language_fallbacks_total counts them)",
+                self._template_name,
+                language,
+                self._languages.default,
+                extra={"event": "template_language_missing", "language": language},
+            )
 
     async def _send_with_retries(
         self, body: dict[str, Any], channel: Channel, deadline: float
@@ -230,7 +296,9 @@ class InteraktSender:
             return str(answer.get("id", ""))
         raise _Refused(str(answer.get("message", f"HTTP {response.status}")))
 
-    def _body(self, phone: PhoneNumber, code: str, channel: Channel) -> dict[str, Any]:
+    def _body(
+        self, phone: PhoneNumber, code: str, channel: Channel, language: str
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "countryCode": phone.country_code,
             "phoneNumber": phone.national_number,
@@ -239,9 +307,13 @@ class InteraktSender:
             body["type"] = "Template"
             body["template"] = {
                 "name": self._template_name,
-                "languageCode": self._template_language,
+                "languageCode": language,
                 "bodyValues": [code],
             }
+            if self._template_button:
+                # An authentication template's OTP button (copy code, one-tap) is at index 0 and
+                # carries the code too; without it Meta refuses the message (131008).
+                body["template"]["buttonValues"] = {"0": [code]}
         else:
             body["type"] = "Text"
             body["data"] = {"message": f"{self._text_before}{code}{self._text_after}"}
@@ -263,7 +335,7 @@ class LogSender:
         return None
 
     async def send(
-        self, phone: PhoneNumber, code: str, *, budget: float, reference: str
+        self, phone: PhoneNumber, code: str, *, budget: float, reference: str, locale: str = ""
     ) -> Delivery:
         log.warning(
             "DEV MODE, NOT SENT: code for %s is %s", phone.e164, code, extra={"event": "dev_code"}

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from otp_service.auth import CallerAuth, Callers
 from otp_service.breaker import CircuitBreaker
 from otp_service.config import Settings
+from otp_service.languages import TemplateLanguages
 from otp_service.observability import Observability
 from otp_service.otp import OtpService
 from otp_service.readiness import RedisWatcher
@@ -89,7 +90,10 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
             brand=settings.brand,
             ttl_seconds=settings.ttl_seconds,
             template_name=settings.template_name,
-            template_language=settings.template_language,
+            languages=TemplateLanguages(
+                settings.template_language, dict(settings.template_languages)
+            ),
+            template_button=settings.template_button,
             breaker=CircuitBreaker(
                 failures=settings.breaker_failures,
                 cooloff_seconds=settings.breaker_cooloff_seconds,
@@ -144,6 +148,7 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         send_timeout_seconds=settings.interakt_timeout_seconds,
         allowed_countries=settings.allowed_countries,
         test_numbers=dict(settings.test_numbers),
+        status_readers=settings.status_readers,
     )
 
 

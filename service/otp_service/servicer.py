@@ -73,6 +73,7 @@ class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
             request.phone_number,
             budget=context.time_remaining(),
             idempotency_key=request.idempotency_key,
+            locale=request.locale,
         )
         return otp_pb2.SendOtpResponse(
             expires_at=_timestamp(result.expires_at_ms),
@@ -105,6 +106,8 @@ class OtpServicer(otp_pb2_grpc.OtpServiceServicer):
             verified=status.verified,
             expires_at=_timestamp(status.expires_at_ms),
             resend_after_seconds=status.resend_after_seconds,
+            failure=status.failure.value if status.failure else 0,  # type: ignore[arg-type]
+            language=status.language,
         )
 
 

@@ -20,9 +20,11 @@ Keys for one number:
                                    that command, should Redis run it late, stores and counts
                                    nothing. Lives one code TTL.
     otp:{+917003848501}:d   hash   the latest send's delivery record: "send" (its send id),
-                                   "msg" (Interakt's message id), "ch" (channel), "st" (a
-                                   DeliveryState), "why" (Interakt's failure reason), "exp"
-                                   (the code's expiry in ms). Expires with the code.
+                                   "by" (the calling service that sent it), "msg" (Interakt's
+                                   message id), "ch" (channel), "ln" (a template's language),
+                                   "st" (a DeliveryState), "why" (Interakt's failure reason),
+                                   "fc" (a DeliveryFailure, 0 unless failed), "exp" (the
+                                   code's expiry in ms). Expires with the code.
     otp:{+917003848501}:d:prev
                             hash   the record a send in flight replaced: back in place if that
                                    send fails, deleted once Interakt accepted it.
@@ -77,6 +79,7 @@ from otp_service.errors import ErrorReason, InvalidInput, LimitExceeded, StoreUn
 from otp_service.results import (
     Channel,
     Delivery,
+    DeliveryFailure,
     DeliveryReport,
     DeliveryState,
     OtpStatus,
@@ -128,7 +131,8 @@ end
 # ARGV[1] digest of the new code, ARGV[2] send id, ARGV[3] ttl ms, ARGV[4] cooldown ms,
 # ARGV[5] max sends per window, ARGV[6] window ms, ARGV[7] max attempts,
 # ARGV[8] max wrong codes per failed-verify window, ARGV[9] that window in ms, ARGV[10] how long
-# (ms) a claimed idempotency key waits for its send's answer before another send may take it
+# (ms) a claimed idempotency key waits for its send's answer before another send may take it,
+# ARGV[11] the calling service's name
 # Returns {0, expiry ms, wait ms until the next send} when the code is stored, {1, wait ms} in
 # the cooldown, {2, wait ms} over the hourly cap, {3, wait ms} while the number is over its
 # wrong-code budget, {4, 0} when the send was withdrawn before Redis ran this (nothing is
@@ -178,7 +182,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 -- The delivery record is this send's from now on, expiring with its code; the one it replaces
 -- is kept aside until Interakt accepts this message, to come back should this send fail.
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[6]) end
-redis.call('HSET', KEYS[5], 'send', ARGV[2], 'st', {_QUEUED}, 'exp', now + ttl)
+redis.call('HSET', KEYS[5], 'send', ARGV[2], 'st', {_QUEUED}, 'exp', now + ttl, 'by', ARGV[11])
 redis.call('PEXPIRE', KEYS[5], ttl)
 -- The caller is told when a resend will be accepted: after the cooldown, or after the hour
 -- when this send used up the cap.
@@ -313,7 +317,8 @@ return 1
 
 # KEYS[1] delivery record, KEYS[2] the record it replaced, KEYS[3] the idempotency key's record
 # (only for a send with a key)
-# ARGV[1] send id, ARGV[2] channel, ARGV[3] Interakt's message id ("" when none)
+# ARGV[1] send id, ARGV[2] channel, ARGV[3] Interakt's message id ("" when none), ARGV[4] the
+# template's language ("" when none)
 # Returns 1 when it recorded the send, 0 when a later send replaced its record and its key
 # (nothing to record). Records a send that Interakt accepted: the record it replaced is no
 # longer needed, and the key's first answer is complete, for repeats to get. Running it again
@@ -323,6 +328,7 @@ local recorded = 0
 if redis.call('HGET', KEYS[1], 'send') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'ch', ARGV[2])
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'msg', ARGV[3]) end
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'ln', ARGV[4]) end
   redis.call('DEL', KEYS[2])
   recorded = 1
 end
@@ -345,7 +351,8 @@ return {1, tonumber(first[3]), tonumber(first[4]), tonumber(first[5]), first[6]}
 
 # KEYS[1] delivery record
 # ARGV[1] Interakt's message id, ARGV[2] the send id the report carries in its callback data
-# ("" when none), ARGV[3] the reported state, ARGV[4] Interakt's failure reason ("" when none)
+# ("" when none), ARGV[3] the reported state, ARGV[4] Interakt's failure reason ("" when none),
+# ARGV[5] what the failure means (a DeliveryFailure; 0 unless the state is FAILED)
 # Returns 1 when the state moved forward, 0 when the report changes nothing (a redelivery, or
 # older than the state the record has), -1 when the record is not of this message (not ours,
 # an earlier code's, or the code expired).
@@ -366,7 +373,7 @@ end
 -- Ranks by state (QUEUED 1, SENT 2, DELIVERED 3, READ 4, FAILED 5).
 local rank = {1, 2, 4, 5, 3}
 if rank[tonumber(ARGV[3])] <= rank[tonumber(record[3])] then return 0 end
-redis.call('HSET', KEYS[1], 'st', ARGV[3], 'why', ARGV[4])
+redis.call('HSET', KEYS[1], 'st', ARGV[3], 'why', ARGV[4], 'fc', ARGV[5])
 return 1
 """
 
@@ -374,21 +381,23 @@ return 1
 # ARGV[1] cooldown ms, ARGV[2] max sends per window, ARGV[3] window ms, ARGV[4] max wrong codes
 # per failed-verify window, ARGV[5] that window in ms
 # Returns {} when the number has no live code, else {state, channel (0: not yet known), message
-# id, failure reason, expiry ms, 1 when verified, ms until a send is accepted}.
+# id, failure reason, expiry ms, 1 when verified, ms until a send is accepted, failure (0: none),
+# language, the calling service that sent it}.
 # Verified is read from the codes hash: only a verification deletes it while the delivery
 # record lives (the two are written by the same send and expire together), so VerifyOtp does
 # no work for it.
 _STATUS_SCRIPT = (
     _SEND_WAITS
     + """
-local record = redis.call('HMGET', KEYS[1], 'st', 'ch', 'msg', 'why', 'exp')
+local record = redis.call('HMGET', KEYS[1], 'st', 'ch', 'msg', 'why', 'exp', 'fc', 'ln', 'by')
 if not record[1] then return {} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local paused, cooling, capped = send_waits(now, KEYS[3], KEYS[4], KEYS[1], tonumber(ARGV[1]),
   tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
 return {tonumber(record[1]), tonumber(record[2] or '0'), record[3] or '', record[4] or '',
-  tonumber(record[5]), 1 - redis.call('EXISTS', KEYS[2]), math.max(paused, cooling, capped)}
+  tonumber(record[5]), 1 - redis.call('EXISTS', KEYS[2]), math.max(paused, cooling, capped),
+  tonumber(record[6] or '0'), record[7] or '', record[8] or ''}
 """
 )
 
@@ -522,9 +531,16 @@ class Store(Protocol):
     """
 
     async def add_code(
-        self, phone: str, digest: str, send_id: str, *, key: str | None = None, lease_ms: int = 0
+        self,
+        phone: str,
+        digest: str,
+        send_id: str,
+        *,
+        key: str | None = None,
+        lease_ms: int = 0,
+        caller: str = "",
     ) -> Stored | FirstAnswer | Pending:
-        """Store a new code's digest for send ``send_id`` if the send limits allow.
+        """Store a new code's digest for send ``send_id`` of ``caller`` if the send limits allow.
 
         With ``key``: when a send with that key was stored earlier, its answer (FirstAnswer,
         or Pending while it runs) instead, and nothing is stored; a send that claimed the key
@@ -586,8 +602,9 @@ class Store(Protocol):
     async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
         """Apply Interakt's report on a message to the delivery record of its number."""
 
-    async def status(self, phone: str) -> OtpStatus | None:
-        """The number's latest code's delivery record; None when it has no live code."""
+    async def status(self, phone: str) -> tuple[OtpStatus, str] | None:
+        """The number's latest code's delivery record and the calling service that sent it;
+        None when it has no live code."""
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
         """Count one attempt, compare, and consume the number's codes on a match.
@@ -780,7 +797,14 @@ class RedisStore:
         self._closing = asyncio.Event()
 
     async def add_code(
-        self, phone: str, digest: str, send_id: str, *, key: str | None = None, lease_ms: int = 0
+        self,
+        phone: str,
+        digest: str,
+        send_id: str,
+        *,
+        key: str | None = None,
+        lease_ms: int = 0,
+        caller: str = "",
     ) -> Stored | FirstAnswer | Pending:
         reply = await self._send(
             keys=[
@@ -791,7 +815,7 @@ class RedisStore:
                 *_delivery_keys(phone),
                 *_key_keys(phone, key),
             ],
-            args=[digest, send_id, *self._send_args, lease_ms],
+            args=[digest, send_id, *self._send_args, lease_ms, caller],
         )
         status, value = reply[0], reply[1]
         if status == 1:
@@ -905,7 +929,7 @@ class RedisStore:
         record = partial(
             self._sent,
             keys=[*_delivery_keys(phone), *_key_keys(phone, key)],
-            args=[send_id, delivery.channel.value, delivery.message_id],
+            args=[send_id, delivery.channel.value, delivery.message_id, delivery.language],
         )
         try:
             # Inline first: a task per send to retry what almost always works at once was a
@@ -979,11 +1003,17 @@ class RedisStore:
     async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
         reply = await self._report(
             keys=_delivery_keys(report.phone)[:1],
-            args=[report.message_id, report.send_id, report.state.value, report.reason],
+            args=[
+                report.message_id,
+                report.send_id,
+                report.state.value,
+                report.reason,
+                report.failure.value if report.failure else 0,
+            ],
         )
         return _REPORT_OUTCOMES[reply]
 
-    async def status(self, phone: str) -> OtpStatus | None:
+    async def status(self, phone: str) -> tuple[OtpStatus, str] | None:
         reply = await self._status(
             keys=[
                 _delivery_keys(phone)[0],
@@ -995,17 +1025,23 @@ class RedisStore:
         )
         if not reply:
             return None
-        state, channel, message_id, reason, expires_at_ms, verified, wait_ms = reply
-        return OtpStatus(
+        (state, channel, message_id, reason, expires_at_ms, verified, wait_ms) = reply[:7]
+        failure, language, sent_by = reply[7:]
+        failed = state == DeliveryState.FAILED.value
+        status = OtpStatus(
             state=DeliveryState(state),
             channel=Channel(channel) if channel else None,
             message_id=message_id.decode(),
-            failure_reason=reason.decode() if state == DeliveryState.FAILED.value else "",
+            failure_reason=reason.decode() if failed else "",
             verified=bool(verified),
             expires_at_ms=int(expires_at_ms),
             # Whole seconds, rounded up: a send after this many seconds is not refused.
             resend_after_seconds=-(-wait_ms // 1000),
+            # A failure reported before failures were typed has none: UNKNOWN.
+            failure=DeliveryFailure(failure or DeliveryFailure.UNKNOWN.value) if failed else None,
+            language=language.decode(),
         )
+        return status, sent_by.decode()
 
     async def verify(self, phone: str, digest: str) -> VerifyResult:
         outcome, value = await self._verify(

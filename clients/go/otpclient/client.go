@@ -108,6 +108,11 @@ func WithIdempotencyKey(key string) SendOption {
 	return func(r *otpv1.SendOtpRequest) { r.IdempotencyKey = key }
 }
 
+// WithLocale gives the user's language as a BCP 47 tag (e.g. "hi-IN"), for the template's language.
+func WithLocale(locale string) SendOption {
+	return func(r *otpv1.SendOtpRequest) { r.Locale = locale }
+}
+
 // SendOtp sends a new code to phoneNumber (E.164, e.g. "+917003848501"); retried on UNAVAILABLE
 // with one idempotency key.
 func (c *Client) SendOtp(ctx context.Context, phoneNumber string, opts ...SendOption) (*SendResult, error) {
@@ -148,13 +153,20 @@ func (c *Client) SendOtp(ctx context.Context, phoneNumber string, opts ...SendOp
 }
 
 // OtpStatus is what became of a number's latest code (GetOtpStatus); never the code itself.
-// Channel is unset and MessageID empty until the provider accepted the message; FailureReason is
-// set with DELIVERY_STATE_FAILED; ResendAfter is 0 when a new code may be sent now.
+// Channel is unset and MessageID empty until the provider accepted the message; FailureReason and
+// Failure are set with DELIVERY_STATE_FAILED; ResendAfter is 0 when a new code may be sent now;
+// Language is WhatsApp's code of the template's language ("" for a text message).
+//
+// Failure is for a program to act on: DELIVERY_FAILURE_NOT_ON_WHATSAPP, reach the user another
+// way; _TEMPLATE_UNAVAILABLE, the service's operators must fix it; _RATE_LIMITED, wait or use
+// another channel; _EXPIRED, send a new code.
 type OtpStatus struct {
 	State         otpv1.DeliveryState
 	Channel       otpv1.Channel
 	MessageID     string
 	FailureReason string
+	Failure       otpv1.DeliveryFailure
+	Language      string
 	Verified      bool
 	ExpiresAt     time.Time
 	ResendAfter   time.Duration
@@ -173,6 +185,8 @@ func (c *Client) GetOtpStatus(ctx context.Context, phoneNumber string) (*OtpStat
 		Channel:       answer.GetChannel(),
 		MessageID:     answer.GetMessageId(),
 		FailureReason: answer.GetFailureReason(),
+		Failure:       answer.GetFailure(),
+		Language:      answer.GetLanguage(),
 		Verified:      answer.GetVerified(),
 		ExpiresAt:     answer.GetExpiresAt().AsTime(),
 		ResendAfter:   time.Duration(answer.GetResendAfterSeconds()) * time.Second,

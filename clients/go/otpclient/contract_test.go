@@ -77,6 +77,21 @@ func TestContract(t *testing.T) {
 		t.Errorf("rate limited with reason %q, retry after %v", limited.Reason, limited.RetryAfter)
 	}
 
+	// A number not on WhatsApp (when the server's Interakt reports one): the failure is typed.
+	if unreachable := os.Getenv("OTP_UNREACHABLE_NUMBER"); unreachable != "" {
+		if _, err = client.SendOtp(ctx, unreachable); err != nil {
+			t.Fatal(err)
+		}
+		failed, err := client.GetOtpStatus(ctx, unreachable)
+		for deadline := time.Now().Add(15 * time.Second); err == nil && failed.State != otpv1.DeliveryState_DELIVERY_STATE_FAILED && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+			failed, err = client.GetOtpStatus(ctx, unreachable)
+		}
+		if err != nil || failed.State != otpv1.DeliveryState_DELIVERY_STATE_FAILED || failed.Failure != otpv1.DeliveryFailure_DELIVERY_FAILURE_NOT_ON_WHATSAPP || failed.FailureReason == "" {
+			t.Fatalf("status of a number not on WhatsApp: %+v, %v; want FAILED, NOT_ON_WHATSAPP", failed, err)
+		}
+	}
+
 	stranger, err := otpclient.New(target, "not-"+token)
 	if err != nil {
 		t.Fatal(err)

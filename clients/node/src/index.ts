@@ -20,6 +20,7 @@ import { Status } from "./gen/google/rpc/status";
 import { ErrorReason } from "./gen/otp/v1/error_reason";
 import {
   Channel,
+  DeliveryFailure,
   DeliveryState,
   GetOtpStatusResponse,
   OtpServiceClient,
@@ -28,7 +29,7 @@ import {
   VerifyOutcome,
 } from "./gen/otp/v1/otp";
 
-export { Channel, DeliveryState, ErrorReason, VerifyOutcome };
+export { Channel, DeliveryFailure, DeliveryState, ErrorReason, VerifyOutcome };
 
 /** Milliseconds each call may take unless the call says otherwise. */
 export const DEFAULT_TIMEOUT_MS = 10_000;
@@ -63,6 +64,8 @@ export interface SendOptions extends CallOptions {
    * an answer was lost, and the service answers what it answered, sending nothing.
    */
   idempotencyKey?: string;
+  /** The user's language as a BCP 47 tag (e.g. "hi-IN"), for the template's language. */
+  locale?: string;
 }
 
 export interface SendResult {
@@ -85,6 +88,14 @@ export interface OtpStatus {
   expiresAt: Date;
   /** 0: a new code may be sent now. */
   resendAfterSeconds: number;
+  /**
+   * Why WhatsApp did not deliver it, set with DELIVERY_STATE_FAILED: NOT_ON_WHATSAPP, reach the user
+   * another way; TEMPLATE_UNAVAILABLE, the service's operators must fix it; RATE_LIMITED, wait or use
+   * another channel; EXPIRED, send a new code.
+   */
+  failure: DeliveryFailure;
+  /** WhatsApp's code of the template's language ("" for a text message). */
+  language: string;
 }
 
 export interface VerifyResult {
@@ -228,7 +239,11 @@ export class OtpClient {
 
   /** Send a new code to `phoneNumber` (E.164, e.g. "+917003848501"); retried on UNAVAILABLE. */
   async sendOtp(phoneNumber: string, options: SendOptions = {}): Promise<SendResult> {
-    const request = { phoneNumber, idempotencyKey: options.idempotencyKey || randomUUID() };
+    const request = {
+      phoneNumber,
+      idempotencyKey: options.idempotencyKey || randomUUID(),
+      locale: options.locale ?? "",
+    };
     const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
     for (let attempt = 0; ; attempt++) {
       try {
@@ -268,6 +283,8 @@ export class OtpClient {
       verified: response.verified,
       expiresAt: response.expiresAt ?? new Date(0),
       resendAfterSeconds: response.resendAfterSeconds,
+      failure: response.failure,
+      language: response.language,
     };
   }
 

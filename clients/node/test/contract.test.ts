@@ -4,9 +4,18 @@
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { test } from "node:test";
-import { Channel, DeliveryState, OtpClient, RateLimited, Unauthenticated, VerifyOutcome } from "../src";
+import { setTimeout as sleep } from "node:timers/promises";
+import {
+  Channel,
+  DeliveryFailure,
+  DeliveryState,
+  OtpClient,
+  RateLimited,
+  Unauthenticated,
+  VerifyOutcome,
+} from "../src";
 
-const { OTP_TARGET, OTP_TOKEN, OTP_TEST_NUMBER, OTP_TEST_CODE } = process.env;
+const { OTP_TARGET, OTP_TOKEN, OTP_TEST_NUMBER, OTP_TEST_CODE, OTP_UNREACHABLE_NUMBER } = process.env;
 const configured = OTP_TARGET && OTP_TOKEN && OTP_TEST_NUMBER && OTP_TEST_CODE;
 
 test("contract", { skip: configured ? false : "needs OTP_TARGET, OTP_TOKEN, OTP_TEST_NUMBER, OTP_TEST_CODE" }, async () => {
@@ -38,6 +47,19 @@ test("contract", { skip: configured ? false : "needs OTP_TARGET, OTP_TOKEN, OTP_
       assert.ok(error.retryAfterMs >= 1000);
       return true;
     });
+
+    // A number not on WhatsApp (when the server's Interakt reports one): the failure is typed.
+    if (OTP_UNREACHABLE_NUMBER) {
+      await client.sendOtp(OTP_UNREACHABLE_NUMBER);
+      let failed = await client.getOtpStatus(OTP_UNREACHABLE_NUMBER);
+      for (let waited = 0; failed.state !== DeliveryState.DELIVERY_STATE_FAILED && waited < 15_000; waited += 100) {
+        await sleep(100);
+        failed = await client.getOtpStatus(OTP_UNREACHABLE_NUMBER);
+      }
+      assert.equal(failed.state, DeliveryState.DELIVERY_STATE_FAILED);
+      assert.equal(failed.failure, DeliveryFailure.DELIVERY_FAILURE_NOT_ON_WHATSAPP);
+      assert.ok(failed.failureReason);
+    }
   } finally {
     client.close();
   }

@@ -8,11 +8,13 @@ within the server's resend cooldown.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
 from otp_client import (
     Channel,
+    DeliveryFailure,
     DeliveryState,
     OtpClient,
     RateLimited,
@@ -54,6 +56,19 @@ def test_contract() -> None:
             client.send_otp(number)
         assert limited.value.reason == "RESEND_COOLDOWN"
         assert limited.value.retry_after >= 1
+
+        # A number not on WhatsApp (when the server's Interakt reports one): the failure is typed.
+        unreachable = os.environ.get("OTP_UNREACHABLE_NUMBER")
+        if unreachable:
+            client.send_otp(unreachable)
+            deadline = time.monotonic() + 15
+            failed = client.get_otp_status(unreachable)
+            while failed.state is not DeliveryState.FAILED and time.monotonic() < deadline:
+                time.sleep(0.1)
+                failed = client.get_otp_status(unreachable)
+            assert failed.state is DeliveryState.FAILED
+            assert failed.failure is DeliveryFailure.NOT_ON_WHATSAPP
+            assert failed.failure_reason
 
     with OtpClient(target, "not-" + token) as stranger, pytest.raises(Unauthenticated) as refused:
         stranger.send_otp(number)

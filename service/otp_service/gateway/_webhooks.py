@@ -37,6 +37,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from otp_service import context, metrics
 from otp_service.errors import InvalidInput, StoreUnavailable
+from otp_service.failures import failure_of
 from otp_service.gateway._body import parse_json
 from otp_service.gateway._errors import Refusal, invalid
 from otp_service.phone import parse_phone
@@ -141,25 +142,28 @@ class InteraktWebhook:
                 f"the {SIGNATURE_HEADER} header is missing or does not sign this body",
                 "bad_signature",
             )
-        report = _report_from(body)
-        if isinstance(report, str):  # not a report to apply: acknowledged all the same
-            metrics.count_delivery_report(report)
+        found = _reports_from(body)
+        reports = [report for report in found if not isinstance(report, str)]
+        for ignored in found:
+            if isinstance(ignored, str):  # not a report to apply: acknowledged all the same
+                metrics.count_delivery_report(ignored)
+        if not reports:
             return web.json_response({"status": "ignored"})
-        try:
-            self._queue.put_nowait(
-                _Queued(report, context.request_id.get(), asyncio.get_running_loop().time())
-            )
-        except asyncio.QueueFull:
-            metrics.count_delivery_report("refused")
+        # All of a body's reports or none: a body refused is posted again whole.
+        if self._queue.maxsize - self._queue.qsize() < len(reports):
+            metrics.count_delivery_report("refused", len(reports))
             raise Refusal(
                 503,
                 grpc.StatusCode.UNAVAILABLE,
                 "too many delivery reports are waiting to be applied; send it again later",
                 "queue_full",
                 headers={"Retry-After": "10"},
-            ) from None
-        self._waiting += 1
-        metrics.DELIVERY_REPORTS_WAITING.inc()
+            )
+        received = asyncio.get_running_loop().time()
+        for report in reports:
+            self._queue.put_nowait(_Queued(report, context.request_id.get(), received))
+        self._waiting += len(reports)
+        metrics.DELIVERY_REPORTS_WAITING.inc(len(reports))
         return web.json_response({"status": "accepted"})
 
     def _signed(self, body: bytes, signatures: list[str]) -> bool:
@@ -240,13 +244,19 @@ async def _read(request: web.Request) -> bytes:
         ) from None
 
 
-def _report_from(body: bytes) -> DeliveryReport | str:
-    """The report a signed body carries; else why it is not applied: "ignored" (another type of
-    report) or "malformed" (a report of ours that lacks what is needed)."""
+def _reports_from(body: bytes) -> list[DeliveryReport | str]:
+    """The reports a signed body carries: one JSON object, or an array of them (as some
+    integrations see Interakt post them), each checked on its own."""
     try:
         payload = parse_json(body)
     except Refusal:
-        return _malformed("not JSON")
+        return [_malformed("not JSON")]
+    return [_report_from(each) for each in (payload if isinstance(payload, list) else [payload])]
+
+
+def _report_from(payload: Any) -> DeliveryReport | str:
+    """The report ``payload`` is; else why it is not applied: "ignored" (another type of
+    report) or "malformed" (a report of ours that lacks what is needed)."""
     if not isinstance(payload, dict):
         return _malformed("not a JSON object")
     state = _STATES.get(payload.get("type"))  # type: ignore[arg-type]
@@ -264,13 +274,18 @@ def _report_from(body: bytes) -> DeliveryReport | str:
         phone = parse_phone("+" + (country + national).lstrip("+"))
     except InvalidInput:
         return _malformed("data.customer is not a valid phone number")
-    # What the send put in callbackData: its send id.
+    # What the send put in callbackData: its send id, seen at either place.
     callback = message.get("callback_data")
+    if callback is None:
+        source = _object(_object(message.get("meta_data")).get("source_data"))
+        callback = source.get("callback_data")
     send_id = callback if isinstance(callback, str) and len(callback) <= _MAX_ID_CHARS else ""
+    if state is not DeliveryState.FAILED:
+        return DeliveryReport(phone.e164, message_id, send_id, state)
     reason = message.get("channel_failure_reason")
-    if state is not DeliveryState.FAILED or not isinstance(reason, str):
-        reason = ""
-    return DeliveryReport(phone.e164, message_id, send_id, state, reason[:_MAX_REASON_CHARS])
+    reason = reason[:_MAX_REASON_CHARS] if isinstance(reason, str) else ""
+    failure = failure_of(message.get("channel_error_code"), reason)
+    return DeliveryReport(phone.e164, message_id, send_id, state, reason, failure)
 
 
 def _object(value: Any) -> dict[str, Any]:

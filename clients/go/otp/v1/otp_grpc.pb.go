@@ -40,7 +40,9 @@ type OtpServiceClient interface {
 	// WhatsApp delivered it (from the delivery provider's reports), whether it
 	// was verified, when it expires and when a new one may be sent. It never
 	// carries a code. NOT_FOUND when no code of the number is alive (none was
-	// sent, or it expired).
+	// sent, or it expired), and when another calling service sent it: a caller
+	// sees the status of its own sends only (unless the server's
+	// OTP_STATUS_READERS names it), and cannot tell the two apart.
 	GetOtpStatus(ctx context.Context, in *GetOtpStatusRequest, opts ...grpc.CallOption) (*GetOtpStatusResponse, error)
 }
 
@@ -106,7 +108,9 @@ type OtpServiceServer interface {
 	// WhatsApp delivered it (from the delivery provider's reports), whether it
 	// was verified, when it expires and when a new one may be sent. It never
 	// carries a code. NOT_FOUND when no code of the number is alive (none was
-	// sent, or it expired).
+	// sent, or it expired), and when another calling service sent it: a caller
+	// sees the status of its own sends only (unless the server's
+	// OTP_STATUS_READERS names it), and cannot tell the two apart.
 	GetOtpStatus(context.Context, *GetOtpStatusRequest) (*GetOtpStatusResponse, error)
 	mustEmbedUnimplementedOtpServiceServer()
 }

@@ -52,6 +52,19 @@ class DeliveryState(enum.Enum):
     FAILED = otp_pb2.DELIVERY_STATE_FAILED
 
 
+class DeliveryFailure(enum.Enum):
+    """Why WhatsApp did not deliver a code's message (otp.v1.DeliveryFailure): NOT_ON_WHATSAPP,
+    reach the user another way; TEMPLATE_UNAVAILABLE, the service's operators must fix it;
+    RATE_LIMITED, wait or use another channel; EXPIRED, send a new code."""
+
+    UNSPECIFIED = otp_pb2.DELIVERY_FAILURE_UNSPECIFIED
+    NOT_ON_WHATSAPP = otp_pb2.DELIVERY_FAILURE_NOT_ON_WHATSAPP
+    TEMPLATE_UNAVAILABLE = otp_pb2.DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE
+    RATE_LIMITED = otp_pb2.DELIVERY_FAILURE_RATE_LIMITED
+    EXPIRED = otp_pb2.DELIVERY_FAILURE_EXPIRED
+    UNKNOWN = otp_pb2.DELIVERY_FAILURE_UNKNOWN
+
+
 class VerifyOutcome(enum.Enum):
     """Why a code was or was not accepted (otp.v1.VerifyOutcome)."""
 
@@ -89,8 +102,9 @@ class OtpStatus:
     """What became of a number's latest code (GetOtpStatus); never the code itself.
 
     ``channel`` is UNSPECIFIED and ``message_id`` empty until the provider accepted the
-    message; ``failure_reason`` is set with FAILED; ``resend_after_seconds`` is 0 when a new
-    code may be sent now.
+    message; ``failure_reason`` and ``failure`` (UNSPECIFIED otherwise) are set with FAILED;
+    ``resend_after_seconds`` is 0 when a new code may be sent now; ``language`` is WhatsApp's
+    code of the template's language ("" for a text message).
     """
 
     state: DeliveryState
@@ -100,6 +114,8 @@ class OtpStatus:
     verified: bool
     expires_at: datetime.datetime
     resend_after_seconds: int
+    failure: DeliveryFailure = DeliveryFailure.UNSPECIFIED
+    language: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,14 +168,18 @@ def _status(response: otp_pb2.GetOtpStatusResponse) -> OtpStatus:
         verified=response.verified,
         expires_at=response.expires_at.ToDatetime(datetime.UTC),
         resend_after_seconds=response.resend_after_seconds,
+        failure=_enum(DeliveryFailure, response.failure),
+        language=response.language,
     )
 
 
-def _send_request(phone_number: str, idempotency_key: str | None) -> otp_pb2.SendOtpRequest:
+def _send_request(
+    phone_number: str, idempotency_key: str | None, locale: str
+) -> otp_pb2.SendOtpRequest:
     # One key for the logical send, whatever the retries: the service answers a repeat with
     # the first answer and sends nothing.
     key = idempotency_key or uuid.uuid4().hex
-    return otp_pb2.SendOtpRequest(phone_number=phone_number, idempotency_key=key)
+    return otp_pb2.SendOtpRequest(phone_number=phone_number, idempotency_key=key, locale=locale)
 
 
 def _retry_wait(error: OtpError, attempt: int, time_left: float) -> float | None:
@@ -175,7 +195,7 @@ def _retry_wait(error: OtpError, attempt: int, time_left: float) -> float | None
     return wait if time_left - wait >= _MIN_TRY_SECONDS else None
 
 
-_E = TypeVar("_E", Channel, VerifyOutcome, DeliveryState)
+_E = TypeVar("_E", Channel, VerifyOutcome, DeliveryState, DeliveryFailure)
 
 
 def _enum(kind: type[_E], value: int) -> _E:
@@ -226,13 +246,15 @@ class OtpClient(_Client):
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        locale: str = "",
     ) -> SendResult:
         """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501").
 
         ``idempotency_key`` names the logical send (a new one is made when None): give the same
         key to call again after an answer was lost, and the service answers what it answered.
+        ``locale`` (BCP 47, e.g. "hi-IN") is the user's language, for the template's.
         """
-        request = _send_request(phone_number, idempotency_key)
+        request = _send_request(phone_number, idempotency_key, locale)
         deadline = time.monotonic() + self._deadline(timeout)
         for attempt in itertools.count():
             try:
@@ -313,10 +335,11 @@ class AsyncOtpClient(_Client):
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        locale: str = "",
     ) -> SendResult:
         """Send a new code to ``phone_number`` (E.164, e.g. "+917003848501"); retried as
         ``OtpClient.send_otp`` is."""
-        request = _send_request(phone_number, idempotency_key)
+        request = _send_request(phone_number, idempotency_key, locale)
         deadline = time.monotonic() + self._deadline(timeout)
         for attempt in itertools.count():
             try:

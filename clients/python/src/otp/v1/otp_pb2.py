@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10otp/v1/otp.proto\x12\x06otp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x0eSendOtpRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\x12\'\n\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\xc8\x01\n\x0fSendOtpResponse\x12\x39\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\texpiresAt\x12\x30\n\x14resend_after_seconds\x18\x02 \x01(\x05R\x12resendAfterSeconds\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x0f.otp.v1.ChannelR\x07\x63hannel\x12\x1d\n\nmessage_id\x18\x04 \x01(\tR\tmessageId\"P\n\x10VerifyOtpRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\x12\x19\n\x08otp_code\x18\x02 \x01(\tR\x07otpCode\"\x8f\x01\n\x11VerifyOtpResponse\x12\x1a\n\x08verified\x18\x01 \x01(\x08R\x08verified\x12/\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.otp.v1.VerifyOutcomeR\x07outcome\x12-\n\x12\x61ttempts_remaining\x18\x03 \x01(\x05R\x11\x61ttemptsRemaining\"8\n\x13GetOtpStatusRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\"\xbd\x02\n\x14GetOtpStatusResponse\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x15.otp.v1.DeliveryStateR\x05state\x12)\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x0f.otp.v1.ChannelR\x07\x63hannel\x12\x1d\n\nmessage_id\x18\x03 \x01(\tR\tmessageId\x12%\n\x0e\x66\x61ilure_reason\x18\x04 \x01(\tR\rfailureReason\x12\x1a\n\x08verified\x18\x05 \x01(\x08R\x08verified\x12\x39\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\texpiresAt\x12\x30\n\x14resend_after_seconds\x18\x07 \x01(\x05R\x12resendAfterSeconds*m\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43HANNEL_TEXT\x10\x01\x12\x14\n\x10\x43HANNEL_TEMPLATE\x10\x02\x12\x0f\n\x0b\x43HANNEL_LOG\x10\x03\x12\x10\n\x0c\x43HANNEL_TEST\x10\x04*\xb4\x01\n\rVerifyOutcome\x12\x1e\n\x1aVERIFY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERIFY_OUTCOME_VERIFIED\x10\x01\x12\x1d\n\x19VERIFY_OUTCOME_WRONG_CODE\x10\x02\x12!\n\x1dVERIFY_OUTCOME_NO_ACTIVE_CODE\x10\x03\x12$\n VERIFY_OUTCOME_TOO_MANY_ATTEMPTS\x10\x04*\xb5\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45LIVERY_STATE_QUEUED\x10\x01\x12\x17\n\x13\x44\x45LIVERY_STATE_SENT\x10\x02\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x03\x12\x17\n\x13\x44\x45LIVERY_STATE_READ\x10\x04\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x05\x32\xd5\x01\n\nOtpService\x12:\n\x07SendOtp\x12\x16.otp.v1.SendOtpRequest\x1a\x17.otp.v1.SendOtpResponse\x12@\n\tVerifyOtp\x12\x18.otp.v1.VerifyOtpRequest\x1a\x19.otp.v1.VerifyOtpResponse\x12I\n\x0cGetOtpStatus\x12\x1b.otp.v1.GetOtpStatusRequest\x1a\x1c.otp.v1.GetOtpStatusResponseBF\n\x13\x63om.minserve.otp.v1B\x08OtpProtoP\x01Z#otp-service/clients/go/otp/v1;otpv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10otp/v1/otp.proto\x12\x06otp.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n\x0eSendOtpRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\x12\'\n\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\x12\x16\n\x06locale\x18\x03 \x01(\tR\x06locale\"\xc8\x01\n\x0fSendOtpResponse\x12\x39\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\texpiresAt\x12\x30\n\x14resend_after_seconds\x18\x02 \x01(\x05R\x12resendAfterSeconds\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x0f.otp.v1.ChannelR\x07\x63hannel\x12\x1d\n\nmessage_id\x18\x04 \x01(\tR\tmessageId\"P\n\x10VerifyOtpRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\x12\x19\n\x08otp_code\x18\x02 \x01(\tR\x07otpCode\"\x8f\x01\n\x11VerifyOtpResponse\x12\x1a\n\x08verified\x18\x01 \x01(\x08R\x08verified\x12/\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.otp.v1.VerifyOutcomeR\x07outcome\x12-\n\x12\x61ttempts_remaining\x18\x03 \x01(\x05R\x11\x61ttemptsRemaining\"8\n\x13GetOtpStatusRequest\x12!\n\x0cphone_number\x18\x01 \x01(\tR\x0bphoneNumber\"\x8c\x03\n\x14GetOtpStatusResponse\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x15.otp.v1.DeliveryStateR\x05state\x12)\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x0f.otp.v1.ChannelR\x07\x63hannel\x12\x1d\n\nmessage_id\x18\x03 \x01(\tR\tmessageId\x12%\n\x0e\x66\x61ilure_reason\x18\x04 \x01(\tR\rfailureReason\x12\x1a\n\x08verified\x18\x05 \x01(\x08R\x08verified\x12\x39\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\texpiresAt\x12\x30\n\x14resend_after_seconds\x18\x07 \x01(\x05R\x12resendAfterSeconds\x12\x31\n\x07\x66\x61ilure\x18\x08 \x01(\x0e\x32\x17.otp.v1.DeliveryFailureR\x07\x66\x61ilure\x12\x1a\n\x08language\x18\t \x01(\tR\x08language*m\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43HANNEL_TEXT\x10\x01\x12\x14\n\x10\x43HANNEL_TEMPLATE\x10\x02\x12\x0f\n\x0b\x43HANNEL_LOG\x10\x03\x12\x10\n\x0c\x43HANNEL_TEST\x10\x04*\xb4\x01\n\rVerifyOutcome\x12\x1e\n\x1aVERIFY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERIFY_OUTCOME_VERIFIED\x10\x01\x12\x1d\n\x19VERIFY_OUTCOME_WRONG_CODE\x10\x02\x12!\n\x1dVERIFY_OUTCOME_NO_ACTIVE_CODE\x10\x03\x12$\n VERIFY_OUTCOME_TOO_MANY_ATTEMPTS\x10\x04*\xb5\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45LIVERY_STATE_QUEUED\x10\x01\x12\x17\n\x13\x44\x45LIVERY_STATE_SENT\x10\x02\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x03\x12\x17\n\x13\x44\x45LIVERY_STATE_READ\x10\x04\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x05*\xe3\x01\n\x0f\x44\x65liveryFailure\x12 \n\x1c\x44\x45LIVERY_FAILURE_UNSPECIFIED\x10\x00\x12$\n DELIVERY_FAILURE_NOT_ON_WHATSAPP\x10\x01\x12)\n%DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE\x10\x02\x12!\n\x1d\x44\x45LIVERY_FAILURE_RATE_LIMITED\x10\x03\x12\x1c\n\x18\x44\x45LIVERY_FAILURE_EXPIRED\x10\x04\x12\x1c\n\x18\x44\x45LIVERY_FAILURE_UNKNOWN\x10\x05\x32\xd5\x01\n\nOtpService\x12:\n\x07SendOtp\x12\x16.otp.v1.SendOtpRequest\x1a\x17.otp.v1.SendOtpResponse\x12@\n\tVerifyOtp\x12\x18.otp.v1.VerifyOtpRequest\x1a\x19.otp.v1.VerifyOtpResponse\x12I\n\x0cGetOtpStatus\x12\x1b.otp.v1.GetOtpStatusRequest\x1a\x1c.otp.v1.GetOtpStatusResponseBF\n\x13\x63om.minserve.otp.v1B\x08OtpProtoP\x01Z#otp-service/clients/go/otp/v1;otpv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'otp.v1.otp_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023com.minserve.otp.v1B\010OtpProtoP\001Z#otp-service/clients/go/otp/v1;otpv1'
-  _globals['_CHANNEL']._serialized_start=964
-  _globals['_CHANNEL']._serialized_end=1073
-  _globals['_VERIFYOUTCOME']._serialized_start=1076
-  _globals['_VERIFYOUTCOME']._serialized_end=1256
-  _globals['_DELIVERYSTATE']._serialized_start=1259
-  _globals['_DELIVERYSTATE']._serialized_end=1440
+  _globals['_CHANNEL']._serialized_start=1067
+  _globals['_CHANNEL']._serialized_end=1176
+  _globals['_VERIFYOUTCOME']._serialized_start=1179
+  _globals['_VERIFYOUTCOME']._serialized_end=1359
+  _globals['_DELIVERYSTATE']._serialized_start=1362
+  _globals['_DELIVERYSTATE']._serialized_end=1543
+  _globals['_DELIVERYFAILURE']._serialized_start=1546
+  _globals['_DELIVERYFAILURE']._serialized_end=1773
   _globals['_SENDOTPREQUEST']._serialized_start=61
-  _globals['_SENDOTPREQUEST']._serialized_end=153
-  _globals['_SENDOTPRESPONSE']._serialized_start=156
-  _globals['_SENDOTPRESPONSE']._serialized_end=356
-  _globals['_VERIFYOTPREQUEST']._serialized_start=358
-  _globals['_VERIFYOTPREQUEST']._serialized_end=438
-  _globals['_VERIFYOTPRESPONSE']._serialized_start=441
-  _globals['_VERIFYOTPRESPONSE']._serialized_end=584
-  _globals['_GETOTPSTATUSREQUEST']._serialized_start=586
-  _globals['_GETOTPSTATUSREQUEST']._serialized_end=642
-  _globals['_GETOTPSTATUSRESPONSE']._serialized_start=645
-  _globals['_GETOTPSTATUSRESPONSE']._serialized_end=962
-  _globals['_OTPSERVICE']._serialized_start=1443
-  _globals['_OTPSERVICE']._serialized_end=1656
+  _globals['_SENDOTPREQUEST']._serialized_end=177
+  _globals['_SENDOTPRESPONSE']._serialized_start=180
+  _globals['_SENDOTPRESPONSE']._serialized_end=380
+  _globals['_VERIFYOTPREQUEST']._serialized_start=382
+  _globals['_VERIFYOTPREQUEST']._serialized_end=462
+  _globals['_VERIFYOTPRESPONSE']._serialized_start=465
+  _globals['_VERIFYOTPRESPONSE']._serialized_end=608
+  _globals['_GETOTPSTATUSREQUEST']._serialized_start=610
+  _globals['_GETOTPSTATUSREQUEST']._serialized_end=666
+  _globals['_GETOTPSTATUSRESPONSE']._serialized_start=669
+  _globals['_GETOTPSTATUSRESPONSE']._serialized_end=1065
+  _globals['_OTPSERVICE']._serialized_start=1776
+  _globals['_OTPSERVICE']._serialized_end=1989
 # @@protoc_insertion_point(module_scope)

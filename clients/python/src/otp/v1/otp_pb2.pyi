@@ -135,6 +135,63 @@ new code may be sent at once: the resend cooldown no longer applies.
 """
 Global___DeliveryState: _TypeAlias = DeliveryState  # noqa: Y015
 
+class _DeliveryFailure:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeliveryFailureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeliveryFailure.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELIVERY_FAILURE_UNSPECIFIED: _DeliveryFailure.ValueType  # 0
+    """Not failed (or not set)."""
+    DELIVERY_FAILURE_NOT_ON_WHATSAPP: _DeliveryFailure.ValueType  # 1
+    """The number is not on WhatsApp, or cannot receive this message (an app
+    too old, terms not accepted). Resending will not help: reach the user
+    another way (SMS or a voice call of your own).
+    """
+    DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE: _DeliveryFailure.ValueType  # 2
+    """The template is missing, not approved in that language, or its
+    parameters do not match: the service's operators must fix it. Another
+    channel of your own reaches the user meanwhile.
+    """
+    DELIVERY_FAILURE_RATE_LIMITED: _DeliveryFailure.ValueType  # 3
+    """WhatsApp limited the messages to this user or from this business (pair,
+    throughput or spam limits, or to keep the ecosystem healthy). Wait before
+    sending again, or use another channel.
+    """
+    DELIVERY_FAILURE_EXPIRED: _DeliveryFailure.ValueType  # 4
+    """The message expired before it could be delivered. Send a new code."""
+    DELIVERY_FAILURE_UNKNOWN: _DeliveryFailure.ValueType  # 5
+    """Any other failure: failure_reason has the provider's words."""
+
+class DeliveryFailure(_DeliveryFailure, metaclass=_DeliveryFailureEnumTypeWrapper):
+    """DeliveryFailure is why WhatsApp did not deliver a code's message, mapped
+    from WhatsApp's error code (or the provider's words when it gave none); the
+    service's docs/interakt.md lists the codes behind each value.
+    """
+
+DELIVERY_FAILURE_UNSPECIFIED: DeliveryFailure.ValueType  # 0
+"""Not failed (or not set)."""
+DELIVERY_FAILURE_NOT_ON_WHATSAPP: DeliveryFailure.ValueType  # 1
+"""The number is not on WhatsApp, or cannot receive this message (an app
+too old, terms not accepted). Resending will not help: reach the user
+another way (SMS or a voice call of your own).
+"""
+DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE: DeliveryFailure.ValueType  # 2
+"""The template is missing, not approved in that language, or its
+parameters do not match: the service's operators must fix it. Another
+channel of your own reaches the user meanwhile.
+"""
+DELIVERY_FAILURE_RATE_LIMITED: DeliveryFailure.ValueType  # 3
+"""WhatsApp limited the messages to this user or from this business (pair,
+throughput or spam limits, or to keep the ecosystem healthy). Wait before
+sending again, or use another channel.
+"""
+DELIVERY_FAILURE_EXPIRED: DeliveryFailure.ValueType  # 4
+"""The message expired before it could be delivered. Send a new code."""
+DELIVERY_FAILURE_UNKNOWN: DeliveryFailure.ValueType  # 5
+"""Any other failure: failure_reason has the provider's words."""
+Global___DeliveryFailure: _TypeAlias = DeliveryFailure  # noqa: Y015
+
 @_typing.final
 class SendOtpRequest(_message.Message):
     """SendOtpRequest names the phone number to send a code to."""
@@ -143,6 +200,7 @@ class SendOtpRequest(_message.Message):
 
     PHONE_NUMBER_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
     phone_number: _builtins.str
     """The destination in E.164 form, for example "+917003848501". Spaces and
     dashes are tolerated; the leading plus and country code are required.
@@ -154,15 +212,23 @@ class SendOtpRequest(_message.Message):
     failed may be used again; a key used for another number is
     INVALID_ARGUMENT (IDEMPOTENCY_KEY_REUSED).
     """
+    locale: _builtins.str
+    """Optional: the user's language as a BCP 47 tag, for example "hi-IN" or
+    "pt-BR". The template message goes out in WhatsApp's code for it ("hi",
+    "pt_BR") instead of the language the server chooses by the number's
+    country; if the template has no approved translation in it, in the
+    server's default language. A malformed tag is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         phone_number: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        locale: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "phone_number", b"phone_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "locale", b"locale", "phone_number", b"phone_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -301,6 +367,8 @@ class GetOtpStatusResponse(_message.Message):
     VERIFIED_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     RESEND_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
     state: Global___DeliveryState.ValueType
     """How far WhatsApp delivered the message, as the provider reported it."""
     channel: Global___Channel.ValueType
@@ -311,7 +379,8 @@ class GetOtpStatusResponse(_message.Message):
     """
     failure_reason: _builtins.str
     """Why WhatsApp could not deliver it, in the provider's words; set with
-    DELIVERY_STATE_FAILED when the provider gave a reason.
+    DELIVERY_STATE_FAILED when the provider gave a reason. For a program,
+    failure says the same.
     """
     verified: _builtins.bool
     """Whether a code of the number was verified since this one was sent."""
@@ -319,6 +388,15 @@ class GetOtpStatusResponse(_message.Message):
     """Seconds until SendOtp for this number will be accepted again (0: now).
     A failed delivery lifts the resend cooldown at once; the hourly cap still
     holds.
+    """
+    failure: Global___DeliveryFailure.ValueType
+    """Why WhatsApp could not deliver it, for a program to act on; set with
+    DELIVERY_STATE_FAILED, DELIVERY_FAILURE_UNSPECIFIED otherwise.
+    """
+    language: _builtins.str
+    """The WhatsApp language code of the template the message went out in, for
+    example "en" or "pt_BR"; empty for a text message, and while the provider
+    has not yet accepted it.
     """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
@@ -334,10 +412,12 @@ class GetOtpStatusResponse(_message.Message):
         verified: _builtins.bool = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         resend_after_seconds: _builtins.int = ...,
+        failure: Global___DeliveryFailure.ValueType = ...,
+        language: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "expires_at", b"expires_at", "failure_reason", b"failure_reason", "message_id", b"message_id", "resend_after_seconds", b"resend_after_seconds", "state", b"state", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "expires_at", b"expires_at", "failure", b"failure", "failure_reason", b"failure_reason", "language", b"language", "message_id", b"message_id", "resend_after_seconds", b"resend_after_seconds", "state", b"state", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -126,7 +126,9 @@ class OtpServiceServicer:
         WhatsApp delivered it (from the delivery provider's reports), whether it
         was verified, when it expires and when a new one may be sent. It never
         carries a code. NOT_FOUND when no code of the number is alive (none was
-        sent, or it expired).
+        sent, or it expired), and when another calling service sent it: a caller
+        sees the status of its own sends only (unless the server's
+        OTP_STATUS_READERS names it), and cannot tell the two apart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,7 +78,9 @@ class OtpServiceStub:
     WhatsApp delivered it (from the delivery provider's reports), whether it
     was verified, when it expires and when a new one may be sent. It never
     carries a code. NOT_FOUND when no code of the number is alive (none was
-    sent, or it expired).
+    sent, or it expired), and when another calling service sent it: a caller
+    sees the status of its own sends only (unless the server's
+    OTP_STATUS_READERS names it), and cannot tell the two apart.
     """
 
 @_typing.type_check_only
@@ -131,7 +133,9 @@ class OtpServiceAsyncStub(OtpServiceStub):
     WhatsApp delivered it (from the delivery provider's reports), whether it
     was verified, when it expires and when a new one may be sent. It never
     carries a code. NOT_FOUND when no code of the number is alive (none was
-    sent, or it expired).
+    sent, or it expired), and when another calling service sent it: a caller
+    sees the status of its own sends only (unless the server's
+    OTP_STATUS_READERS names it), and cannot tell the two apart.
     """
 
 class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -199,7 +203,9 @@ class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
         WhatsApp delivered it (from the delivery provider's reports), whether it
         was verified, when it expires and when a new one may be sent. It never
         carries a code. NOT_FOUND when no code of the number is alive (none was
-        sent, or it expired).
+        sent, or it expired), and when another calling service sent it: a caller
+        sees the status of its own sends only (unless the server's
+        OTP_STATUS_READERS names it), and cannot tell the two apart.
         """
 
 def add_OtpServiceServicer_to_server(servicer: OtpServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -217,6 +217,86 @@ export function deliveryStateToJSON(object: DeliveryState): string {
   }
 }
 
+/**
+ * DeliveryFailure is why WhatsApp did not deliver a code's message, mapped
+ * from WhatsApp's error code (or the provider's words when it gave none); the
+ * service's docs/interakt.md lists the codes behind each value.
+ */
+export enum DeliveryFailure {
+  /** DELIVERY_FAILURE_UNSPECIFIED - Not failed (or not set). */
+  DELIVERY_FAILURE_UNSPECIFIED = 0,
+  /**
+   * DELIVERY_FAILURE_NOT_ON_WHATSAPP - The number is not on WhatsApp, or cannot receive this message (an app
+   * too old, terms not accepted). Resending will not help: reach the user
+   * another way (SMS or a voice call of your own).
+   */
+  DELIVERY_FAILURE_NOT_ON_WHATSAPP = 1,
+  /**
+   * DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE - The template is missing, not approved in that language, or its
+   * parameters do not match: the service's operators must fix it. Another
+   * channel of your own reaches the user meanwhile.
+   */
+  DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE = 2,
+  /**
+   * DELIVERY_FAILURE_RATE_LIMITED - WhatsApp limited the messages to this user or from this business (pair,
+   * throughput or spam limits, or to keep the ecosystem healthy). Wait before
+   * sending again, or use another channel.
+   */
+  DELIVERY_FAILURE_RATE_LIMITED = 3,
+  /** DELIVERY_FAILURE_EXPIRED - The message expired before it could be delivered. Send a new code. */
+  DELIVERY_FAILURE_EXPIRED = 4,
+  /** DELIVERY_FAILURE_UNKNOWN - Any other failure: failure_reason has the provider's words. */
+  DELIVERY_FAILURE_UNKNOWN = 5,
+  UNRECOGNIZED = -1,
+}
+
+export function deliveryFailureFromJSON(object: any): DeliveryFailure {
+  switch (object) {
+    case 0:
+    case "DELIVERY_FAILURE_UNSPECIFIED":
+      return DeliveryFailure.DELIVERY_FAILURE_UNSPECIFIED;
+    case 1:
+    case "DELIVERY_FAILURE_NOT_ON_WHATSAPP":
+      return DeliveryFailure.DELIVERY_FAILURE_NOT_ON_WHATSAPP;
+    case 2:
+    case "DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE":
+      return DeliveryFailure.DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE;
+    case 3:
+    case "DELIVERY_FAILURE_RATE_LIMITED":
+      return DeliveryFailure.DELIVERY_FAILURE_RATE_LIMITED;
+    case 4:
+    case "DELIVERY_FAILURE_EXPIRED":
+      return DeliveryFailure.DELIVERY_FAILURE_EXPIRED;
+    case 5:
+    case "DELIVERY_FAILURE_UNKNOWN":
+      return DeliveryFailure.DELIVERY_FAILURE_UNKNOWN;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DeliveryFailure.UNRECOGNIZED;
+  }
+}
+
+export function deliveryFailureToJSON(object: DeliveryFailure): string {
+  switch (object) {
+    case DeliveryFailure.DELIVERY_FAILURE_UNSPECIFIED:
+      return "DELIVERY_FAILURE_UNSPECIFIED";
+    case DeliveryFailure.DELIVERY_FAILURE_NOT_ON_WHATSAPP:
+      return "DELIVERY_FAILURE_NOT_ON_WHATSAPP";
+    case DeliveryFailure.DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE:
+      return "DELIVERY_FAILURE_TEMPLATE_UNAVAILABLE";
+    case DeliveryFailure.DELIVERY_FAILURE_RATE_LIMITED:
+      return "DELIVERY_FAILURE_RATE_LIMITED";
+    case DeliveryFailure.DELIVERY_FAILURE_EXPIRED:
+      return "DELIVERY_FAILURE_EXPIRED";
+    case DeliveryFailure.DELIVERY_FAILURE_UNKNOWN:
+      return "DELIVERY_FAILURE_UNKNOWN";
+    case DeliveryFailure.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** SendOtpRequest names the phone number to send a code to. */
 export interface SendOtpRequest {
   /**
@@ -232,6 +312,14 @@ export interface SendOtpRequest {
    * INVALID_ARGUMENT (IDEMPOTENCY_KEY_REUSED).
    */
   idempotencyKey: string;
+  /**
+   * Optional: the user's language as a BCP 47 tag, for example "hi-IN" or
+   * "pt-BR". The template message goes out in WhatsApp's code for it ("hi",
+   * "pt_BR") instead of the language the server chooses by the number's
+   * country; if the template has no approved translation in it, in the
+   * server's default language. A malformed tag is INVALID_ARGUMENT.
+   */
+  locale: string;
 }
 
 /** SendOtpResponse says what was sent and when the caller may send again. */
@@ -293,7 +381,8 @@ export interface GetOtpStatusResponse {
   messageId: string;
   /**
    * Why WhatsApp could not deliver it, in the provider's words; set with
-   * DELIVERY_STATE_FAILED when the provider gave a reason.
+   * DELIVERY_STATE_FAILED when the provider gave a reason. For a program,
+   * failure says the same.
    */
   failureReason: string;
   /** Whether a code of the number was verified since this one was sent. */
@@ -308,10 +397,21 @@ export interface GetOtpStatusResponse {
    * holds.
    */
   resendAfterSeconds: number;
+  /**
+   * Why WhatsApp could not deliver it, for a program to act on; set with
+   * DELIVERY_STATE_FAILED, DELIVERY_FAILURE_UNSPECIFIED otherwise.
+   */
+  failure: DeliveryFailure;
+  /**
+   * The WhatsApp language code of the template the message went out in, for
+   * example "en" or "pt_BR"; empty for a text message, and while the provider
+   * has not yet accepted it.
+   */
+  language: string;
 }
 
 function createBaseSendOtpRequest(): SendOtpRequest {
-  return { phoneNumber: "", idempotencyKey: "" };
+  return { phoneNumber: "", idempotencyKey: "", locale: "" };
 }
 
 export const SendOtpRequest: MessageFns<SendOtpRequest> = {
@@ -321,6 +421,9 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
     }
     if (message.idempotencyKey !== "") {
       writer.uint32(18).string(message.idempotencyKey);
+    }
+    if (message.locale !== "") {
+      writer.uint32(26).string(message.locale);
     }
     return writer;
   },
@@ -354,6 +457,14 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
             message.idempotencyKey = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.locale = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -378,6 +489,7 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
         : isSet(object.idempotency_key)
         ? globalThis.String(object.idempotency_key)
         : "",
+      locale: isSet(object.locale) ? globalThis.String(object.locale) : "",
     };
   },
 
@@ -389,6 +501,9 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
     if (message.idempotencyKey !== "") {
       obj.idempotencyKey = message.idempotencyKey;
     }
+    if (message.locale !== "") {
+      obj.locale = message.locale;
+    }
     return obj;
   },
 
@@ -399,6 +514,7 @@ export const SendOtpRequest: MessageFns<SendOtpRequest> = {
     const message = createBaseSendOtpRequest();
     message.phoneNumber = object.phoneNumber ?? "";
     message.idempotencyKey = object.idempotencyKey ?? "";
+    message.locale = object.locale ?? "";
     return message;
   },
 };
@@ -812,6 +928,8 @@ function createBaseGetOtpStatusResponse(): GetOtpStatusResponse {
     verified: false,
     expiresAt: undefined,
     resendAfterSeconds: 0,
+    failure: 0,
+    language: "",
   };
 }
 
@@ -837,6 +955,12 @@ export const GetOtpStatusResponse: MessageFns<GetOtpStatusResponse> = {
     }
     if (message.resendAfterSeconds !== 0) {
       writer.uint32(56).int32(message.resendAfterSeconds);
+    }
+    if (message.failure !== 0) {
+      writer.uint32(64).int32(message.failure);
+    }
+    if (message.language !== "") {
+      writer.uint32(74).string(message.language);
     }
     return writer;
   },
@@ -910,6 +1034,22 @@ export const GetOtpStatusResponse: MessageFns<GetOtpStatusResponse> = {
             message.resendAfterSeconds = reader.int32();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.failure = reader.int32() as any;
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.language = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -947,6 +1087,8 @@ export const GetOtpStatusResponse: MessageFns<GetOtpStatusResponse> = {
         : isSet(object.resend_after_seconds)
         ? globalThis.Number(object.resend_after_seconds)
         : 0,
+      failure: isSet(object.failure) ? deliveryFailureFromJSON(object.failure) : 0,
+      language: isSet(object.language) ? globalThis.String(object.language) : "",
     };
   },
 
@@ -973,6 +1115,12 @@ export const GetOtpStatusResponse: MessageFns<GetOtpStatusResponse> = {
     if (message.resendAfterSeconds !== 0) {
       obj.resendAfterSeconds = Math.round(message.resendAfterSeconds);
     }
+    if (message.failure !== 0) {
+      obj.failure = deliveryFailureToJSON(message.failure);
+    }
+    if (message.language !== "") {
+      obj.language = message.language;
+    }
     return obj;
   },
 
@@ -988,6 +1136,8 @@ export const GetOtpStatusResponse: MessageFns<GetOtpStatusResponse> = {
     message.verified = object.verified ?? false;
     message.expiresAt = object.expiresAt ?? undefined;
     message.resendAfterSeconds = object.resendAfterSeconds ?? 0;
+    message.failure = object.failure ?? 0;
+    message.language = object.language ?? "";
     return message;
   },
 };
@@ -1059,7 +1209,9 @@ export const OtpServiceService = {
    * WhatsApp delivered it (from the delivery provider's reports), whether it
    * was verified, when it expires and when a new one may be sent. It never
    * carries a code. NOT_FOUND when no code of the number is alive (none was
-   * sent, or it expired).
+   * sent, or it expired), and when another calling service sent it: a caller
+   * sees the status of its own sends only (unless the server's
+   * OTP_STATUS_READERS names it), and cannot tell the two apart.
    */
   getOtpStatus: {
     path: "/otp.v1.OtpService/GetOtpStatus" as const,
@@ -1102,7 +1254,9 @@ export interface OtpServiceServer extends UntypedServiceImplementation {
    * WhatsApp delivered it (from the delivery provider's reports), whether it
    * was verified, when it expires and when a new one may be sent. It never
    * carries a code. NOT_FOUND when no code of the number is alive (none was
-   * sent, or it expired).
+   * sent, or it expired), and when another calling service sent it: a caller
+   * sees the status of its own sends only (unless the server's
+   * OTP_STATUS_READERS names it), and cannot tell the two apart.
    */
   getOtpStatus: handleUnaryCall<GetOtpStatusRequest, GetOtpStatusResponse>;
 }
@@ -1164,7 +1318,9 @@ export interface OtpServiceClient extends Client {
    * WhatsApp delivered it (from the delivery provider's reports), whether it
    * was verified, when it expires and when a new one may be sent. It never
    * carries a code. NOT_FOUND when no code of the number is alive (none was
-   * sent, or it expired).
+   * sent, or it expired), and when another calling service sent it: a caller
+   * sees the status of its own sends only (unless the server's
+   * OTP_STATUS_READERS names it), and cannot tell the two apart.
    */
   getOtpStatus(
     request: GetOtpStatusRequest,

@@ -5,9 +5,10 @@ comma-separated lists of four, OTP_TEST_NUMBER and OTP_TEST_CODE (one number per
 scenario's send does not trip the next one's cooldown). Without OTP_TARGET they run against a
 server this script starts: production mode, a private Redis, test numbers, and the service
 tests' fake Interakt, which takes messages only for UNREACHABLE_NUMBERS (one per scenario, as
-OTP_UNREACHABLE_NUMBER) and reports each failed, not on WhatsApp. The Python client's scenario runs twice: in the environment
-running this script (.venv, as uv.lock pins it; `make test-latest`'s newest versions), and in a
-virtualenv of the client alone at the lowest versions its pyproject.toml allows.
+OTP_UNREACHABLE_NUMBER) and reports each failed, not on WhatsApp. The Python client's scenario
+runs twice: in the environment running this script (.venv, as uv.lock pins it; `make
+test-latest`'s newest versions), and in a virtualenv of the client alone at the lowest versions
+its pyproject.toml allows.
 
 The examples run against a dev server configured as `make run` configures it (dev.env): each
 fenced ```python, ```ts, ```go and ```sh block of clients/README.md as written, twice in a row,

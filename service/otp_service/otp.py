@@ -201,6 +201,7 @@ class OtpService:
         # once it is recorded (so its status shows the message id, and a repeat of its key finds
         # this answer), within one Redis timeout; the rest is left to the background.
         await self._store.record_sent(send_id, phone=phone.e164, delivery=delivery, key=key)
+        metrics.count_code_sent(caller, self._country(phone))
         return _answer(FirstAnswer(added.expires_at_ms, added.resend_after_ms, delivery))
 
     async def _first_answer(
@@ -258,7 +259,15 @@ class OtpService:
             raise InvalidInput("otp_code", f"must be exactly {self._code_length} digits")
         if phone.e164 in self._test_numbers:
             _test_number_used(phone, "VerifyOtp")
-        return await self._store.verify(phone.e164, self._digest(phone.e164, otp_code))
+        result = await self._store.verify(phone.e164, self._digest(phone.e164, otp_code))
+        metrics.count_verify(context.caller.get(), self._country(phone), result.outcome.name)
+        return result
+
+    def _country(self, phone: PhoneNumber) -> str:
+        """The number's calling code as a metric label: one of OTP_ALLOWED_COUNTRIES, or
+        "other" (a verify is not refused for its country), so the label set stays bounded."""
+        code = phone.country_code[1:]
+        return code if code in self._allowed_countries else "other"
 
     def _digest(self, phone: str, code: str) -> str:
         # Keyed by the number too, so equal codes of two numbers never share a digest.

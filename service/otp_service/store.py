@@ -129,11 +129,12 @@ end
 # ARGV[5] max sends per window, ARGV[6] window ms, ARGV[7] max attempts,
 # ARGV[8] max wrong codes per failed-verify window, ARGV[9] that window in ms, ARGV[10] how long
 # (ms) a claimed idempotency key waits for its send's answer before another send may take it
-# Returns {0, expiry ms, wait ms until the next send} when the code is stored, {1, wait ms} in
-# the cooldown, {2, wait ms} over the hourly cap, {3, wait ms} while the number is over its
-# wrong-code budget, {4, 0} when the send was withdrawn before Redis ran this (nothing is
-# stored), {5, expiry ms, wait ms, channel, message id} when the key's first send already
-# answered (that answer again: nothing is stored), {6, 0} while it is still running.
+# Returns {0, expiry ms, wait ms until the next send, earlier codes found expired unused} when
+# the code is stored, {1, wait ms} in the cooldown, {2, wait ms} over the hourly cap,
+# {3, wait ms} while the number is over its wrong-code budget, {4, 0} when the send was
+# withdrawn before Redis ran this (nothing is stored), {5, expiry ms, wait ms, channel, message
+# id} when the key's first send already answered (that answer again: nothing is stored),
+# {6, 0} while it is still running.
 _SEND_SCRIPT = (
     _SEND_WAITS
     + f"""
@@ -167,10 +168,11 @@ if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') >= tonumber(ARGV[7]) then
 end
 -- Earlier codes stay valid until their own expiry (WhatsApp can deliver late, and users type
 -- the first code they see); expired ones are dropped so the hash stays small.
-local fields = redis.call('HGETALL', KEYS[1])
+local fields, expired = redis.call('HGETALL', KEYS[1]), 0
 for i = 1, #fields, 2 do
   if fields[i] ~= 'n' and tonumber(fields[i + 1]) <= now then
     redis.call('HDEL', KEYS[1], fields[i])
+    expired = expired + 1
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], now + ttl)
@@ -190,7 +192,7 @@ if key then
   redis.call('HSET', key, 'send', ARGV[2], 'at', now, 'exp', now + ttl, 'wait', wait)
   redis.call('PEXPIRE', key, ttl)
 end
-return {{0, now + ttl, wait}}
+return {{0, now + ttl, wait, expired}}
 """
 )
 
@@ -346,14 +348,15 @@ return {1, tonumber(first[3]), tonumber(first[4]), tonumber(first[5]), first[6]}
 # KEYS[1] delivery record
 # ARGV[1] Interakt's message id, ARGV[2] the send id the report carries in its callback data
 # ("" when none), ARGV[3] the reported state, ARGV[4] Interakt's failure reason ("" when none)
-# Returns 1 when the state moved forward, 0 when the report changes nothing (a redelivery, or
-# older than the state the record has), -1 when the record is not of this message (not ours,
-# an earlier code's, or the code expired).
+# Returns {1, channel (0: not yet known), ms since the code's send} when the state moved
+# forward, 0 when the report changes nothing (a redelivery, or older than the state the record
+# has), -1 when the record is not of this message (not ours, an earlier code's, or the code
+# expired). The send time is the code's expiry less ARGV[5], the code ttl in ms.
 # The state only moves forward along QUEUED < SENT < FAILED < DELIVERED < READ, so reports may
 # come in any order and any number of times: the result is the furthest one. A late SENT never
 # takes DELIVERED back, and FAILED after DELIVERED (or READ) is ignored: the message got there.
 _REPORT_SCRIPT = """
-local record = redis.call('HMGET', KEYS[1], 'send', 'msg', 'st')
+local record = redis.call('HMGET', KEYS[1], 'send', 'msg', 'st', 'ch', 'exp')
 if not record[1] then return -1 end
 if record[2] then
   if record[2] ~= ARGV[1] then return -1 end
@@ -367,7 +370,9 @@ end
 local rank = {1, 2, 4, 5, 3}
 if rank[tonumber(ARGV[3])] <= rank[tonumber(record[3])] then return 0 end
 redis.call('HSET', KEYS[1], 'st', ARGV[3], 'why', ARGV[4])
-return 1
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {1, tonumber(record[4] or '0'), now - (tonumber(record[5]) - tonumber(ARGV[5]))}
 """
 
 # KEYS[1] delivery record, KEYS[2] codes hash, KEYS[3] sends zset, KEYS[4] wrong-code times list
@@ -412,7 +417,6 @@ _VERIFY_UNAVAILABLE = (
     f"{STORE_UNAVAILABLE}; the check may still have run, counting this attempt or using up the code"
 )
 _REPORT_OUTCOMES = {
-    1: ReportOutcome.APPLIED,
     0: ReportOutcome.UNCHANGED,
     -1: ReportOutcome.UNKNOWN,
 }
@@ -816,6 +820,8 @@ class RedisStore:
             return _first_answer(*reply[1:])
         if status == _FIRST_RUNNING:
             return Pending.RUNNING
+        if reply[3]:
+            metrics.CODES_EXPIRED.inc(reply[3])
         return Stored(int(value), int(reply[2]))
 
     async def count_caller_send(
@@ -979,8 +985,22 @@ class RedisStore:
     async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
         reply = await self._report(
             keys=_delivery_keys(report.phone)[:1],
-            args=[report.message_id, report.send_id, report.state.value, report.reason],
+            args=[
+                report.message_id,
+                report.send_id,
+                report.state.value,
+                report.reason,
+                self._ttl_ms,
+            ],
         )
+        if isinstance(reply, list):
+            channel, since_send_ms = reply[1:]
+            metrics.count_delivery(
+                report.state.name.lower(),
+                Channel(channel).name.lower() if channel else "unknown",
+                since_send_ms / 1000,
+            )
+            return ReportOutcome.APPLIED
         return _REPORT_OUTCOMES[reply]
 
     async def status(self, phone: str) -> OtpStatus | None:

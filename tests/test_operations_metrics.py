@@ -3,11 +3,14 @@ deliveries by state and channel, time to delivery, codes expired unused. Bounded
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 import redis
 from otp.v1 import otp_pb2
 
+from otp_service.embedded_redis import EmbeddedRedis
 from tests.conftest import (
     CALLER,
     PHONE,
@@ -114,3 +117,27 @@ async def test_codes_that_expired_unused_are_counted_at_the_next_send(
     await send(gateway.stub)
     _, after = await scrape(http, gateway.url)
     assert delta(before, after, "otp_codes_expired_unused_total") == 2
+
+
+async def test_redis_health_and_readiness_changes_are_exported(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, private_redis: EmbeddedRedis
+) -> None:
+    gateway = await make_gateway(redis_url=private_redis.url, interakt_sends_per_minute=42)
+
+    async def sample(name: str) -> float:
+        _, samples = await scrape(http, gateway.url)
+        return samples.get((name, frozenset()), -1.0)
+
+    async def redis_up(value: float) -> bool:
+        return await sample("otp_redis_up") == value
+
+    await eventually(lambda: redis_up(1))
+    assert await sample("otp_account_sends_per_minute_limit") == 42
+    assert await sample("otp_redis_ping_seconds_count") >= 1
+    changes = await sample("otp_readiness_changes_total")
+
+    await asyncio.to_thread(private_redis.stop)
+    await eventually(lambda: redis_up(0))
+    await asyncio.to_thread(private_redis.start)
+    await eventually(lambda: redis_up(1))
+    assert await sample("otp_readiness_changes_total") == changes + 2

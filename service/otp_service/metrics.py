@@ -137,6 +137,23 @@ CODES_EXPIRED = Counter(
     "lower bound: a number that is never sent another code while an earlier code lives is not "
     "seen (docs/operations.md).",
 )
+# Redis as the readiness watcher sees it (a ping about once a second), and how often readiness
+# changed: a count, so a flap between two scrapes is still seen.
+REDIS_UP = Gauge("otp_redis_up", "1 when Redis answered the readiness watcher's last ping.")
+REDIS_PING_SECONDS = Histogram(
+    "otp_redis_ping_seconds",
+    "Time Redis took to answer the readiness watcher's ping (a ping that timed out is not seen).",
+    buckets=_LATENCY_BUCKETS,
+)
+READINESS_CHANGES = Counter(
+    "otp_readiness_changes_total",
+    "Times readiness (/readyz, the gRPC health status) changed because Redis went or came back.",
+)
+# The configured limit, so a dashboard and an alert can set the account's use against it.
+ACCOUNT_SEND_LIMIT = Gauge(
+    "otp_account_sends_per_minute_limit",
+    "INTERAKT_SENDS_PER_MINUTE: messages a minute all replicas together may send.",
+)
 # What only a process serving OtpService has: `otp-service gateway --target` leaves them out of
 # its /metrics rather than export series that stay zero there (tests keep this list complete).
 SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
@@ -158,6 +175,10 @@ SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
     DELIVERIES,
     DELIVERY_SECONDS,
     CODES_EXPIRED,
+    REDIS_UP,
+    REDIS_PING_SECONDS,
+    READINESS_CHANGES,
+    ACCOUNT_SEND_LIMIT,
 )
 
 # The HTTP side's own, in every process that listens on OTP_HTTP_ADDRESS. `route` is one of the

@@ -16,6 +16,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from otp_service import metrics
 from otp_service.auth import CallerAuth, Callers
 from otp_service.breaker import CircuitBreaker
 from otp_service.config import Settings
@@ -180,6 +181,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         _enable_reflection(server)
     port = _bind(server, settings.grpc_address, _tls_credentials(settings))
     watcher = RedisWatcher(deps.store, health_servicer, ("", SERVICE_NAME))
+    metrics.ACCOUNT_SEND_LIMIT.set(settings.interakt_sends_per_minute)
     return OtpServer(
         server=server,
         port=port,

@@ -32,12 +32,13 @@ GO_PLUGINS := command -v protoc-gen-go >/dev/null && command -v protoc-gen-go-gr
 
 # Regenerate everything in GENERATED from proto/.
 proto: install
-	rm -rf clients/python/src/otp/v1 clients/node/src/gen
+	rm -rf clients/python/src/otp/v1 clients/python/src/otp/admin clients/node/src/gen
 	@if $(GO_PLUGINS) || [ "$$CI" = true ]; then rm -rf clients/go/otp && $(BUF) generate; \
 	else echo "protoc-gen-go/protoc-gen-go-grpc not installed: Go code not regenerated" >&2; \
 	     $(BUF) generate --template "$$(sed '/^  # Go/,$$d' buf.gen.yaml)"; fi
 	$(BUF) build --path proto/otp -o proto/otp.binpb
-	touch clients/python/src/otp/__init__.py clients/python/src/otp/v1/__init__.py
+	touch clients/python/src/otp/__init__.py clients/python/src/otp/v1/__init__.py \
+	    clients/python/src/otp/admin/__init__.py clients/python/src/otp/admin/v1/__init__.py
 
 # Fails when what is committed differs from what `make proto` produces.
 proto-check: install

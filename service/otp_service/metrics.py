@@ -154,6 +154,11 @@ ACCOUNT_SEND_LIMIT = Gauge(
     "otp_account_sends_per_minute_limit",
     "INTERAKT_SENDS_PER_MINUTE: messages a minute all replicas together may send.",
 )
+ADMIN_ACTIONS = Counter(
+    "otp_admin_actions_total",
+    "AdminService actions done (show, unlock, cancel); the log names the admin.",
+    ["action"],
+)
 # What only a process serving OtpService has: `otp-service gateway --target` leaves them out of
 # its /metrics rather than export series that stay zero there (tests keep this list complete).
 SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
@@ -179,6 +184,7 @@ SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
     REDIS_PING_SECONDS,
     READINESS_CHANGES,
     ACCOUNT_SEND_LIMIT,
+    ADMIN_ACTIONS,
 )
 
 # The HTTP side's own, in every process that listens on OTP_HTTP_ADDRESS. `route` is one of the

@@ -16,7 +16,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from otp_service import metrics
+from otp_service import admin, metrics
 from otp_service.auth import CallerAuth, Callers
 from otp_service.breaker import CircuitBreaker
 from otp_service.config import Settings
@@ -68,18 +68,7 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
         sentinel_password=settings.redis_sentinel_password,
         replica_acks=settings.redis_replica_acks,
     )
-    store = open_store(
-        target,
-        Rules(
-            ttl_seconds=settings.ttl_seconds,
-            max_attempts=settings.max_attempts,
-            resend_cooldown_seconds=settings.resend_cooldown_seconds,
-            max_sends_per_hour=settings.max_sends_per_hour,
-            max_failed_verifies_per_hour=settings.max_failed_verifies_per_hour,
-            caller_sends_per_minute=settings.caller_sends_per_minute,
-            account_sends_per_minute=settings.interakt_sends_per_minute,
-        ),
-    )
+    store = open_store(target, rules_for(settings))
     sender: Sender
     if settings.dev:
         sender = LogSender()
@@ -134,6 +123,19 @@ class OtpServer:
         await self.server.stop(grace)
 
 
+def rules_for(settings: Settings) -> Rules:
+    """The per-number limits the store enforces, from the settings."""
+    return Rules(
+        ttl_seconds=settings.ttl_seconds,
+        max_attempts=settings.max_attempts,
+        resend_cooldown_seconds=settings.resend_cooldown_seconds,
+        max_sends_per_hour=settings.max_sends_per_hour,
+        max_failed_verifies_per_hour=settings.max_failed_verifies_per_hour,
+        caller_sends_per_minute=settings.caller_sends_per_minute,
+        account_sends_per_minute=settings.interakt_sends_per_minute,
+    )
+
+
 def build_service(settings: Settings, deps: Deps) -> OtpService:
     """The domain service wired to ``deps`` with the settings' rules."""
     return OtpService(
@@ -173,6 +175,14 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     service = build_service(settings, deps)
     behaviors = wrap_methods(OtpServicer(service), wrappers)
     add_to_server(behaviors, server)
+    if settings.admin_tokens_file is not None:
+        # Its own tokens: a caller's token is unknown here, an admin's unknown to OtpService.
+        admins = Callers((), settings.admin_tokens_file, kind="admin")
+        admin.add_to_server(
+            admin.AdminServicer(deps.store, rules_for(settings)),
+            server,
+            [Observability(admin.SERVICE_NAME).wrap, CallerAuth(admins, admin.DENIED).wrap],
+        )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -398,6 +398,68 @@ return {tonumber(record[1]), tonumber(record[2] or '0'), record[3] or '', record
 )
 
 
+# Support actions (otp_service.admin, AdminService). Never a digest out of Redis.
+# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] wrong-code times list, KEYS[4] delivery record
+# ARGV[1] cooldown ms, ARGV[2] max sends per window, ARGV[3] window ms, ARGV[4] max wrong codes
+# per failed-verify window, ARGV[5] that window in ms
+# Returns {live codes, newest live code's expiry ms (0: none), attempts used, sends in the
+# window, wrong codes in the failed-verify window, cooldown ms, paused ms, capped ms, delivery
+# state (0: no record), channel, message id, failure reason, the record's expiry ms}. Reads only.
+_NUMBER_STATE_SCRIPT = (
+    _SEND_WAITS
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, fwindow = tonumber(ARGV[3]), tonumber(ARGV[5])
+local live, newest, used = 0, 0, 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local value = tonumber(fields[i + 1])
+  if fields[i] == 'n' then
+    used = value
+  elseif value > now then
+    live, newest = live + 1, math.max(newest, value)
+  end
+end
+local wrong = 0
+for _, at in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+  if tonumber(at) > now - fwindow then wrong = wrong + 1 end
+end
+local paused, cooling, capped = send_waits(now, KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[1]),
+  tonumber(ARGV[2]), window, tonumber(ARGV[4]), fwindow)
+local record = redis.call('HMGET', KEYS[4], 'st', 'ch', 'msg', 'why', 'exp')
+return {live, newest, used, redis.call('ZCOUNT', KEYS[2], '(' .. (now - window), '+inf'), wrong,
+  cooling, paused, capped, tonumber(record[1] or '0'), tonumber(record[2] or '0'),
+  record[3] or '', record[4] or '', tonumber(record[5] or '0')}
+"""
+)
+
+# KEYS[1] codes hash, KEYS[2] wrong-code times list
+# Returns {wrong codes cleared, attempts cleared}. The number is no longer paused for wrong
+# codes, and its live codes have their whole attempt budget again.
+_UNLOCK_SCRIPT = """
+local wrong = redis.call('LLEN', KEYS[2])
+redis.call('DEL', KEYS[2])
+local used = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+redis.call('HDEL', KEYS[1], 'n')
+return {wrong, used}
+"""
+
+# KEYS[1] codes hash, KEYS[2] delivery record, KEYS[3] the record a send in flight replaced
+# Returns the live codes deleted. The delivery record goes too: it would say "verified" of
+# codes that were cancelled (status reads verified from the codes hash being gone).
+_CANCEL_CODES_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if fields[i] ~= 'n' and tonumber(fields[i + 1]) > now then live = live + 1 end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return live
+"""
+
 _OVER_FAILED_VERIFY_BUDGET = 5
 _SEND_WITHDRAWN = 4
 _FIRST_ANSWERED = 5
@@ -511,6 +573,21 @@ class FirstAnswer:
     delivery: Delivery
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NumberState:
+    """What a support desk may see of a number (AdminService): counts and waits, never a code."""
+
+    live_codes: int
+    codes_expire_at_ms: int  # 0 without a live code
+    attempts_used: int
+    sends_in_window: int
+    wrong_codes_in_window: int
+    cooldown_ms: int
+    paused_ms: int
+    capped_ms: int
+    latest: OtpStatus | None  # its latest delivery record; ``verified`` is left False
+
+
 class Pending(enum.Enum):
     """The first send with an idempotency key has not answered yet."""
 
@@ -605,6 +682,15 @@ class Store(Protocol):
     async def close(self) -> None:
         """Give withdrawals and records in flight one last try, then release connections."""
 
+    async def number_state(self, phone: str) -> NumberState:
+        """The number's codes, attempts, sends, waits and latest delivery (AdminService)."""
+
+    async def unlock(self, phone: str) -> tuple[int, int]:
+        """Clear the number's wrong codes and its codes' attempts: how many of each."""
+
+    async def cancel_codes(self, phone: str) -> int:
+        """Delete the number's live codes and their delivery record: how many codes."""
+
 
 def _codes_key(phone: str) -> str:
     return f"otp:{{{phone}}}:c"
@@ -661,6 +747,9 @@ SCRIPT_COMMANDS = frozenset(
         _FIRST_ANSWER_SCRIPT,
         _REPORT_SCRIPT,
         _STATUS_SCRIPT,
+        _NUMBER_STATE_SCRIPT,
+        _UNLOCK_SCRIPT,
+        _CANCEL_CODES_SCRIPT,
     )
     for name in re.findall(r"redis\.call\('(\w+)'", source)
 )
@@ -751,6 +840,9 @@ class RedisStore:
         self._first = _Script(client, _FIRST_ANSWER_SCRIPT)
         self._report = _Script(client, _REPORT_SCRIPT)
         self._status = _Script(client, _STATUS_SCRIPT)
+        self._number_state = _Script(client, _NUMBER_STATE_SCRIPT)
+        self._unlock = _Script(client, _UNLOCK_SCRIPT)
+        self._cancel_codes = _Script(client, _CANCEL_CODES_SCRIPT)
         self._verify_args = (
             rules.max_attempts,
             rules.max_failed_verifies_per_hour,
@@ -1042,6 +1134,50 @@ class RedisStore:
             "hour; verification is paused",
             wait_ms / 1000,
             {"max_failed_verifies_per_hour": str(self._rules.max_failed_verifies_per_hour)},
+        )
+
+    async def number_state(self, phone: str) -> NumberState:
+        reply = await self._number_state(
+            keys=[
+                _codes_key(phone),
+                _sends_key(phone),
+                _failures_key(phone),
+                _delivery_keys(phone)[0],
+            ],
+            args=self._status_args,
+        )
+        live, newest, used, sends, wrong, cooldown, paused, capped = (int(v) for v in reply[:8])
+        state, channel, message_id, reason, expires_at_ms = reply[8:]
+        latest = None
+        if state:
+            latest = OtpStatus(
+                state=DeliveryState(state),
+                channel=Channel(channel) if channel else None,
+                message_id=message_id.decode(),
+                failure_reason=reason.decode() if state == DeliveryState.FAILED.value else "",
+                verified=False,
+                expires_at_ms=int(expires_at_ms),
+                resend_after_seconds=-(-max(cooldown, paused, capped) // 1000),
+            )
+        return NumberState(
+            live_codes=live,
+            codes_expire_at_ms=newest,
+            attempts_used=min(used, self._rules.max_attempts),
+            sends_in_window=sends,
+            wrong_codes_in_window=wrong,
+            cooldown_ms=cooldown,
+            paused_ms=paused,
+            capped_ms=capped,
+            latest=latest,
+        )
+
+    async def unlock(self, phone: str) -> tuple[int, int]:
+        wrong, used = await self._unlock(keys=[_codes_key(phone), _failures_key(phone)], args=[])
+        return int(wrong), min(int(used), self._rules.max_attempts)
+
+    async def cancel_codes(self, phone: str) -> int:
+        return int(
+            await self._cancel_codes(keys=[_codes_key(phone), *_delivery_keys(phone)], args=[])
         )
 
     async def ping(self) -> bool:

@@ -125,6 +125,8 @@ class FakeInterakt:
         # Contacts who wrote within 24 hours; None means everyone did.
         self.in_window: set[str] | None = None
         self.approved_templates: set[tuple[str, str]] = {("Auth", "en")}
+        # The account's API keys Interakt accepts now (a rotation in its console changes them).
+        self.api_keys = {API_KEY}
 
     def answer(self, *answers: Answer) -> None:
         """Queue answers for the next requests, in order."""
@@ -142,6 +144,7 @@ class FakeInterakt:
         self._ids = itertools.count(1)
         self.in_window = None
         self.approved_templates = {("Auth", "en")}
+        self.api_keys = {API_KEY}
         self.queued.clear()
         self.webhook_url = self.webhook_secret = ""
         self.reports = ()
@@ -235,7 +238,7 @@ class FakeInterakt:
             return web.json_response(
                 scripted.body, status=scripted.status, headers=scripted.headers
             )
-        if request.headers.get("Authorization") != f"Basic {API_KEY}":
+        if request.headers.get("Authorization") not in {f"Basic {key}" for key in self.api_keys}:
             return _refuse(INVALID_TOKEN, status=401)
         if body.get("type") == "Text":
             number = body["countryCode"] + body["phoneNumber"]

@@ -59,10 +59,13 @@ class OtpService:
         send_timeout_seconds: float,
         allowed_countries: frozenset[str],
         test_numbers: Mapping[str, str] | None = None,
+        previous_secret: bytes | None = None,
     ) -> None:
         self._store = store
         self._sender = sender
         self._secret = secret
+        # OTP_SECRET_PREVIOUS: codes made under it still verify (a rotation's live codes).
+        self._previous_secret = previous_secret
         self._code_length = code_length
         self._store_timeout = store_timeout_seconds
         self._send_timeout = send_timeout_seconds
@@ -259,7 +262,13 @@ class OtpService:
             raise InvalidInput("otp_code", f"must be exactly {self._code_length} digits")
         if phone.e164 in self._test_numbers:
             _test_number_used(phone, "VerifyOtp")
-        result = await self._store.verify(phone.e164, self._digest(phone.e164, otp_code))
+        digest = self._digest(phone.e164, otp_code)
+        if self._previous_secret is None:
+            result = await self._store.verify(phone.e164, digest)
+        else:
+            # One call still: the attempt is counted once, whichever secret made the code.
+            previous = self._digest(phone.e164, otp_code, self._previous_secret)
+            result = await self._store.verify(phone.e164, digest, previous)
         metrics.count_verify(context.caller.get(), self._country(phone), result.outcome.name)
         return result
 
@@ -269,10 +278,10 @@ class OtpService:
         code = phone.country_code[1:]
         return code if code in self._allowed_countries else "other"
 
-    def _digest(self, phone: str, code: str) -> str:
+    def _digest(self, phone: str, code: str, secret: bytes | None = None) -> str:
         # Keyed by the number too, so equal codes of two numbers never share a digest.
         # hmac.digest: the one-shot C path, with no HMAC object per call (every login runs this).
-        mac = hmac.digest(self._secret, f"{phone}:{code}".encode(), "sha256")
+        mac = hmac.digest(secret or self._secret, f"{phone}:{code}".encode(), "sha256")
         return mac.hex()[:_DIGEST_HEX_CHARS]
 
 

@@ -20,6 +20,7 @@ from otp_service import admin, metrics
 from otp_service.auth import CallerAuth, Callers
 from otp_service.breaker import CircuitBreaker
 from otp_service.config import Settings
+from otp_service.key_file import KeyFile
 from otp_service.observability import Observability
 from otp_service.otp import OtpService
 from otp_service.readiness import RedisWatcher
@@ -84,6 +85,9 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
                 failures=settings.breaker_failures,
                 cooloff_seconds=settings.breaker_cooloff_seconds,
             ),
+            api_key_file=KeyFile(settings.interakt_api_key_file, settings.interakt_api_key)
+            if settings.interakt_api_key_file
+            else None,
         )
     return Deps(store=store, sender=sender)
 
@@ -147,6 +151,7 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         send_timeout_seconds=settings.interakt_timeout_seconds,
         allowed_countries=settings.allowed_countries,
         test_numbers=dict(settings.test_numbers),
+        previous_secret=settings.otp_secret_previous or None,
     )
 
 

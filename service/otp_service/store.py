@@ -231,7 +231,7 @@ return 1
 
 # KEYS[1] codes hash, KEYS[2] wrong-code times list
 # ARGV[1] digest of the typed code, ARGV[2] max attempts, ARGV[3] max wrong codes per window,
-# ARGV[4] window ms
+# ARGV[4] window ms, ARGV[5] its digest under OTP_SECRET_PREVIOUS (only while one is set)
 # Returns {outcome, n}: 1 verified, 2 wrong code (n = attempts remaining), 3 no active code,
 # 4 too many attempts, 5 too many wrong codes in the window (n = ms until the oldest counted one
 # leaves it).
@@ -252,6 +252,7 @@ local max = tonumber(ARGV[2])
 local used = redis.call('HINCRBY', KEYS[1], 'n', 1)
 if used > max then return {4, 0} end
 local expires = redis.call('HGET', KEYS[1], ARGV[1])
+if not expires and ARGV[5] then expires = redis.call('HGET', KEYS[1], ARGV[5]) end
 if expires and tonumber(expires) > now then
   redis.call('DEL', KEYS[1])
   return {1, 0}
@@ -670,8 +671,9 @@ class Store(Protocol):
     async def status(self, phone: str) -> OtpStatus | None:
         """The number's latest code's delivery record; None when it has no live code."""
 
-    async def verify(self, phone: str, digest: str) -> VerifyResult:
-        """Count one attempt, compare, and consume the number's codes on a match.
+    async def verify(self, phone: str, digest: str, previous: str | None = None) -> VerifyResult:
+        """Count one attempt, compare (with ``previous``, the typed code's digest under the
+        previous secret, too), and consume the number's codes on a match.
 
         Raises LimitExceeded while the number is over its hourly budget of wrong codes.
         """
@@ -1119,9 +1121,12 @@ class RedisStore:
             resend_after_seconds=-(-wait_ms // 1000),
         )
 
-    async def verify(self, phone: str, digest: str) -> VerifyResult:
+    async def verify(self, phone: str, digest: str, previous: str | None = None) -> VerifyResult:
+        args = [digest, *self._verify_args]
+        if previous is not None:
+            args.append(previous)
         outcome, value = await self._verify(
-            keys=[_codes_key(phone), _failures_key(phone)], args=[digest, *self._verify_args]
+            keys=[_codes_key(phone), _failures_key(phone)], args=args
         )
         if outcome == _OVER_FAILED_VERIFY_BUDGET:
             raise self._paused(value)

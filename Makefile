@@ -50,8 +50,8 @@ proto-check: install
 	  else echo "generated code is stale: run 'make proto' and commit"; exit 1; fi
 
 lint: install
-	$(BIN)/ruff check service tests bench clients/python clients/run_contract.py proto
-	$(BIN)/ruff format --check service tests bench clients/python clients/run_contract.py proto
+	$(BIN)/ruff check service tests bench ops clients/python clients/run_contract.py proto
+	$(BIN)/ruff format --check service tests bench ops clients/python clients/run_contract.py proto
 	$(BIN)/mypy service
 	$(BIN)/mypy --strict clients/python/src/otp_client clients/python/tests clients/run_contract.py
 	$(BUF) lint

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ops.render_dashboard import render
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import (
     PATIENCE_SECONDS,
@@ -286,8 +287,12 @@ async def test_a_real_prometheus_answers_every_panel_and_rule_and_fires_the_aler
         binary, tmp_path, f"127.0.0.1:{free_port()}", gateway.url.removeprefix("http://"), http
     )
     try:
+        started = time.time()
         await drive(gateway, interakt, prometheus, redis_server, http)
         await check_every_query(prometheus)
+        picture = os.environ.get("OTP_DASHBOARD_PICTURE")
+        if picture:  # docs/operations.md's picture (ops/render_dashboard.py)
+            await asyncio.to_thread(render, prometheus.url, started, time.time(), Path(picture))
     finally:
         process.terminate()
         async with asyncio.timeout(PATIENCE_SECONDS):

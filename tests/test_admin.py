@@ -43,11 +43,16 @@ ADMIN_TOKEN = "admin-token-0123456789abcdef"
 WRONG_CODES_PER_HOUR = 3
 
 
-@pytest.fixture
-def admin_tokens(tmp_path: Path) -> Path:
-    path = tmp_path / "admin-tokens"
+def admin_tokens_in(directory: Path) -> Path:
+    """An OTP_ADMIN_TOKENS_FILE naming ADMIN, in ``directory``."""
+    path = directory / "admin-tokens"
     path.write_text(f"# support\n{ADMIN}:{ADMIN_TOKEN}\n")
     return path
+
+
+@pytest.fixture
+def admin_tokens(tmp_path: Path) -> Path:
+    return admin_tokens_in(tmp_path)
 
 
 @pytest.fixture
@@ -106,6 +111,19 @@ async def lock_out(gateway: Gateway, interakt: FakeInterakt) -> str:
         await verify(gateway.stub, code)
     assert locked.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     return code
+
+
+async def support_actions(port: int, phone: str = PHONE) -> None:
+    """Each AdminService call once, as the admin (test_cluster checks the scripts they run)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        for method, request_type in (
+            ("GetNumberState", admin_pb2.GetNumberStateRequest),
+            ("UnlockNumber", admin_pb2.UnlockNumberRequest),
+            ("CancelCodes", admin_pb2.CancelCodesRequest),
+        ):
+            request = request_type(phone_number=phone)
+            await getattr(stub, method)(request, metadata=as_admin(), timeout=10)
 
 
 async def test_an_admin_unlocks_a_locked_out_number_with_one_command(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tests.conftest import (
     code_sent_to,
     delta,
     digest,
+    eventually,
     scrape,
     send,
     status_of,
@@ -289,3 +291,21 @@ def test_an_admin_token_that_is_a_caller_token_too_is_a_configuration_error(
         "OTP_ADMIN_TOKENS_FILE: 1 token(s) are caller tokens too; an admin token must be its own"
     ]
     assert TOKEN not in str(refused.value.problems)
+
+
+async def test_the_admin_tokens_file_is_re_read_while_running(
+    admin: admin_pb2_grpc.AdminServiceStub, admin_tokens: Path
+) -> None:
+    new_token = "another-admin-token-0123456789"
+    fresh = admin_tokens.with_suffix(".new")
+    fresh.write_text(f"night-shift:{new_token}\n")
+    os.replace(fresh, admin_tokens)
+    request = admin_pb2.GetNumberStateRequest(phone_number=PHONE)
+
+    async def accepted() -> bool:
+        call = admin.GetNumberState(request, metadata=as_admin(new_token), timeout=10)
+        return await status_of(call) == grpc.StatusCode.OK
+
+    await eventually(accepted)
+    revoked = admin.GetNumberState(request, metadata=as_admin(), timeout=10)
+    assert await status_of(revoked) == grpc.StatusCode.UNAUTHENTICATED

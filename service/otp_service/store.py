@@ -348,11 +348,12 @@ return {1, tonumber(first[3]), tonumber(first[4]), tonumber(first[5]), first[6]}
 
 # KEYS[1] delivery record
 # ARGV[1] Interakt's message id, ARGV[2] the send id the report carries in its callback data
-# ("" when none), ARGV[3] the reported state, ARGV[4] Interakt's failure reason ("" when none)
-# Returns {1, channel (0: not yet known), ms since the code's send} when the state moved
-# forward, 0 when the report changes nothing (a redelivery, or older than the state the record
-# has), -1 when the record is not of this message (not ours, an earlier code's, or the code
-# expired). The send time is the code's expiry less ARGV[5], the code ttl in ms.
+# ("" when none), ARGV[3] the reported state, ARGV[4] Interakt's failure reason ("" when none),
+# ARGV[5] the code ttl in ms
+# Returns {1, channel (0: not yet known), ms since the code's send (its expiry less the ttl)}
+# when the state moved forward, 0 when the report changes nothing (a redelivery, or older than
+# the state the record has), -1 when the record is not of this message (not ours, an earlier
+# code's, or the code expired).
 # The state only moves forward along QUEUED < SENT < FAILED < DELIVERED < READ, so reports may
 # come in any order and any number of times: the result is the furthest one. A late SENT never
 # takes DELIVERED back, and FAILED after DELIVERED (or READ) is ignored: the message got there.

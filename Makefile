@@ -57,12 +57,13 @@ GO_PLUGINS := command -v protoc-gen-go >/dev/null && command -v protoc-gen-go-gr
 
 # Regenerate everything in GENERATED from proto/.
 proto: install
-	rm -rf clients/python/src/otp/v1 clients/node/src/gen
+	rm -rf clients/python/src/otp/v1 clients/python/src/otp/admin clients/node/src/gen
 	@if $(GO_PLUGINS) || [ "$$CI" = true ]; then rm -rf clients/go/otp && $(BUF) generate; \
 	else echo "protoc-gen-go/protoc-gen-go-grpc not installed: Go code not regenerated" >&2; \
 	     $(BUF) generate --template "$$(sed '/^  # Go/,$$d' buf.gen.yaml)"; fi
 	$(BUF) build --path proto/otp -o proto/otp.binpb
-	touch clients/python/src/otp/__init__.py clients/python/src/otp/v1/__init__.py
+	touch clients/python/src/otp/__init__.py clients/python/src/otp/v1/__init__.py \
+	    clients/python/src/otp/admin/__init__.py clients/python/src/otp/admin/v1/__init__.py
 
 # Fails when what is committed differs from what `make proto` produces.
 proto-check: install
@@ -75,8 +76,8 @@ proto-check: install
 
 # BIN names the environment lint and the suite run in: .venv, or test-latest's throwaway one.
 lint: install
-	$(BIN)/ruff check service tests bench clients/python clients/run_contract.py proto
-	$(BIN)/ruff format --check service tests bench clients/python clients/run_contract.py proto
+	$(BIN)/ruff check service tests bench ops clients/python clients/run_contract.py proto
+	$(BIN)/ruff format --check service tests bench ops clients/python clients/run_contract.py proto
 	$(BIN)/mypy service
 	$(BIN)/mypy --strict clients/python/src/otp_client clients/python/tests clients/run_contract.py
 	$(BUF) lint

@@ -147,6 +147,8 @@ class FakeInterakt:
         # (name, language) pairs approved; the names of those with an OTP button at index 0.
         self.approved_templates: set[tuple[str, str]] = set(APPROVED_TEMPLATES)
         self.button_templates: set[str] = set(BUTTON_TEMPLATES)
+        # The account's API keys Interakt accepts now (a rotation in its console changes them).
+        self.api_keys = {API_KEY}
 
     def answer(self, *answers: Answer) -> None:
         """Queue answers for the next requests, in order."""
@@ -165,6 +167,7 @@ class FakeInterakt:
         self.in_window = None
         self.approved_templates = set(APPROVED_TEMPLATES)
         self.button_templates = set(BUTTON_TEMPLATES)
+        self.api_keys = {API_KEY}
         self.queued.clear()
         self.webhook_url = self.webhook_secret = ""
         self.reports = ()
@@ -276,7 +279,7 @@ class FakeInterakt:
             return web.json_response(
                 scripted.body, status=scripted.status, headers=scripted.headers
             )
-        if request.headers.get("Authorization") != f"Basic {API_KEY}":
+        if request.headers.get("Authorization") not in {f"Basic {key}" for key in self.api_keys}:
             return _refuse(INVALID_TOKEN, status=401)
         if body.get("type") == "Text":
             number = body["countryCode"] + body["phoneNumber"]

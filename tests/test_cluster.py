@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -34,6 +35,7 @@ from tests.conftest import (
 from tests.fake_interakt import NOT_A_CONTACT, FakeInterakt, accepted, refusal
 from tests.redis_deployments import LocalCluster, wait_until
 from tests.test_abuse_limits import OTHER_PHONES
+from tests.test_admin import admin_tokens_in, support_actions
 from tests.test_delivery_status import reporting, state_becomes
 from tests.test_idempotency import received, send_with
 
@@ -50,14 +52,22 @@ def scripts_run_by(admin: redis.Redis, sha: str) -> Callable[[], Awaitable[bool]
 
 
 async def test_each_script_touches_one_hash_slot(
-    make_gateway: MakeGateway, interakt: FakeInterakt, private_redis: EmbeddedRedis
+    make_gateway: MakeGateway,
+    interakt: FakeInterakt,
+    private_redis: EmbeddedRedis,
+    tmp_path: Path,
 ) -> None:
     """Every script the service runs, as Redis saw it: its keys all hash to one slot."""
     admin = redis.Redis.from_url(private_redis.url)
     admin.config_set("slowlog-log-slower-than", 0)  # log every command, with its arguments
     admin.config_set("slowlog-max-len", 10_000)
     gateway = reporting(
-        await make_gateway(redis_url=private_redis.url, resend_cooldown_seconds=0), interakt
+        await make_gateway(
+            redis_url=private_redis.url,
+            resend_cooldown_seconds=0,
+            admin_tokens_file=str(admin_tokens_in(tmp_path)),
+        ),
+        interakt,
     )
     stub = gateway.stub
     await send(stub)  # stores, counts, and records what Interakt accepted
@@ -76,6 +86,7 @@ async def test_each_script_touches_one_hash_slot(
     await eventually(scripts_run_by(admin, _sha1(store._FIRST_ANSWER_SCRIPT)))
     hold.set()
     assert await repeat == await first
+    await support_actions(gateway.grpc_port)  # AdminService's show, unlock and cancel
 
     ran: dict[str, set[frozenset[int]]] = {}
     for entry in admin.slowlog_get(10_000):

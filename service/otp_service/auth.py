@@ -47,9 +47,11 @@ class Callers:
         file: str | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        kind: str = "caller",
     ) -> None:
         self._static = tuple((name, _fingerprint(token)) for name, token in tokens)
         self._file = file
+        self._kind = kind  # whose tokens, for the log: caller, or admin (AdminService)
         self._clock = clock
         self._from_file: tuple[tuple[str, bytes], ...] = ()
         self._file_version: tuple[int, int, int] | None = None
@@ -103,8 +105,9 @@ class Callers:
             self._from_file = ()
             self._file_version = None  # so the next check reads it again, and says so again
             log.error(
-                "caller tokens file %s cannot be read (%s): none of its tokens is accepted until "
+                "%s tokens file %s cannot be read (%s): none of its tokens is accepted until "
                 "it can",
+                self._kind,
                 self._file,
                 type(exc).__name__,
                 extra={"event": "tokens_file_unreadable"},
@@ -114,13 +117,15 @@ class Callers:
         self._from_file = tuple((name, _fingerprint(token)) for name, token in tokens)
         for problem in problems:
             log.error(
-                "caller tokens file %s: %s; that line is skipped",
+                "%s tokens file %s: %s; that line is skipped",
+                self._kind,
                 self._file,
                 problem,
                 extra={"event": "tokens_file_bad_line"},
             )
         log.info(
-            "caller tokens loaded from %s: %s",
+            "%s tokens loaded from %s: %s",
+            self._kind,
             self._file,
             ", ".join(sorted({name for name, _ in tokens})) or "none",
             extra={"event": "tokens_loaded"},
@@ -130,8 +135,9 @@ class Callers:
 class CallerAuth:
     """Refuses calls without a known caller token with UNAUTHENTICATED; names the caller."""
 
-    def __init__(self, callers: Callers) -> None:
+    def __init__(self, callers: Callers, denied: str = DENIED) -> None:
         self._callers = callers
+        self._denied = denied
 
     def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
         """``behavior`` behind the token check (see servicer.wrap_methods)."""
@@ -141,7 +147,7 @@ class CallerAuth:
             values = [str(v) for k, v in metadata if k == "authorization"]
             name = self._callers.authenticate(values)
             if name is None:
-                await abort(ctx, NotAuthenticated(DENIED))
+                await abort(ctx, NotAuthenticated(self._denied))
             context.caller.set(name)
             return await behavior(request, ctx)
 

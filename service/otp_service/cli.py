@@ -1,4 +1,5 @@
-"""The ``otp-service`` command: ``serve [--dev] [--workers N]`` and ``gateway --target``."""
+"""The ``otp-service`` command: ``serve [--dev] [--workers N]``, ``gateway --target`` and
+``admin ACTION PHONE``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import Any
 
 import grpc
 import uvloop
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from otp.admin.v1 import admin_pb2, admin_pb2_grpc
 
 from otp_service import metrics
 from otp_service.auth import Callers
@@ -61,7 +65,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gateway", help="run only the JSON gateway (on OTP_HTTP_ADDRESS) for a remote gRPC server"
     )
     gateway.add_argument("--target", required=True, help="the gRPC server's host:port")
+    admin = commands.add_parser(
+        "admin", help="support actions on a number, through a running server's AdminService"
+    )
+    admin.add_argument(
+        "action",
+        choices=ADMIN_ACTIONS,
+        help="show: the number's codes, attempts, sends, waits and latest delivery; unlock: "
+        "clear its wrong codes and attempts; cancel: delete its live codes",
+    )
+    admin.add_argument("phone_number", help="E.164, e.g. +917003848501")
+    admin.add_argument("--target", default="localhost:50051", help="the server's host:port")
+    admin.add_argument(
+        "--token-file",
+        required=True,
+        help="a file holding your admin token (one of OTP_ADMIN_TOKENS_FILE's)",
+    )
+    admin.add_argument("--ca-file", help="PEM CA of the server's certificate: speak TLS")
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        return run_admin(args)
 
     dev = args.command == "serve" and args.dev
     configure_logging(dev=dev)
@@ -91,6 +114,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"otp-service: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+# The admin command's actions and the AdminService method each one calls.
+ADMIN_ACTIONS = {"show": "GetNumberState", "unlock": "UnlockNumber", "cancel": "CancelCodes"}
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    """``otp-service admin ACTION PHONE``: the answer as JSON on stdout; 0, or 1 and the
+    status on stderr."""
+    try:
+        with open(args.token_file, encoding="utf-8") as file:
+            token = file.read().strip()
+        credentials = None
+        if args.ca_file:
+            with open(args.ca_file, "rb") as pem:
+                credentials = grpc.ssl_channel_credentials(pem.read())
+    except OSError as exc:
+        print(f"otp-service admin: {exc}", file=sys.stderr)
+        return 1
+    method = ADMIN_ACTIONS[args.action]
+    request = getattr(admin_pb2, f"{method}Request")(phone_number=args.phone_number)
+
+    async def call() -> Message:
+        channel = (
+            grpc.aio.insecure_channel(args.target)
+            if credentials is None
+            else grpc.aio.secure_channel(args.target, credentials)
+        )
+        async with channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            answer: Message = await getattr(stub, method)(
+                request, metadata=(("authorization", f"Bearer {token}"),), timeout=10
+            )
+            return answer
+
+    try:
+        answer = asyncio.run(call())
+    except grpc.aio.AioRpcError as exc:
+        print(f"otp-service admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(
+        json_format.MessageToJson(
+            answer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
     return 0
 
 

@@ -149,6 +149,15 @@ class Settings:
     test_numbers: tuple[tuple[str, str], ...] = ()
     # Callers that may read GetOtpStatus of other callers' sends (OTP_STATUS_READERS).
     status_readers: frozenset[str] = frozenset()
+    # AdminService's tokens, a file of name:token lines re-read while running; None: the admin
+    # service is not served (OTP_ADMIN_TOKENS_FILE).
+    admin_tokens_file: str | None = None
+    # The OTP_SECRET of before a rotation: verifies still accept the codes made under it
+    # (OTP_SECRET_PREVIOUS); b"": none.
+    otp_secret_previous: bytes = dataclasses.field(default=b"", repr=False)
+    # A file holding the Interakt key, re-read while running (INTERAKT_API_KEY_FILE); the key
+    # read at start-up is in interakt_api_key.
+    interakt_api_key_file: str | None = None
 
     @classmethod
     def from_env(
@@ -167,7 +176,25 @@ class Settings:
         if bool(sentinels) != bool(sentinel_master):
             reader.problems.append("REDIS_SENTINELS, REDIS_SENTINEL_MASTER: set both or neither")
         api_key = reader.text("INTERAKT_API_KEY", None)
+        api_key_file = reader.text("INTERAKT_API_KEY_FILE", None)
+        if api_key_file is not None:
+            if api_key:
+                reader.problems.append("INTERAKT_API_KEY, INTERAKT_API_KEY_FILE: set one, not both")
+            try:
+                api_key = read_api_key_file(api_key_file)
+            except OSError as exc:
+                reader.problems.append(
+                    f"INTERAKT_API_KEY_FILE: cannot read {api_key_file!r}: {type(exc).__name__}"
+                )
+            else:
+                if not api_key:
+                    reader.problems.append(f"INTERAKT_API_KEY_FILE: {api_key_file!r} is empty")
         secret = reader.text("OTP_SECRET", None)
+        previous_secret = reader.text("OTP_SECRET_PREVIOUS", None) or ""
+        if previous_secret and len(previous_secret) < 16:
+            reader.problems.append("OTP_SECRET_PREVIOUS: must be at least 16 characters")
+        if previous_secret and previous_secret == secret:
+            reader.problems.append("OTP_SECRET_PREVIOUS: is OTP_SECRET itself; unset it")
         if not dev and not gateway_only:
             if not api_key:
                 reader.problems.append("INTERAKT_API_KEY: required in production mode")
@@ -202,6 +229,20 @@ class Settings:
             except OSError as exc:
                 problems = [f"cannot read {tokens_file!r}: {type(exc).__name__}"]
             reader.problems.extend(f"OTP_CLIENT_TOKENS_FILE: {p}" for p in problems)
+        admin_file = reader.text("OTP_ADMIN_TOKENS_FILE", None)
+        if admin_file is not None:
+            try:
+                admin_tokens, problems = read_client_tokens_file(admin_file)
+            except OSError as exc:
+                admin_tokens, problems = (), [f"cannot read {admin_file!r}: {type(exc).__name__}"]
+            reader.problems.extend(f"OTP_ADMIN_TOKENS_FILE: {p}" for p in problems)
+            # A token of both kinds would open each surface to the other's holders.
+            shared = {t for _, t in admin_tokens} & {t for _, t in (*tokens, *file_tokens)}
+            if shared:
+                reader.problems.append(
+                    f"OTP_ADMIN_TOKENS_FILE: {len(shared)} token(s) are caller tokens too; an "
+                    "admin token must be its own"
+                )
         metrics_auth = reader.boolean("OTP_METRICS_AUTH", False)
         if auth == "token" and not tokens and not file_tokens:
             if dev:
@@ -311,6 +352,9 @@ class Settings:
             ),
             test_numbers=_test_numbers(reader, code_length),
             status_readers=_status_readers(reader),
+            admin_tokens_file=admin_file,
+            otp_secret_previous=previous_secret.encode(),
+            interakt_api_key_file=api_key_file,
         )
         for name in reader.unknown():
             problem = f"{name}: not a variable otp-service reads (a typo?)"
@@ -421,6 +465,12 @@ def parse_client_tokens(
         else:
             tokens.append((name, token))
     return tuple(tokens), problems
+
+
+def read_api_key_file(path: str) -> str:
+    """The Interakt key a file holds (surrounding whitespace dropped); OSError when unreadable."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        return file.read().strip()
 
 
 def read_client_tokens_file(path: str) -> tuple[tuple[tuple[str, str], ...], list[str]]:

@@ -110,6 +110,61 @@ DELIVERY_REPORTS_WAITING = Gauge(
     "otp_delivery_reports_waiting",
     "Delivery reports accepted (answered 200) and not yet applied in Redis.",
 )
+# Conversion: codes sent and verifies answered, by calling service (the configured callers) and
+# the number's country calling code ("91"; "other" outside OTP_ALLOWED_COUNTRIES). A verify of a
+# code sent by one caller counts under the caller that verifies it.
+CODES_SENT = Counter(
+    "otp_codes_sent_total",
+    "Codes sent (SendOtp answered OK with a new code), by calling service and country code.",
+    ["caller", "country"],
+)
+VERIFIES = Counter(
+    "otp_verifies_total",
+    "VerifyOtp answers with status OK, by calling service, country code and outcome.",
+    ["caller", "country", "outcome"],
+)
+# From Interakt's delivery reports: each state a message reached, counted once (the state only
+# moves forward), and how long after its send it was delivered or read.
+DELIVERIES = Counter(
+    "otp_deliveries_total",
+    "Messages whose reported state moved forward, by the state reached (sent, delivered, read, "
+    "failed) and the message's channel (text, template).",
+    ["state", "channel"],
+)
+DELIVERY_SECONDS = Histogram(
+    "otp_delivery_seconds",
+    "Time from a code's send to Interakt's report that its message was delivered or read.",
+    ["state"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
+CODES_EXPIRED = Counter(
+    "otp_codes_expired_unused_total",
+    "Codes found expired and never verified, when the number's next send clears them away. A "
+    "lower bound: a number that is never sent another code while an earlier code lives is not "
+    "seen (docs/operations.md).",
+)
+# Redis as the readiness watcher sees it (a ping about once a second), and how often readiness
+# changed: a count, so a flap between two scrapes is still seen.
+REDIS_UP = Gauge("otp_redis_up", "1 when Redis answered the readiness watcher's last ping.")
+REDIS_PING_SECONDS = Histogram(
+    "otp_redis_ping_seconds",
+    "Time Redis took to answer the readiness watcher's ping (a ping that timed out is not seen).",
+    buckets=_LATENCY_BUCKETS,
+)
+READINESS_CHANGES = Counter(
+    "otp_readiness_changes_total",
+    "Times readiness (/readyz, the gRPC health status) changed because Redis went or came back.",
+)
+# The configured limit, so a dashboard and an alert can set the account's use against it.
+ACCOUNT_SEND_LIMIT = Gauge(
+    "otp_account_sends_per_minute_limit",
+    "INTERAKT_SENDS_PER_MINUTE: messages a minute all replicas together may send.",
+)
+ADMIN_ACTIONS = Counter(
+    "otp_admin_actions_total",
+    "AdminService actions done (show, unlock, cancel); the log names the admin.",
+    ["action"],
+)
 # What only a process serving OtpService has: `otp-service gateway --target` leaves them out of
 # its /metrics rather than export series that stay zero there (tests keep this list complete).
 SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
@@ -127,6 +182,16 @@ SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
     CIRCUIT_STATE,
     DELIVERY_REPORTS,
     DELIVERY_REPORTS_WAITING,
+    CODES_SENT,
+    VERIFIES,
+    DELIVERIES,
+    DELIVERY_SECONDS,
+    CODES_EXPIRED,
+    REDIS_UP,
+    REDIS_PING_SECONDS,
+    READINESS_CHANGES,
+    ACCOUNT_SEND_LIMIT,
+    ADMIN_ACTIONS,
 )
 
 # The HTTP side's own, in every process that listens on OTP_HTTP_ADDRESS. `route` is one of the
@@ -176,6 +241,29 @@ def circuit_state(state: str) -> None:
 def count_delivery_report(result: str, reports: int = 1) -> None:
     """Delivery reports, by what became of them (DELIVERY_REPORTS' results)."""
     child(DELIVERY_REPORTS, result).inc(reports)
+
+
+def count_code_sent(caller: str, country: str) -> None:
+    """A code sent for ``caller`` to a number of ``country`` (a calling code without "+")."""
+    child(CODES_SENT, caller, country).inc()
+
+
+def count_verify(caller: str, country: str, outcome: str) -> None:
+    """A VerifyOtp answer (a VerifyOutcome's name) for ``caller``, by ``country``."""
+    _verify_child(caller, country, outcome).inc()
+
+
+# VerifyOtp is the hot path: one cached lookup of the child, the label made once.
+@functools.cache
+def _verify_child(caller: str, country: str, outcome: str) -> Counter:
+    return child(VERIFIES, caller, country, outcome.lower())
+
+
+def count_delivery(state: str, channel: str, seconds: float | None) -> None:
+    """A message reported in ``state`` (moved forward), ``seconds`` after its send if known."""
+    child(DELIVERIES, state, channel).inc()
+    if seconds is not None and state in ("delivered", "read"):
+        child(DELIVERY_SECONDS, state).observe(max(seconds, 0.0))
 
 
 def count_http(route: str, status: int, seconds: float | None = None) -> None:

@@ -61,10 +61,13 @@ class OtpService:
         allowed_countries: frozenset[str],
         test_numbers: Mapping[str, str] | None = None,
         status_readers: frozenset[str] = frozenset(),
+        previous_secret: bytes | None = None,
     ) -> None:
         self._store = store
         self._sender = sender
         self._secret = secret
+        # OTP_SECRET_PREVIOUS: codes made under it still verify (a rotation's live codes).
+        self._previous_secret = previous_secret
         self._code_length = code_length
         self._store_timeout = store_timeout_seconds
         self._send_timeout = send_timeout_seconds
@@ -225,6 +228,7 @@ class OtpService:
         # once it is recorded (so its status shows the message id, and a repeat of its key finds
         # this answer), within one Redis timeout; the rest is left to the background.
         await self._store.record_sent(send_id, phone=phone.e164, delivery=delivery, key=key)
+        metrics.count_code_sent(caller, self._country(phone))
         return _answer(FirstAnswer(added.expires_at_ms, added.resend_after_ms, delivery))
 
     async def _first_answer(
@@ -291,12 +295,26 @@ class OtpService:
             raise InvalidInput("otp_code", f"must be exactly {self._code_length} digits")
         if phone.e164 in self._test_numbers:
             _test_number_used(phone, "VerifyOtp")
-        return await self._store.verify(phone.e164, self._digest(phone.e164, otp_code))
+        digest = self._digest(phone.e164, otp_code)
+        if self._previous_secret is None:
+            result = await self._store.verify(phone.e164, digest)
+        else:
+            # One call still: the attempt is counted once, whichever secret made the code.
+            previous = self._digest(phone.e164, otp_code, self._previous_secret)
+            result = await self._store.verify(phone.e164, digest, previous)
+        metrics.count_verify(context.caller.get(), self._country(phone), result.outcome.name)
+        return result
 
-    def _digest(self, phone: str, code: str) -> str:
+    def _country(self, phone: PhoneNumber) -> str:
+        """The number's calling code as a metric label: one of OTP_ALLOWED_COUNTRIES, or
+        "other" (a verify is not refused for its country), so the label set stays bounded."""
+        code = phone.country_code[1:]
+        return code if code in self._allowed_countries else "other"
+
+    def _digest(self, phone: str, code: str, secret: bytes | None = None) -> str:
         # Keyed by the number too, so equal codes of two numbers never share a digest.
         # hmac.digest: the one-shot C path, with no HMAC object per call (every login runs this).
-        mac = hmac.digest(self._secret, f"{phone}:{code}".encode(), "sha256")
+        mac = hmac.digest(secret or self._secret, f"{phone}:{code}".encode(), "sha256")
         return mac.hex()[:_DIGEST_HEX_CHARS]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from grpc_health.v1 import health, health_pb2
 
+from otp_service import metrics
 from otp_service.store import Store
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,18 @@ class RedisWatcher:
     async def _watch(self) -> None:
         while not self._stopping.is_set():
             # Bounded by the interval too: a Redis that hangs must not freeze the status.
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 async with asyncio.timeout(self._interval):
                     serving = await self._store.ping()
             except TimeoutError:
                 serving = False
+            if serving:
+                metrics.REDIS_PING_SECONDS.observe(loop.time() - started)
+            metrics.REDIS_UP.set(1 if serving else 0)
             if serving != self._serving:
+                metrics.READINESS_CHANGES.inc()
                 self._serving = serving
                 if serving:
                     log.info("redis answers again: SERVING", extra={"event": "redis_up"})

@@ -17,6 +17,7 @@ import aiohttp
 from otp_service import metrics
 from otp_service.breaker import CircuitBreaker
 from otp_service.errors import DeliveryRefused, DeliveryUnavailable, ErrorReason
+from otp_service.key_file import KeyFile
 from otp_service.languages import TemplateLanguages
 from otp_service.phone import PhoneNumber
 from otp_service.results import Channel, Delivery
@@ -139,10 +140,13 @@ class InteraktSender:
         languages: TemplateLanguages,
         template_button: bool = True,
         breaker: CircuitBreaker,
+        api_key_file: KeyFile | None = None,
     ) -> None:
         self._url = f"{base_url}/message/"
         # The key is already base64 per the contract; it is only ever placed in this header.
         self._headers = {"Authorization": f"Basic {api_key}", "Content-Type": "application/json"}
+        # INTERAKT_API_KEY_FILE: the key as the file says now (rotated without a restart).
+        self._api_key, self._api_key_file = api_key, api_key_file
         # Split around the code rather than a format string: a brand with braces stays text.
         self._text_before = f"Your OTP for {brand} is "
         self._text_after = (
@@ -263,6 +267,9 @@ class InteraktSender:
         """One request: the message id, or _Refused / _Transient."""
         if seconds <= 0:
             raise _Transient("timeout", "deadline exceeded")
+        if self._api_key_file is not None and self._api_key_file.current() != self._api_key:
+            self._api_key = self._api_key_file.current()
+            self._headers = {**self._headers, "Authorization": f"Basic {self._api_key}"}
         with _upstream_errors():
             async with self._client().post(
                 self._url,

@@ -16,9 +16,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from otp_service import admin, metrics
 from otp_service.auth import CallerAuth, Callers
 from otp_service.breaker import CircuitBreaker
 from otp_service.config import Settings
+from otp_service.key_file import KeyFile
 from otp_service.languages import TemplateLanguages
 from otp_service.observability import Observability
 from otp_service.otp import OtpService
@@ -68,18 +70,7 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
         sentinel_password=settings.redis_sentinel_password,
         replica_acks=settings.redis_replica_acks,
     )
-    store = open_store(
-        target,
-        Rules(
-            ttl_seconds=settings.ttl_seconds,
-            max_attempts=settings.max_attempts,
-            resend_cooldown_seconds=settings.resend_cooldown_seconds,
-            max_sends_per_hour=settings.max_sends_per_hour,
-            max_failed_verifies_per_hour=settings.max_failed_verifies_per_hour,
-            caller_sends_per_minute=settings.caller_sends_per_minute,
-            account_sends_per_minute=settings.interakt_sends_per_minute,
-        ),
-    )
+    store = open_store(target, rules_for(settings))
     sender: Sender
     if settings.dev:
         sender = LogSender()
@@ -98,6 +89,9 @@ def build_deps(settings: Settings, redis_url: str) -> Deps:
                 failures=settings.breaker_failures,
                 cooloff_seconds=settings.breaker_cooloff_seconds,
             ),
+            api_key_file=KeyFile(settings.interakt_api_key_file, settings.interakt_api_key)
+            if settings.interakt_api_key_file
+            else None,
         )
     return Deps(store=store, sender=sender)
 
@@ -137,6 +131,19 @@ class OtpServer:
         await self.server.stop(grace)
 
 
+def rules_for(settings: Settings) -> Rules:
+    """The per-number limits the store enforces, from the settings."""
+    return Rules(
+        ttl_seconds=settings.ttl_seconds,
+        max_attempts=settings.max_attempts,
+        resend_cooldown_seconds=settings.resend_cooldown_seconds,
+        max_sends_per_hour=settings.max_sends_per_hour,
+        max_failed_verifies_per_hour=settings.max_failed_verifies_per_hour,
+        caller_sends_per_minute=settings.caller_sends_per_minute,
+        account_sends_per_minute=settings.interakt_sends_per_minute,
+    )
+
+
 def build_service(settings: Settings, deps: Deps) -> OtpService:
     """The domain service wired to ``deps`` with the settings' rules."""
     return OtpService(
@@ -149,6 +156,7 @@ def build_service(settings: Settings, deps: Deps) -> OtpService:
         allowed_countries=settings.allowed_countries,
         test_numbers=dict(settings.test_numbers),
         status_readers=settings.status_readers,
+        previous_secret=settings.otp_secret_previous or None,
     )
 
 
@@ -177,6 +185,14 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     service = build_service(settings, deps)
     behaviors = wrap_methods(OtpServicer(service), wrappers)
     add_to_server(behaviors, server)
+    if settings.admin_tokens_file is not None:
+        # Its own tokens: a caller's token is unknown here, an admin's unknown to OtpService.
+        admins = Callers((), settings.admin_tokens_file, kind="admin")
+        admin.add_to_server(
+            admin.AdminServicer(deps.store, rules_for(settings)),
+            server,
+            [Observability(admin.SERVICE_NAME).wrap, CallerAuth(admins, admin.DENIED).wrap],
+        )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -185,6 +201,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         _enable_reflection(server)
     port = _bind(server, settings.grpc_address, _tls_credentials(settings))
     watcher = RedisWatcher(deps.store, health_servicer, ("", SERVICE_NAME))
+    metrics.ACCOUNT_SEND_LIMIT.set(settings.interakt_sends_per_minute)
     return OtpServer(
         server=server,
         port=port,

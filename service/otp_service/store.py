@@ -133,11 +133,12 @@ end
 # ARGV[8] max wrong codes per failed-verify window, ARGV[9] that window in ms, ARGV[10] how long
 # (ms) a claimed idempotency key waits for its send's answer before another send may take it,
 # ARGV[11] the calling service's name
-# Returns {0, expiry ms, wait ms until the next send} when the code is stored, {1, wait ms} in
-# the cooldown, {2, wait ms} over the hourly cap, {3, wait ms} while the number is over its
-# wrong-code budget, {4, 0} when the send was withdrawn before Redis ran this (nothing is
-# stored), {5, expiry ms, wait ms, channel, message id} when the key's first send already
-# answered (that answer again: nothing is stored), {6, 0} while it is still running.
+# Returns {0, expiry ms, wait ms until the next send, earlier codes found expired unused} when
+# the code is stored, {1, wait ms} in the cooldown, {2, wait ms} over the hourly cap,
+# {3, wait ms} while the number is over its wrong-code budget, {4, 0} when the send was
+# withdrawn before Redis ran this (nothing is stored), {5, expiry ms, wait ms, channel, message
+# id} when the key's first send already answered (that answer again: nothing is stored),
+# {6, 0} while it is still running.
 _SEND_SCRIPT = (
     _SEND_WAITS
     + f"""
@@ -171,10 +172,11 @@ if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') >= tonumber(ARGV[7]) then
 end
 -- Earlier codes stay valid until their own expiry (WhatsApp can deliver late, and users type
 -- the first code they see); expired ones are dropped so the hash stays small.
-local fields = redis.call('HGETALL', KEYS[1])
+local fields, expired = redis.call('HGETALL', KEYS[1]), 0
 for i = 1, #fields, 2 do
   if fields[i] ~= 'n' and tonumber(fields[i + 1]) <= now then
     redis.call('HDEL', KEYS[1], fields[i])
+    expired = expired + 1
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], now + ttl)
@@ -194,7 +196,7 @@ if key then
   redis.call('HSET', key, 'send', ARGV[2], 'at', now, 'exp', now + ttl, 'wait', wait)
   redis.call('PEXPIRE', key, ttl)
 end
-return {{0, now + ttl, wait}}
+return {{0, now + ttl, wait, expired}}
 """
 )
 
@@ -233,7 +235,7 @@ return 1
 
 # KEYS[1] codes hash, KEYS[2] wrong-code times list
 # ARGV[1] digest of the typed code, ARGV[2] max attempts, ARGV[3] max wrong codes per window,
-# ARGV[4] window ms
+# ARGV[4] window ms, ARGV[5] its digest under OTP_SECRET_PREVIOUS (only while one is set)
 # Returns {outcome, n}: 1 verified, 2 wrong code (n = attempts remaining), 3 no active code,
 # 4 too many attempts, 5 too many wrong codes in the window (n = ms until the oldest counted one
 # leaves it).
@@ -254,6 +256,7 @@ local max = tonumber(ARGV[2])
 local used = redis.call('HINCRBY', KEYS[1], 'n', 1)
 if used > max then return {4, 0} end
 local expires = redis.call('HGET', KEYS[1], ARGV[1])
+if not expires and ARGV[5] then expires = redis.call('HGET', KEYS[1], ARGV[5]) end
 if expires and tonumber(expires) > now then
   redis.call('DEL', KEYS[1])
   return {1, 0}
@@ -352,15 +355,17 @@ return {1, tonumber(first[3]), tonumber(first[4]), tonumber(first[5]), first[6]}
 # KEYS[1] delivery record
 # ARGV[1] Interakt's message id, ARGV[2] the send id the report carries in its callback data
 # ("" when none), ARGV[3] the reported state, ARGV[4] Interakt's failure reason ("" when none),
-# ARGV[5] what the failure means (a DeliveryFailure; 0 unless the state is FAILED)
-# Returns 1 when the state moved forward, 0 when the report changes nothing (a redelivery, or
-# older than the state the record has), -1 when the record is not of this message (not ours,
-# an earlier code's, or the code expired).
+# ARGV[5] what the failure means (a DeliveryFailure; 0 unless the state is FAILED), ARGV[6] the
+# code ttl in ms
+# Returns {1, channel (0: not yet known), ms since the code's send (its expiry less the ttl)}
+# when the state moved forward, 0 when the report changes nothing (a redelivery, or older than
+# the state the record has), -1 when the record is not of this message (not ours, an earlier
+# code's, or the code expired).
 # The state only moves forward along QUEUED < SENT < FAILED < DELIVERED < READ, so reports may
 # come in any order and any number of times: the result is the furthest one. A late SENT never
 # takes DELIVERED back, and FAILED after DELIVERED (or READ) is ignored: the message got there.
 _REPORT_SCRIPT = """
-local record = redis.call('HMGET', KEYS[1], 'send', 'msg', 'st')
+local record = redis.call('HMGET', KEYS[1], 'send', 'msg', 'st', 'ch', 'exp')
 if not record[1] then return -1 end
 if record[2] then
   if record[2] ~= ARGV[1] then return -1 end
@@ -374,7 +379,9 @@ end
 local rank = {1, 2, 4, 5, 3}
 if rank[tonumber(ARGV[3])] <= rank[tonumber(record[3])] then return 0 end
 redis.call('HSET', KEYS[1], 'st', ARGV[3], 'why', ARGV[4], 'fc', ARGV[5])
-return 1
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {1, tonumber(record[4] or '0'), now - (tonumber(record[5]) - tonumber(ARGV[6]))}
 """
 
 # KEYS[1] delivery record, KEYS[2] codes hash, KEYS[3] sends zset, KEYS[4] wrong-code times list
@@ -402,6 +409,68 @@ return {tonumber(record[1]), tonumber(record[2] or '0'), record[3] or '', record
 )
 
 
+# Support actions (otp_service.admin, AdminService). Never a digest out of Redis.
+# KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] wrong-code times list, KEYS[4] delivery record
+# ARGV[1] cooldown ms, ARGV[2] max sends per window, ARGV[3] window ms, ARGV[4] max wrong codes
+# per failed-verify window, ARGV[5] that window in ms
+# Returns {live codes, newest live code's expiry ms (0: none), attempts used, sends in the
+# window, wrong codes in the failed-verify window, cooldown ms, paused ms, capped ms, delivery
+# state (0: no record), channel, message id, failure reason, the record's expiry ms}. Reads only.
+_NUMBER_STATE_SCRIPT = (
+    _SEND_WAITS
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, fwindow = tonumber(ARGV[3]), tonumber(ARGV[5])
+local live, newest, used = 0, 0, 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local value = tonumber(fields[i + 1])
+  if fields[i] == 'n' then
+    used = value
+  elseif value > now then
+    live, newest = live + 1, math.max(newest, value)
+  end
+end
+local wrong = 0
+for _, at in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+  if tonumber(at) > now - fwindow then wrong = wrong + 1 end
+end
+local paused, cooling, capped = send_waits(now, KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[1]),
+  tonumber(ARGV[2]), window, tonumber(ARGV[4]), fwindow)
+local record = redis.call('HMGET', KEYS[4], 'st', 'ch', 'msg', 'why', 'exp')
+return {live, newest, used, redis.call('ZCOUNT', KEYS[2], '(' .. (now - window), '+inf'), wrong,
+  cooling, paused, capped, tonumber(record[1] or '0'), tonumber(record[2] or '0'),
+  record[3] or '', record[4] or '', tonumber(record[5] or '0')}
+"""
+)
+
+# KEYS[1] codes hash, KEYS[2] wrong-code times list
+# Returns {wrong codes cleared, attempts cleared}. The number is no longer paused for wrong
+# codes, and its live codes have their whole attempt budget again.
+_UNLOCK_SCRIPT = """
+local wrong = redis.call('LLEN', KEYS[2])
+redis.call('DEL', KEYS[2])
+local used = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+redis.call('HDEL', KEYS[1], 'n')
+return {wrong, used}
+"""
+
+# KEYS[1] codes hash, KEYS[2] delivery record, KEYS[3] the record a send in flight replaced
+# Returns the live codes deleted. The delivery record goes too: it would say "verified" of
+# codes that were cancelled (status reads verified from the codes hash being gone).
+_CANCEL_CODES_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if fields[i] ~= 'n' and tonumber(fields[i + 1]) > now then live = live + 1 end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return live
+"""
+
 _OVER_FAILED_VERIFY_BUDGET = 5
 _SEND_WITHDRAWN = 4
 _FIRST_ANSWERED = 5
@@ -421,7 +490,6 @@ _VERIFY_UNAVAILABLE = (
     f"{STORE_UNAVAILABLE}; the check may still have run, counting this attempt or using up the code"
 )
 _REPORT_OUTCOMES = {
-    1: ReportOutcome.APPLIED,
     0: ReportOutcome.UNCHANGED,
     -1: ReportOutcome.UNKNOWN,
 }
@@ -516,6 +584,21 @@ class FirstAnswer:
     delivery: Delivery
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NumberState:
+    """What a support desk may see of a number (AdminService): counts and waits, never a code."""
+
+    live_codes: int
+    codes_expire_at_ms: int  # 0 without a live code
+    attempts_used: int
+    sends_in_window: int
+    wrong_codes_in_window: int
+    cooldown_ms: int
+    paused_ms: int
+    capped_ms: int
+    latest: OtpStatus | None  # its latest delivery record; ``verified`` is left False
+
+
 class Pending(enum.Enum):
     """The first send with an idempotency key has not answered yet."""
 
@@ -606,8 +689,9 @@ class Store(Protocol):
         """The number's latest code's delivery record and the calling service that sent it;
         None when it has no live code."""
 
-    async def verify(self, phone: str, digest: str) -> VerifyResult:
-        """Count one attempt, compare, and consume the number's codes on a match.
+    async def verify(self, phone: str, digest: str, previous: str | None = None) -> VerifyResult:
+        """Count one attempt, compare (with ``previous``, the typed code's digest under the
+        previous secret, too), and consume the number's codes on a match.
 
         Raises LimitExceeded while the number is over its hourly budget of wrong codes.
         """
@@ -617,6 +701,15 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Give withdrawals and records in flight one last try, then release connections."""
+
+    async def number_state(self, phone: str) -> NumberState:
+        """The number's codes, attempts, sends, waits and latest delivery (AdminService)."""
+
+    async def unlock(self, phone: str) -> tuple[int, int]:
+        """Clear the number's wrong codes and its codes' attempts: how many of each."""
+
+    async def cancel_codes(self, phone: str) -> int:
+        """Delete the number's live codes and their delivery record: how many codes."""
 
 
 def _codes_key(phone: str) -> str:
@@ -674,6 +767,9 @@ SCRIPT_COMMANDS = frozenset(
         _FIRST_ANSWER_SCRIPT,
         _REPORT_SCRIPT,
         _STATUS_SCRIPT,
+        _NUMBER_STATE_SCRIPT,
+        _UNLOCK_SCRIPT,
+        _CANCEL_CODES_SCRIPT,
     )
     for name in re.findall(r"redis\.call\('(\w+)'", source)
 )
@@ -764,6 +860,9 @@ class RedisStore:
         self._first = _Script(client, _FIRST_ANSWER_SCRIPT)
         self._report = _Script(client, _REPORT_SCRIPT)
         self._status = _Script(client, _STATUS_SCRIPT)
+        self._number_state = _Script(client, _NUMBER_STATE_SCRIPT)
+        self._unlock = _Script(client, _UNLOCK_SCRIPT)
+        self._cancel_codes = _Script(client, _CANCEL_CODES_SCRIPT)
         self._verify_args = (
             rules.max_attempts,
             rules.max_failed_verifies_per_hour,
@@ -840,6 +939,8 @@ class RedisStore:
             return _first_answer(*reply[1:])
         if status == _FIRST_RUNNING:
             return Pending.RUNNING
+        if reply[3]:
+            metrics.CODES_EXPIRED.inc(reply[3])
         return Stored(int(value), int(reply[2]))
 
     async def count_caller_send(
@@ -1009,8 +1110,17 @@ class RedisStore:
                 report.state.value,
                 report.reason,
                 report.failure.value if report.failure else 0,
+                self._ttl_ms,
             ],
         )
+        if isinstance(reply, list):
+            channel, since_send_ms = reply[1:]
+            metrics.count_delivery(
+                report.state.name.lower(),
+                Channel(channel).name.lower() if channel else "unknown",
+                since_send_ms / 1000,
+            )
+            return ReportOutcome.APPLIED
         return _REPORT_OUTCOMES[reply]
 
     async def status(self, phone: str) -> tuple[OtpStatus, str] | None:
@@ -1043,9 +1153,12 @@ class RedisStore:
         )
         return status, sent_by.decode()
 
-    async def verify(self, phone: str, digest: str) -> VerifyResult:
+    async def verify(self, phone: str, digest: str, previous: str | None = None) -> VerifyResult:
+        args = [digest, *self._verify_args]
+        if previous is not None:
+            args.append(previous)
         outcome, value = await self._verify(
-            keys=[_codes_key(phone), _failures_key(phone)], args=[digest, *self._verify_args]
+            keys=[_codes_key(phone), _failures_key(phone)], args=args
         )
         if outcome == _OVER_FAILED_VERIFY_BUDGET:
             raise self._paused(value)
@@ -1058,6 +1171,50 @@ class RedisStore:
             "hour; verification is paused",
             wait_ms / 1000,
             {"max_failed_verifies_per_hour": str(self._rules.max_failed_verifies_per_hour)},
+        )
+
+    async def number_state(self, phone: str) -> NumberState:
+        reply = await self._number_state(
+            keys=[
+                _codes_key(phone),
+                _sends_key(phone),
+                _failures_key(phone),
+                _delivery_keys(phone)[0],
+            ],
+            args=self._status_args,
+        )
+        live, newest, used, sends, wrong, cooldown, paused, capped = (int(v) for v in reply[:8])
+        state, channel, message_id, reason, expires_at_ms = reply[8:]
+        latest = None
+        if state:
+            latest = OtpStatus(
+                state=DeliveryState(state),
+                channel=Channel(channel) if channel else None,
+                message_id=message_id.decode(),
+                failure_reason=reason.decode() if state == DeliveryState.FAILED.value else "",
+                verified=False,
+                expires_at_ms=int(expires_at_ms),
+                resend_after_seconds=-(-max(cooldown, paused, capped) // 1000),
+            )
+        return NumberState(
+            live_codes=live,
+            codes_expire_at_ms=newest,
+            attempts_used=min(used, self._rules.max_attempts),
+            sends_in_window=sends,
+            wrong_codes_in_window=wrong,
+            cooldown_ms=cooldown,
+            paused_ms=paused,
+            capped_ms=capped,
+            latest=latest,
+        )
+
+    async def unlock(self, phone: str) -> tuple[int, int]:
+        wrong, used = await self._unlock(keys=[_codes_key(phone), _failures_key(phone)], args=[])
+        return int(wrong), min(int(used), self._rules.max_attempts)
+
+    async def cancel_codes(self, phone: str) -> int:
+        return int(
+            await self._cancel_codes(keys=[_codes_key(phone), *_delivery_keys(phone)], args=[])
         )
 
     async def ping(self) -> bool:

@@ -35,8 +35,14 @@ VALID = {
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``otp-service serve ARGS`` with ``env``."""
+    return command(env, "serve", *args)
+
+
+def command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``otp-service ARGS`` with ``env``, to its end."""
     return subprocess.run(
-        [OTP_SERVICE, "serve", *args],
+        [OTP_SERVICE, *args],
         env={**CLEAN_ENV, **env},
         capture_output=True,
         text=True,
@@ -248,17 +254,18 @@ def test_every_documented_variable_is_a_known_one() -> None:
     assert not [p for p in failed.value.problems if "not a variable" in p]
 
 
+# Where the dev_server fixture listens: what `otp-service dev report` reads to reach it.
+DEV_ADDRESSES = {"OTP_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"}
+DEV_ADDRESSES["OTP_HTTP_ADDRESS"] = f"127.0.0.1:{free_port()}"
+
+
 @pytest.fixture
 def dev_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """``otp-service serve --dev`` with no configuration: private Redis, codes in the log."""
-    port = free_port()
+    port = int(DEV_ADDRESSES["OTP_GRPC_ADDRESS"].rpartition(":")[2])
     process = subprocess.Popen(
         [OTP_SERVICE, "serve", "--dev"],
-        env={
-            **CLEAN_ENV,
-            "OTP_GRPC_ADDRESS": f"127.0.0.1:{port}",
-            "OTP_HTTP_ADDRESS": "127.0.0.1:0",
-        },
+        env={**CLEAN_ENV, **DEV_ADDRESSES},
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -301,3 +308,39 @@ def test_dev_server_sends_and_verifies_with_no_configuration(
         assert not stub.VerifyOtp(request, timeout=10, metadata=auth).verified
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+def test_dev_report_walks_a_dev_message_through_its_states(
+    dev_server: tuple[int, subprocess.Popen[str]],
+) -> None:
+    port, process = dev_server
+    read_until(process, "listening on .* \\(HTTP")
+    auth = (("authorization", "Bearer dev"),)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = otp_pb2_grpc.OtpServiceStub(channel)
+        sent = stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=10, metadata=auth)
+        # The dev sender gives each message an id, as Interakt does, for reports to find it.
+        assert sent.message_id.startswith("dev-")
+        for state in ("sent", "delivered", "read"):
+            done = command(DEV_ADDRESSES, "dev", "report", PHONE, state)
+            assert (done.returncode, done.stderr) == (0, "")
+            assert done.stdout == (
+                f"reported {state} on message {sent.message_id}; "
+                f"GetOtpStatus says {state.upper()}\n"
+            )
+        status = stub.GetOtpStatus(
+            otp_pb2.GetOtpStatusRequest(phone_number=PHONE), timeout=10, metadata=auth
+        )
+        assert status.state == otp_pb2.DELIVERY_STATE_READ
+
+        other = "+917003848502"
+        stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=other), timeout=10, metadata=auth)
+        failed = command(DEV_ADDRESSES, "dev", "report", other, "failed", "--error-code", "131026")
+        assert failed.returncode == 0, failed.stderr
+        assert failed.stdout.endswith("GetOtpStatus says FAILED (NOT_ON_WHATSAPP)\n")
+
+    # A number with no live code: nothing to report on, said in one line.
+    nothing = command(DEV_ADDRESSES, "dev", "report", "+917003848503", "delivered")
+    assert nothing.returncode == 1
+    assert nothing.stderr.startswith("otp-service: GetOtpStatus: NOT_FOUND: ")
+    assert nothing.stderr.count("\n") == 1

@@ -24,7 +24,9 @@ from otp.admin.v1 import admin_pb2, admin_pb2_grpc
 from otp_service import metrics
 from otp_service.auth import Callers
 from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
+from otp_service.dev_report import STATES, ReportError, report
 from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from otp_service.errors import InvalidInput
 from otp_service.gateway import (
     WEBHOOK_PATH,
     Backend,
@@ -82,9 +84,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a file holding your admin token (one of OTP_ADMIN_TOKENS_FILE's)",
     )
     admin.add_argument("--ca-file", help="PEM CA of the server's certificate: speak TLS")
+    dev_tools = commands.add_parser("dev", help="development tools for a running `serve --dev`")
+    dev_commands = dev_tools.add_subparsers(dest="dev_command", required=True)
+    dev_report = dev_commands.add_parser(
+        "report",
+        help="post a signed delivery report, as Interakt would, on the number's latest message",
+    )
+    dev_report.add_argument("phone_number", help="E.164, e.g. +917003848501")
+    dev_report.add_argument("state", choices=STATES, help="what Interakt reports")
+    dev_report.add_argument(
+        "--error-code", type=int, help="a failed report's WhatsApp error code, e.g. 131026"
+    )
+    dev_report.add_argument("--reason", default="", help="a failed report's reason text")
+    dev_report.add_argument("--token", default=DEV_TOKEN, help="the caller token that sent it")
     args = parser.parse_args(argv)
     if args.command == "admin":
         return run_admin(args)
+    if args.command == "dev":
+        return run_dev_report(args)
 
     dev = args.command == "serve" and args.dev
     configure_logging(dev=dev)
@@ -114,6 +131,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"otp-service: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_dev_report(args: argparse.Namespace) -> int:
+    """``otp-service dev report PHONE STATE``: one line saying what was reported; 0, or 1 and
+    why not on stderr. It reads the settings `serve --dev` reads, to find its ports and secret."""
+    try:
+        settings = Settings.from_env(os.environ, dev=True)
+        line = report(
+            settings,
+            args.phone_number,
+            args.state,
+            error_code=args.error_code,
+            reason=args.reason,
+            token=args.token,
+        )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"otp-service: configuration error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ReportError, InvalidInput) as exc:
+        print(f"otp-service: {exc}", file=sys.stderr)
+        return 1
+    print(line)
     return 0
 
 

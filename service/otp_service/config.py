@@ -66,6 +66,9 @@ MAX_CODE_LENGTH = 10
 DEV_SECRET = "dev-only-otp-secret-not-for-production"  # noqa: S105
 # The caller token `serve --dev` accepts when none is configured, so examples stay copy-pasteable.
 # Production never accepts it: there a token must be configured (or OTP_AUTH=none set).
+# The webhook secret of `serve --dev` when none is set, so that `otp-service dev report` can sign
+# a report to it. Production has none: without INTERAKT_WEBHOOK_SECRET the route is off.
+DEV_WEBHOOK_SECRET = "dev-only-webhook-secret-not-for-production"  # noqa: S105
 DEV_CALLER = "dev"
 DEV_TOKEN = "dev"  # noqa: S105
 MIN_TOKEN_LENGTH = 16
@@ -203,7 +206,9 @@ class Settings:
             elif len(secret) < 16:
                 reader.problems.append("OTP_SECRET: must be at least 16 characters")
         channel, template_name = _channel(reader, dev=dev, gateway_only=gateway_only)
-        webhook_secret = reader.text("INTERAKT_WEBHOOK_SECRET", None) or ""
+        webhook_secret = reader.text("INTERAKT_WEBHOOK_SECRET", None) or (
+            DEV_WEBHOOK_SECRET if dev else ""
+        )
         if webhook_secret and len(webhook_secret) < MIN_WEBHOOK_SECRET_LENGTH:
             reader.problems.append(
                 f"INTERAKT_WEBHOOK_SECRET: must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"

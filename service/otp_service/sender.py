@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -348,7 +349,9 @@ class LogSender:
             "DEV MODE, NOT SENT: code for %s is %s", phone.e164, code, extra={"event": "dev_code"}
         )
         metrics.count_send("log", "accepted")
-        return Delivery(Channel.LOG, "")
+        # A message id as Interakt gives one, so that a report (`otp-service dev report`) can
+        # find the message.
+        return Delivery(Channel.LOG, f"dev-{secrets.token_hex(8)}")
 
     async def close(self) -> None:
         return None

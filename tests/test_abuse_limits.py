@@ -9,6 +9,7 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from prometheus_client import REGISTRY
 
 from otp_service import Settings
+from otp_service.embedded_redis import free_port
 from otp_service.store import SCRIPT_COMMANDS
 from tests.conftest import (
     PHONE,
@@ -22,6 +23,7 @@ from tests.conftest import (
     wrong_code,
 )
 from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
+from tests.test_error_details import error_info
 
 # The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
 pytestmark = pytest.mark.redis_backends
@@ -176,25 +178,45 @@ async def test_send_budgets_are_rolling_minutes(
     await send(stub, OTHER_PHONES[1])
 
 
-async def test_a_send_interakt_did_not_accept_is_given_back_to_both_budgets(
+async def test_a_send_interakt_refused_counts_in_both_budgets(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
+    """The budgets bound the requests made to Interakt, whatever it answered."""
     stub = await make_service(caller_sends_per_minute=1, interakt_sends_per_minute=1)
     interakt.answer(refusal(NOT_A_CONTACT))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await send(stub, OTHER_PHONES[0])
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 0
-    assert redis_db.zcard("otp:{senders}:account-sends") == 0
-    await send(stub, OTHER_PHONES[1])
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 1
+    assert redis_db.zcard("otp:{senders}:account-sends") == 1
+    with pytest.raises(grpc.aio.AioRpcError) as spent:
+        await send(stub, OTHER_PHONES[1])
+    assert error_info(spent.value).reason == "CALLER_SEND_BUDGET"
+    assert len(interakt.received) == 1
 
 
-async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(
+async def test_a_send_that_never_reached_interakt_is_given_back_to_both_budgets(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
-    stub = await make_service(caller_sends_per_minute=2)
+    stub = await make_service(
+        caller_sends_per_minute=1,
+        interakt_sends_per_minute=1,
+        interakt_base_url=f"http://127.0.0.1:{free_port()}/v1/public",
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as unreachable:
+        await send(stub, OTHER_PHONES[0])
+    assert error_info(unreachable.value).reason == "PROVIDER_UNAVAILABLE"
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 0
+    assert redis_db.zcard("otp:{senders}:account-sends") == 0
+    assert redis_db.zcard(f"otp:{{{OTHER_PHONES[0]}}}:s") == 0
+
+
+async def test_sends_the_rules_refused_do_not_use_the_callers_budget(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(caller_sends_per_minute=3)
     await send(stub, PHONE)
-    # Refused by the number's cooldown, then by Interakt: neither is a send.
+    # Refused by the number's cooldown: not a send. Refused by Interakt: a request made.
     with pytest.raises(grpc.aio.AioRpcError) as cooldown:
         await send(stub, PHONE)
     assert cooldown.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -203,7 +225,7 @@ async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(
         await send(stub, OTHER_PHONES[0])
     assert upstream.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await send(stub, OTHER_PHONES[1])
-    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 2
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 3
 
 
 async def test_a_phone_over_its_wrong_code_budget_is_refused_even_with_the_right_code(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -260,7 +261,9 @@ class InteraktSender:
                     self._url,
                     json=body,
                     headers=self._headers,
-                    timeout=aiohttp.ClientTimeout(total=seconds),
+                    # Never rounded up to a whole second (aiohttp's default from 5 s on): the
+                    # answer to the caller must come before its deadline.
+                    timeout=aiohttp.ClientTimeout(total=seconds, ceil_threshold=math.inf),
                     allow_redirects=False,
                     trace_request_ctx=attempts,
                 ) as response:

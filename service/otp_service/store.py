@@ -75,6 +75,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from otp_service import metrics
 from otp_service.errors import ErrorReason, InvalidInput, LimitExceeded, StoreUnavailable
+from otp_service.pipelined_redis import NOT_SENT
 from otp_service.results import (
     Channel,
     Delivery,
@@ -765,8 +766,11 @@ class Store(Protocol):
         """Give withdrawals and records in flight one last try, then release connections."""
 
 
-def _refused(exc: BaseException) -> bool:
-    """Whether ``exc`` comes of a refused connection: the command never reached Redis."""
+def _unsent(exc: BaseException) -> bool:
+    """Whether ``exc`` says the command never reached Redis: no connection could be opened
+    (PipelinedRedis notes it), or, from any client, the connection was refused."""
+    if NOT_SENT in getattr(exc, "__notes__", ()):
+        return True
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ConnectionRefusedError):
@@ -882,7 +886,7 @@ class _Script:
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.inc()
             error = StoreUnavailable(self._unavailable)
-            error.unsent = _refused(exc)
+            error.unsent = _unsent(exc)
             raise error from exc
         if self._acks is None:
             return reply

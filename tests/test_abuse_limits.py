@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import redis
@@ -13,6 +15,7 @@ from otp_service.embedded_redis import free_port
 from otp_service.store import SCRIPT_COMMANDS
 from tests.conftest import (
     PHONE,
+    TOKEN,
     MakeServer,
     MakeService,
     age,
@@ -304,3 +307,41 @@ async def test_verify_is_one_redis_round_trip_and_send_three(
     answer = await verify(stub, wrong_code(interakt.received[-1].code))
     assert answer.outcome == otp_pb2.VERIFY_OUTCOME_WRONG_CODE
     assert round_trips_since(redis_db, before) == {"evalsha": 1}
+
+
+async def test_one_caller_with_interakt_answering_429_makes_no_more_requests_than_its_budgets(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    """Each request made to Interakt counts, retries included, whatever it answered."""
+    stub = await make_service(caller_sends_per_minute=10, interakt_sends_per_minute=20)
+    limited = Answer(429, {"result": False, "message": "Rate limit exceeded for this resource"})
+    interakt.answer(*[limited] * 200)
+    phones = [f"+9170038487{i:02d}" for i in range(40)]
+    results = await asyncio.gather(
+        *(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10) for p in phones),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, grpc.aio.AioRpcError) for result in results)
+    assert len(interakt.received) <= 10
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") <= 10
+    other = await make_service(
+        caller_sends_per_minute=100, interakt_sends_per_minute=20, client_tokens=(("other", TOKEN),)
+    )
+    interakt.answer(*[limited] * 200)
+    await asyncio.gather(
+        *(other.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10) for p in phones),
+        return_exceptions=True,
+    )
+    # The account's budget bounds every caller's requests together.
+    assert len(interakt.received) <= 20
+
+
+async def test_a_number_interakt_refuses_gets_no_more_requests_than_its_cap(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    stub = await make_service(resend_cooldown_seconds=0, max_sends_per_hour=5)
+    interakt.answer(*[refusal(NOT_A_CONTACT)] * 40)
+    for _ in range(40):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await send(stub, PHONE)
+    assert len(interakt.received) == 5

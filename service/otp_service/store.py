@@ -562,8 +562,7 @@ class _Withdrawals:
                 for phone in list(self._waiting):
                     for withdrawal in self._waiting.pop(phone):
                         _give_up(withdrawal, "the service stopped before Redis took it")
-                self._count = 0
-                metrics.WITHDRAWALS_WAITING.set(0)
+                self._counted(-self._count)
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -600,7 +599,7 @@ class _Withdrawals:
 
     def _counted(self, change: int) -> None:
         self._count += change
-        metrics.WITHDRAWALS_WAITING.set(self._count)
+        metrics.WITHDRAWALS_WAITING.inc(change)
 
 
 def _give_up(withdrawal: _Withdrawal, why: str) -> None:

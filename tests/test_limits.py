@@ -8,7 +8,7 @@ import redis
 from otp.v1 import otp_pb2
 
 from tests.conftest import PHONE, MakeService, age, retry_delay, send, verify, wrong_code
-from tests.fake_interakt import NOT_A_CONTACT, FakeInterakt, refusal
+from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
 from tests.test_error_details import error_info
 
 # The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
@@ -141,3 +141,24 @@ async def test_verify_is_one_redis_command(
 def redis_time_ms(db: redis.Redis) -> int:
     seconds, microseconds = db.time()
     return seconds * 1000 + microseconds // 1000
+
+
+async def test_a_send_interakt_failed_counts_against_the_cap_but_lifts_the_cooldown(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    """Interakt answered 5xx: the user got nothing, so a retry may go at once, within the cap."""
+    stub = await make_service(resend_cooldown_seconds=30, max_sends_per_hour=2)
+    interakt.answer(*[Answer(503, None)] * 3)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await send(stub)
+    assert error_info(failed.value).reason == "PROVIDER_UNAVAILABLE"
+    await send(stub)
+    assert len(interakt.received) == 4
+    capped = await make_service(resend_cooldown_seconds=0, max_sends_per_hour=1)
+    interakt.answer(*[Answer(503, None)] * 3)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await send(capped, "+917003848502")
+    with pytest.raises(grpc.aio.AioRpcError) as over:
+        await send(capped, "+917003848502")
+    assert error_info(over.value).reason == "HOURLY_SEND_CAP"
+    assert len(interakt.received) == 7

@@ -144,13 +144,37 @@ async def test_a_send_interakt_answered_is_withdrawn_but_stays_counted(
     await store.count_caller_send(CALLER, SEND)
     await store.count_caller_send(CALLER, SEND, request=2)  # its retry
     await store.withdraw(
-        SEND, phone=PHONE, digest=RIGHT, caller=CALLER, in_doubt=False, reached=True, requests=3
+        SEND,
+        phone=PHONE,
+        digest=RIGHT,
+        caller=CALLER,
+        in_doubt=False,
+        reached=True,
+        refused=True,
+        requests=3,
     )
     assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
     # In the number's sends, and each request in the caller's and the account's budgets.
     assert sorted(counted(redis_db)) == sorted([SEND.encode()] * 3 + [f"{SEND}:2".encode()] * 2)
     with pytest.raises(LimitExceeded) as cooling:
         await store.add_code(PHONE, RIGHT, "send-2")
+    assert cooling.value.kind == "cooldown"
+
+
+async def test_a_send_interakt_failed_is_withdrawn_and_counts_against_the_cap_only(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    store = make_store(max_sends_per_hour=2)
+    await store.add_code(PHONE, RIGHT, SEND)
+    await store.count_caller_send(CALLER, SEND)
+    await store.withdraw(
+        SEND, phone=PHONE, digest=RIGHT, caller=CALLER, in_doubt=False, reached=True
+    )
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
+    assert sorted(counted(redis_db)) == sorted([f"{SEND}:x".encode(), SEND.encode(), SEND.encode()])
+    await store.add_code(PHONE, RIGHT, "send-2")  # not held in the cooldown
+    with pytest.raises(LimitExceeded) as cooling:
+        await store.add_code(PHONE, RIGHT, "send-3")
     assert cooling.value.kind == "cooldown"
 
 

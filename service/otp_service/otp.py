@@ -276,6 +276,7 @@ class OtpService:
             caller=caller,
             in_doubt=not answered,
             reached=attempts.reached,
+            refused=refused,
             requests=MAX_RETRIES + 1,
             key=key,
         )

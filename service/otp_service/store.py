@@ -11,7 +11,8 @@ Keys for one number:
                                    expires with the newest code; expired fields are dropped at
                                    each send.
     otp:{+917003848501}:s   zset   send ids scored by send time in ms: the sends of the last
-                                   hour.
+                                   hour ("<send id>:x": one Interakt failed without taking
+                                   the message, counted against the cap, not the cooldown).
     otp:{+917003848501}:f   list   times in ms of the latest wrong codes, newest first, at most
                                    the hourly failed-verify budget of them; expires an hour
                                    after the newest.
@@ -100,7 +101,8 @@ _QUEUED, _FAILED = 1, 5
 # Returns the waits in ms before it may, each 0 when it does not hold: too many wrong codes in
 # the failed-verify window (no code could verify before then, so sending one would only cost
 # money), the resend cooldown, the cap of sends per window. The cooldown is lifted once
-# Interakt reported that the last send failed: the user never got that code. Reads only.
+# Interakt reported that the last send failed, or failed it without taking the message: the
+# user never got that code. Reads only.
 _SEND_WAITS = f"""
 local function send_waits(now, sends, failures, record, cooldown, cap, window, fcap, fwindow)
   local paused, cooling, capped = 0, 0, 0
@@ -109,7 +111,8 @@ local function send_waits(now, sends, failures, record, cooldown, cap, window, f
     paused = tonumber(failed) + fwindow - now
   end
   local last = redis.call('ZRANGE', sends, -1, -1, 'WITHSCORES')
-  if last[2] and now < tonumber(last[2]) + cooldown then
+  -- A send Interakt failed without taking the message (":x") holds no cooldown.
+  if last[2] and now < tonumber(last[2]) + cooldown and string.sub(last[1], -2) ~= ':x' then
     local delivery = redis.call('HMGET', record, 'send', 'st')
     if delivery[1] ~= last[1] or delivery[2] ~= '{_FAILED}' then
       cooling = tonumber(last[2]) + cooldown - now
@@ -204,7 +207,9 @@ return {{0, now + ttl, wait}}
 # delivery record, KEYS[5] the record the send replaced, KEYS[6] its idempotency key's record
 # (only for a send with a key)
 # ARGV[1] digest of the send's code, ARGV[2] send id, ARGV[3] tombstone lifetime ms (0: none),
-# ARGV[4] '1' to keep the send counted (it reached Interakt), '0' to give it back
+# ARGV[4] what stays of the send's count: '0' nothing (it never reached Interakt), '1' all
+# (Interakt refused it: the cooldown holds too), '2' its count against the cap only (Interakt
+# failed it: the user got nothing, so the cooldown is lifted; the member becomes "<id>:x")
 # Returns 1. Removes the code, so a failed send leaves no usable code, and gives back a send
 # that never reached Interakt, so it does not hold the user in the cooldown (one Interakt
 # answered stays counted: a refused number is not retried at full speed); the tombstone stops
@@ -212,7 +217,11 @@ return {{0, now + ttl, wait}}
 # the send replaced comes back, and its key may be used again. Running it twice changes nothing.
 _CANCEL_SCRIPT = """
 if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], 1, 'PX', ARGV[3]) end
-if ARGV[4] ~= '1' then redis.call('ZREM', KEYS[2], ARGV[2]) end
+if ARGV[4] ~= '1' then
+  local at = redis.call('ZSCORE', KEYS[2], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  if ARGV[4] == '2' and at then redis.call('ZADD', KEYS[2], at, ARGV[2] .. ':x') end
+end
 if redis.call('HGET', KEYS[4], 'send') == ARGV[2] then
   if redis.call('EXISTS', KEYS[5]) == 1 then
     redis.call('RENAME', KEYS[5], KEYS[4])
@@ -706,13 +715,15 @@ class Store(Protocol):
         caller: str | None,
         in_doubt: bool,
         reached: bool = False,
+        refused: bool = False,
         requests: int = 1,
         key: str | None = None,
     ) -> asyncio.Future[None]:
         """Take back a send whose message did not go out: its code, its delivery record, its
         ``key``; and unless it ``reached`` Interakt (which answered without taking it), its
         count against the number's cooldown and cap, and with ``caller`` its ``requests``
-        counted in the send budgets.
+        counted in the send budgets. One that reached it holds the number's cooldown only if
+        Interakt ``refused`` it (a lasting refusal; a 5xx or a 429 lifts it).
 
         Done in the background until Redis has done it (at most one code TTL; a bounded number
         wait, see _Withdrawals). ``in_doubt``: a command of the send went unanswered, so Redis
@@ -1052,6 +1063,7 @@ class RedisStore:
         caller: str | None,
         in_doubt: bool,
         reached: bool = False,
+        refused: bool = False,
         requests: int = 1,
         key: str | None = None,
     ) -> asyncio.Future[None]:
@@ -1067,7 +1079,7 @@ class RedisStore:
                     *_delivery_keys(phone),
                     *_key_keys(phone, key),
                 ],
-                args=[digest, send_id, ms, 1 if reached else 0],
+                args=[digest, send_id, ms, (2 - refused) if reached else 0],
             )
         ]
         if caller is not None and not (reached and key is None and not in_doubt):

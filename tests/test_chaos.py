@@ -325,12 +325,14 @@ async def half_answering_interakt() -> AsyncIterator[str]:
 
 # Each fault: the answer Interakt gives every request (None: the half-answering one above), and
 # what each send it fails must be answered: its status, ErrorInfo reason, and the words of its
-# message that name the fault (so an answer from the circuit breaker is not taken for it).
+# message that name the fault (so an answer from the circuit breaker is not taken for it). A
+# send answered DELIVERY_IN_DOUBT keeps its code (Interakt may have the message); any other
+# leaves none, and stays counted (Interakt answered it).
 INTERAKT_FAULTS: dict[str, tuple[Callable[[], Answer] | None, grpc.StatusCode, str, str]] = {
     "slow": (
         lambda: accepted("too-late", delay=5),
         UNAVAILABLE,
-        "PROVIDER_UNAVAILABLE",
+        "DELIVERY_IN_DOUBT",
         "(timed out)",
     ),
     "failing": (
@@ -353,7 +355,7 @@ INTERAKT_FAULTS: dict[str, tuple[Callable[[], Answer] | None, grpc.StatusCode, s
         "PROVIDER_UNAVAILABLE",
         "(rate limited)",
     ),
-    "closing mid-response": (None, UNAVAILABLE, "PROVIDER_UNAVAILABLE", "(ClientPayloadError)"),
+    "closing mid-response": (None, UNAVAILABLE, "DELIVERY_IN_DOUBT", "(ClientPayloadError)"),
 }
 # Budgets out of the way of a storm of sends.
 STORM_BUDGETS = {"caller_sends_per_minute": 100_000, "interakt_sends_per_minute": 100_000}
@@ -379,13 +381,11 @@ async def send_storm(
     return dict(zip(phones, failures, strict=True))
 
 
-def nothing_left(db: redis.Redis, phones: list[str]) -> Callable[[], Awaitable[bool]]:
-    """Whether the sends to ``phones`` left nothing, and none is counted against the budgets."""
+def no_code_left(db: redis.Redis, phones: list[str]) -> Callable[[], Awaitable[bool]]:
+    """Whether the sends to ``phones`` left no code (their withdrawal runs after them)."""
 
     async def check() -> bool:
-        return not any(left_by_send(db, phone) for phone in phones) and not any(
-            db.zcard(key) for key in (CALLER_SENDS, ACCOUNT_SENDS)
-        )
+        return not any(db.exists(f"otp:{{{phone}}}:c") for phone in phones)
 
     return check
 
@@ -416,7 +416,20 @@ async def test_interakt_faults_leave_no_usable_code(
     # Within the delivery budget, never the caller's deadline.
     assert {(code, why) for code, why, _ in failures.values()} == {(status, reason)}
     assert all(named in message for _, _, message in failures.values()), failures
-    await eventually(nothing_left(redis_db, phones))
+    # Every request reached Interakt: each counts against the budgets, each send against its
+    # number's cap.
+    assert redis_db.zcard(ACCOUNT_SENDS) == redis_db.zcard(CALLER_SENDS) >= len(phones)
+    assert all(redis_db.zcard(f"otp:{{{phone}}}:s") == 1 for phone in phones)
+    if reason != "DELIVERY_IN_DOUBT":
+        await eventually(no_code_left(redis_db, phones))
+        return
+    # In doubt: the code the message carried stays, and verifies once.
+    codes = {code_sent_to(interakt, phone) for phone in phones} if answer else set()
+    for phone in phones:
+        assert redis_db.hlen(f"otp:{{{phone}}}:c") == 1
+    for phone in phones if answer else []:
+        assert (await verify(stub, code_sent_to(interakt, phone), phone)).verified
+    assert len(codes) <= len(phones)
 
 
 @pytest.mark.chaos
@@ -439,7 +452,9 @@ async def test_the_breaker_opening_mid_storm_leaves_no_usable_code(
     # Sends that reached Interakt had stored their code; some were then refused by the breaker.
     reached = {m.body["countryCode"] + m.body["phoneNumber"] for m in interakt.received}
     assert any(failures[phone][1] == "PROVIDER_CIRCUIT_OPEN" for phone in reached), failures
-    await eventually(nothing_left(redis_db, phones))
+    await eventually(no_code_left(redis_db, phones))
+    # Each request made counts against the budgets; a send that made none is given back.
+    assert redis_db.zcard(ACCOUNT_SENDS) == len(interakt.received)
 
 
 # --- the service itself --------------------------------------------------------------------

@@ -18,6 +18,7 @@ import aiohttp
 from otp_service import metrics
 from otp_service.breaker import CircuitBreaker
 from otp_service.errors import (
+    CircuitOpen,
     DeliveryInDoubt,
     DeliveryRefused,
     DeliveryUnavailable,
@@ -148,6 +149,21 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
+class _NotAdmitted(Exception):
+    """The send budgets refused a retry (LimitExceeded), or Redis did not count it: not made."""
+
+    def __init__(self, cause: LimitExceeded | Unavailable) -> None:
+        super().__init__(cause.message)
+        self.retry_after = cause.retry_after
+
+
+async def _admitted(admit: Callable[[int], Awaitable[None]], request: int) -> None:
+    try:
+        await admit(request)
+    except (LimitExceeded, Unavailable) as refused:
+        raise _NotAdmitted(refused) from refused
+
+
 class InteraktSender:
     """Sends codes with Interakt's message API over one long-lived aiohttp session, behind
     ``breaker``."""
@@ -217,12 +233,17 @@ class InteraktSender:
         # A timeout is Interakt's failure only when the service's own budget ran out; the
         # caller's shorter deadline running out says nothing of Interakt.
         failed = _caller_cut_short if attempts.caller_bound else _upstream_failed
+        last: _Transient | None = None  # the previous request's failure
+        delay = 0.0
         for attempt in range(MAX_RETRIES + 1):
             started = loop.time()
             try:
                 # Each request is one call through the breaker: a retry of a send it opened on
-                # is refused there (CircuitOpen), not made.
+                # is refused there (CircuitOpen), not made nor counted.
                 with self._breaker.call(failed):
+                    if last is not None and attempts.admit is not None:
+                        # A retry is a request like any other: the send budgets count it first.
+                        await _admitted(attempts.admit, attempt + 1)
                     attempts.made += 1
                     message_id = await self._post(body, deadline - started, attempts)
                 metrics.count_send(label, "accepted", loop.time() - started)
@@ -230,6 +251,13 @@ class InteraktSender:
             except _Refused:
                 metrics.count_send(label, "refused", loop.time() - started)
                 raise
+            except (CircuitOpen, _NotAdmitted) as exc:
+                if last is None or not (attempts.in_doubt or isinstance(exc, _NotAdmitted)):
+                    raise
+                # A retry not made: the send ends as its last request did (in doubt, should an
+                # earlier one still deliver its message).
+                wait = max(delay, 1.0, exc.retry_after or 0.0)
+                raise _unavailable(last, attempts, wait) from exc
             except _Transient as exc:
                 metrics.count_send(label, exc.result, loop.time() - started)
                 jitter = random.uniform(1, 1.5)  # noqa: S311 - not a secret
@@ -240,14 +268,8 @@ class InteraktSender:
                     "interakt transient failure, retrying",
                     extra={"event": "interakt_retry", "reason": exc.reason},
                 )
+                last = exc
                 await asyncio.sleep(delay)
-                if attempts.admit is not None:
-                    # A retry is a request like any other: the send budgets count it first.
-                    try:
-                        await attempts.admit(attempt + 2)
-                    except (LimitExceeded, Unavailable) as refused:
-                        wait = max(delay, 1.0, getattr(refused, "retry_after", None) or 0.0)
-                        raise _unavailable(exc, attempts, wait) from refused
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post(self, body: dict[str, Any], seconds: float, attempts: Attempts) -> str:
@@ -362,7 +384,9 @@ class LogSender:
 def _upstream_failed(exc: BaseException) -> bool | None:
     """Whether ``exc`` says the upstream failed (the breaker counts it): a timeout, a connection
     error, a 5xx or an answer that is not Interakt's. A refusal or a 429 is an upstream that
-    answers: it is alive."""
+    answers: it is alive. A request not made says nothing (None)."""
+    if isinstance(exc, _NotAdmitted):
+        return None
     return isinstance(exc, _Transient) and exc.result != "rate_limited"
 
 

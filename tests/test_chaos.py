@@ -29,6 +29,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
+from otp_service import store
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 from otp_service.server import SERVICE_NAME
 from tests.conftest import (
@@ -53,7 +54,11 @@ from tests.fake_interakt import (
     accepted,
 )
 from tests.redis_proxy import RedisProxy
+from tests.test_delivery_redis_faults import paused
 from tests.test_error_details import error_info
+from tests.test_withdrawals import GIVEN_UP as WITHDRAWALS_GIVEN_UP
+from tests.test_withdrawals import WAITING as WITHDRAWALS_WAITING
+from tests.test_withdrawals import sample
 
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
 CALLER_SENDS = f"otp:{{senders}}:caller-sends:{CALLER}"
@@ -455,6 +460,99 @@ async def test_the_breaker_opening_mid_storm_leaves_no_usable_code(
     await eventually(no_code_left(redis_db, phones))
     # Each request made counts against the budgets; a send that made none is given back.
     assert redis_db.zcard(ACCOUNT_SENDS) == len(interakt.received)
+
+
+@pytest.mark.chaos
+async def test_callers_with_short_deadlines_do_not_open_the_breaker_under_load(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    """60 sends whose caller gives up before Interakt's 300 ms, among 20 with time to wait:
+    the breaker stays closed, and every patient send is sent."""
+    stub = await make_service(
+        breaker_failures=3, breaker_cooloff_seconds=600, interakt_timeout_seconds=5, **STORM_BUDGETS
+    )
+    interakt.answer(*[accepted(f"msg-{i}", delay=0.3) for i in range(100)])
+    short, patient = numbers(3_700_000, 60), numbers(3_700_100, 20)
+    statuses = await asyncio.gather(
+        *(
+            status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=0.15))
+            for p in short
+        ),
+        *(
+            status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10))
+            for p in patient
+        ),
+    )
+    assert set(statuses[:60]) <= {UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert statuses[60:] == [OK] * 20
+    late = numbers(3_700_200, 5)
+    after = [
+        await status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10))
+        for p in late
+    ]
+    assert after == [OK] * 5
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("deadline", [1.0, 3.0])
+async def test_a_hanging_interakt_under_load_is_answered_before_every_deadline(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis, deadline: float
+) -> None:
+    """40 sends at once against an Interakt that never answers: each is told DELIVERY_IN_DOUBT
+    before its deadline, and each code stays, for the message Interakt holds."""
+    stub = await make_service(interakt_timeout_seconds=60, breaker_failures=1_000, **STORM_BUDGETS)
+    never = asyncio.Event()
+    interakt.answer(*[Answer(body={"result": True, "id": "never"}, hold=never)] * 40)
+    phones = numbers(3_750_000, 40)
+    try:
+        failures = await asyncio.gather(
+            *(
+                failed_send(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=deadline))
+                for p in phones
+            )
+        )
+    finally:
+        never.set()
+    assert {(code, why) for code, why, _ in failures} == {(UNAVAILABLE, "DELIVERY_IN_DOUBT")}
+    for phone in phones:
+        assert (await verify(stub, code_sent_to(interakt, phone), phone)).verified
+
+
+@pytest.mark.chaos
+async def test_withdrawals_during_a_hung_redis_stay_bounded_under_load(
+    make_service: MakeService,
+    private_redis: EmbeddedRedis,
+    db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """400 sends while Redis is stopped: one task retries the withdrawals, at most the cap of
+    them wait (the rest are given up and counted), and recovery writes no more tombstones."""
+    monkeypatch.setattr(store, "MAX_WAITING_WITHDRAWALS", 50)
+    stub = await make_service(
+        redis_url=private_redis.url, redis_timeout_seconds=REDIS_TIMEOUT, **STORM_BUDGETS
+    )
+    # Connected, scripts loaded: the sends' commands are written, and wait in the stopped Redis.
+    await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=numbers(3_800_999, 1)[0]), timeout=10)
+    waiting, given_up = sample(WITHDRAWALS_WAITING), sample(WITHDRAWALS_GIVEN_UP)
+    phones = numbers(3_800_000, 400)
+    with paused(private_redis):
+        statuses = await asyncio.gather(
+            *(
+                status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10))
+                for p in phones
+            )
+        )
+        assert set(statuses) == {UNAVAILABLE}
+        assert sample(WITHDRAWALS_WAITING) - waiting <= 50
+        retrying = [t for t in asyncio.all_tasks() if "_Withdrawals._run" in repr(t.get_coro())]
+        assert len(retrying) <= 1
+        assert sample(WITHDRAWALS_GIVEN_UP) - given_up >= 350
+
+    async def drained() -> bool:
+        return sample(WITHDRAWALS_WAITING) == waiting
+
+    await eventually(drained)
+    assert len(db.keys("otp:*:withdrawn:*")) <= 50
 
 
 # --- the service itself --------------------------------------------------------------------

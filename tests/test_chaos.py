@@ -3,9 +3,10 @@ each with an assertion about what was lost. The long ones run in `make chaos` (m
 
 What every fault must leave, once it is over:
 - every call ended with a right answer or UNAVAILABLE, before its deadline (never a hang);
-- a send answered OK left a code that verifies once; a send that failed left nothing, not even
-  a count against the limits or a delivery record saying its message is queued (the
-  withdrawal of tests/test_redis_faults.py, at scale);
+- a send answered OK left a code that verifies once; a send that failed before reaching
+  Interakt left nothing, not even a count against the limits or a delivery record saying its
+  message is queued (the withdrawal of tests/test_redis_faults.py, at scale); one Interakt
+  answered left no code but stays counted; one in doubt (DELIVERY_IN_DOUBT) left its code;
 - a verify that was answered used the code or counted the attempt exactly as it said; one that
   was UNAVAILABLE may have run, so its code is either used or still usable, nothing else;
 - the service holds no connection it gave up on.

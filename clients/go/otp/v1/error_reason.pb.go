@@ -99,10 +99,11 @@ const (
 	// Metadata: "provider_message".
 	ErrorReason_PROVIDER_REFUSED ErrorReason = 15
 	// UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, failing
-	// or rate-limiting, and no message went out. When no request reached it
-	// (connection refused), nothing is counted; when Interakt answered (5xx,
-	// 429), each request made counts against the send budgets and the send
-	// against the number's cooldown and hourly cap, and its code is withdrawn.
+	// or rate-limiting, and no message went out; its code is withdrawn. When no
+	// request reached it (connection refused), nothing is counted; when Interakt
+	// answered (5xx, 429), each request made counts against the send budgets and
+	// the send against the number's hourly cap (not its cooldown: a retry may go
+	// at once).
 	ErrorReason_PROVIDER_UNAVAILABLE ErrorReason = 16
 	// UNAVAILABLE: the service's storage (Redis) did not answer in time. A
 	// SendOtp that answers this left nothing behind; a VerifyOtp may still have

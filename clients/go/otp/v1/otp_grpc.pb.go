@@ -24,8 +24,9 @@ type OtpServiceClient interface {
 	// verifies, except UNAVAILABLE with reason DELIVERY_IN_DOUBT: the message
 	// was handed to Interakt and may still arrive, so its code stays valid. A
 	// send that never reached Interakt counts against no limit; one that did
-	// counts against the number's cooldown and hourly cap and the send budgets,
-	// whatever Interakt answered (see ErrorReason).
+	// counts against the number's hourly cap and the send budgets, whatever
+	// Interakt answered, and one Interakt refused against its cooldown too (see
+	// ErrorReason).
 	//
 	// With an idempotency_key, SendOtp is safe to retry: a repeat with the same
 	// key and number, while the first code lives, answers what the first call
@@ -95,8 +96,9 @@ type OtpServiceServer interface {
 	// verifies, except UNAVAILABLE with reason DELIVERY_IN_DOUBT: the message
 	// was handed to Interakt and may still arrive, so its code stays valid. A
 	// send that never reached Interakt counts against no limit; one that did
-	// counts against the number's cooldown and hourly cap and the send budgets,
-	// whatever Interakt answered (see ErrorReason).
+	// counts against the number's hourly cap and the send budgets, whatever
+	// Interakt answered, and one Interakt refused against its cooldown too (see
+	// ErrorReason).
 	//
 	// With an idempotency_key, SendOtp is safe to retry: a repeat with the same
 	// key and number, while the first code lives, answers what the first call

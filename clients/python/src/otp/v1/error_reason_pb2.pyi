@@ -101,10 +101,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     PROVIDER_UNAVAILABLE: _ErrorReason.ValueType  # 16
     """UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, failing
-    or rate-limiting, and no message went out. When no request reached it
-    (connection refused), nothing is counted; when Interakt answered (5xx,
-    429), each request made counts against the send budgets and the send
-    against the number's cooldown and hourly cap, and its code is withdrawn.
+    or rate-limiting, and no message went out; its code is withdrawn. When no
+    request reached it (connection refused), nothing is counted; when Interakt
+    answered (5xx, 429), each request made counts against the send budgets and
+    the send against the number's hourly cap (not its cooldown: a retry may go
+    at once).
     """
     STORE_UNAVAILABLE: _ErrorReason.ValueType  # 17
     """UNAVAILABLE: the service's storage (Redis) did not answer in time. A
@@ -244,10 +245,11 @@ Metadata: "provider_message".
 """
 PROVIDER_UNAVAILABLE: ErrorReason.ValueType  # 16
 """UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, failing
-or rate-limiting, and no message went out. When no request reached it
-(connection refused), nothing is counted; when Interakt answered (5xx,
-429), each request made counts against the send budgets and the send
-against the number's cooldown and hourly cap, and its code is withdrawn.
+or rate-limiting, and no message went out; its code is withdrawn. When no
+request reached it (connection refused), nothing is counted; when Interakt
+answered (5xx, 429), each request made counts against the send budgets and
+the send against the number's hourly cap (not its cooldown: a retry may go
+at once).
 """
 STORE_UNAVAILABLE: ErrorReason.ValueType  # 17
 """UNAVAILABLE: the service's storage (Redis) did not answer in time. A

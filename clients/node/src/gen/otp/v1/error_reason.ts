@@ -120,10 +120,11 @@ export enum ErrorReason {
   PROVIDER_REFUSED = 15,
   /**
    * PROVIDER_UNAVAILABLE - UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, failing
-   * or rate-limiting, and no message went out. When no request reached it
-   * (connection refused), nothing is counted; when Interakt answered (5xx,
-   * 429), each request made counts against the send budgets and the send
-   * against the number's cooldown and hourly cap, and its code is withdrawn.
+   * or rate-limiting, and no message went out; its code is withdrawn. When no
+   * request reached it (connection refused), nothing is counted; when Interakt
+   * answered (5xx, 429), each request made counts against the send budgets and
+   * the send against the number's hourly cap (not its cooldown: a retry may go
+   * at once).
    */
   PROVIDER_UNAVAILABLE = 16,
   /**

@@ -95,15 +95,19 @@ class OtpService:
     ) -> SendResult:
         """Store a new code for the number and deliver it within ``budget`` seconds.
 
-        Takes at most one Redis timeout plus the delivery budget, and one Redis timeout more to
-        record what Interakt accepted. Raises InvalidInput, NotAllowed, LimitExceeded,
-        DeliveryRefused, DeliveryUnavailable or StoreUnavailable. A send that fails, however (a
-        cancelled call too), is withdrawn: once Redis answers, neither its code nor its count
-        against any limit is left.
+        Takes at most one Redis timeout plus the delivery budget, and one Redis timeout more for
+        what the answer needs in Redis; with ``budget``, answers before it (the delivery leaves
+        out the time for that Redis work). Raises InvalidInput, NotAllowed, LimitExceeded,
+        DeliveryRefused, DeliveryUnavailable (DeliveryInDoubt: the message may arrive) or
+        StoreUnavailable. What a send that fails leaves, however it fails (a cancelled call
+        too), once Redis answers (README "The rules"): nothing when it never reached Interakt;
+        no code but its counts when Interakt answered without taking it; its code and counts
+        when it is in doubt.
 
         With ``idempotency_key``, a repeat of a send that answered gets that answer again and
-        sends nothing; one that arrives while that send runs waits for its answer (within
-        ``budget``: else SendInProgress), and sends in its place should it fail.
+        sends nothing (one that ended in doubt: DeliveryInDoubt again); one that arrives while
+        that send runs waits for its answer (within ``budget``: else SendInProgress), and sends
+        in its place should it fail.
         """
         phone = parse_phone(phone_number)
         key = _key_id(idempotency_key)

@@ -94,7 +94,6 @@ class Attempts:
     # LimitExceeded or StoreUnavailable, and the retry is not made. None: retries are free.
     admit: Callable[[int], Awaitable[None]] | None = None
     channel: Channel | None = None  # what the requests carry, once the sender chose it
-    made: int = 0  # requests started
     reached: bool = False  # a request reached Interakt, or may have (its bytes were written)
     # Such a request ended (or was cut off) without Interakt's answer: the message may arrive.
     in_doubt: bool = False
@@ -244,7 +243,6 @@ class InteraktSender:
                     if last is not None and attempts.admit is not None:
                         # A retry is a request like any other: the send budgets count it first.
                         await _admitted(attempts.admit, attempt + 1)
-                    attempts.made += 1
                     message_id = await self._post(body, deadline - started, attempts)
                 metrics.count_send(label, "accepted", loop.time() - started)
                 return Delivery(channel, message_id)

@@ -13,6 +13,7 @@ from otp.v1 import otp_pb2
 
 from tests.conftest import (
     PHONE,
+    WEBHOOK_SECRET,
     MakeGateway,
     MakeService,
     eventually,
@@ -53,10 +54,7 @@ async def test_interakt_answering_after_the_budget_leaves_the_code_usable_and_th
     )
     assert status.state == otp_pb2.DELIVERY_STATE_QUEUED
     assert status.channel == otp_pb2.CHANNEL_TEXT
-    interakt.webhook_url, interakt.webhook_secret = (
-        gateway.webhook_url,
-        "test-webhook-secret-0123456789",
-    )
+    interakt.send_reports_to(gateway.webhook_url, WEBHOOK_SECRET)
     late = Queued("msg-late", "+91", PHONE[3:], message.body["callbackData"])
     assert await interakt.report(late, "delivered") == 200
 

@@ -39,6 +39,7 @@ async def test_a_hung_redis_leaves_a_bounded_number_of_withdrawals_and_tombstone
     make_service: MakeService,
     private_redis: EmbeddedRedis,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(store, "MAX_WAITING_WITHDRAWALS", 20)
     db = redis.Redis(port=private_redis.port)
@@ -54,6 +55,9 @@ async def test_a_hung_redis_leaves_a_bounded_number_of_withdrawals_and_tombstone
         # Every send's command went unanswered: 20 withdrawals wait, the other 60 are given up.
         assert sample(WAITING) - waiting == 20
         assert sample(GIVEN_UP) - given_up == 60
+        # One line says so, not one per send.
+        said = [r for r in caplog.records if getattr(r, "event", "") == "send_withdraw_failed"]
+        assert len(said) == 1
 
     async def drained() -> bool:
         return sample(WAITING) == waiting

@@ -538,6 +538,7 @@ class _Withdrawals:
         self._closing = closing
         self._waiting: dict[str, list[_Withdrawal]] = {}
         self._count = 0
+        self._full = False  # the cap was reached: said once, until there is room again
         self._task: asyncio.Task[None] | None = None
 
     def add(
@@ -546,7 +547,9 @@ class _Withdrawals:
         loop = asyncio.get_running_loop()
         withdrawal = _Withdrawal(list(steps), loop.create_future(), loop.time() + self._keep)
         if self._count >= MAX_WAITING_WITHDRAWALS or self._closing.is_set():
-            _give_up(withdrawal, "too many withdrawals wait for Redis")
+            # One line for a run of them: an outage can fail thousands of sends.
+            _give_up(withdrawal, "too many withdrawals wait for Redis", quiet=self._full)
+            self._full = True
             return withdrawal.done
         self._waiting.setdefault(phone, []).append(withdrawal)
         self._counted(1)
@@ -608,17 +611,20 @@ class _Withdrawals:
 
     def _counted(self, change: int) -> None:
         self._count += change
+        self._full = self._full and self._count >= MAX_WAITING_WITHDRAWALS
         metrics.WITHDRAWALS_WAITING.inc(change)
 
 
-def _give_up(withdrawal: _Withdrawal, why: str) -> None:
+def _give_up(withdrawal: _Withdrawal, why: str, *, quiet: bool = False) -> None:
     metrics.WITHDRAWALS_GIVEN_UP.inc()
-    log.error(
-        "could not withdraw a failed send: its code stays until it expires and the send stays "
-        "counted against the limits (%s)",
-        why,
-        extra={"event": "send_withdraw_failed"},
-    )
+    if not quiet:
+        log.error(
+            "could not withdraw a failed send: its code stays until it expires and the send "
+            "stays counted against the limits (%s; otp_send_withdrawals_given_up_total counts "
+            "every one)",
+            why,
+            extra={"event": "send_withdraw_failed"},
+        )
     withdrawal.done.set_result(None)
 
 

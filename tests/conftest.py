@@ -424,6 +424,13 @@ def assert_no_code_left(redis_db: redis.Redis, phone: str = PHONE) -> None:
     assert redis_db.zcard(f"otp:{{{phone}}}:s") == 0
 
 
+def assert_no_code_but_counted(redis_db: redis.Redis, phone: str = PHONE, sends: int = 1) -> None:
+    """No code is stored, and ``sends`` sends stay counted against ``phone``: Interakt answered
+    them without taking the message, so the cooldown and the hourly cap hold."""
+    assert redis_db.keys("otp:*:c") == []
+    assert redis_db.zcard(f"otp:{{{phone}}}:s") == sends
+
+
 async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
     """Wait until ``check`` is true; fail if it never becomes true."""
     async with asyncio.timeout(PATIENCE_SECONDS):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import redis
@@ -9,9 +11,11 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from prometheus_client import REGISTRY
 
 from otp_service import Settings
+from otp_service.embedded_redis import free_port
 from otp_service.store import SCRIPT_COMMANDS
 from tests.conftest import (
     PHONE,
+    TOKEN,
     MakeServer,
     MakeService,
     age,
@@ -22,6 +26,7 @@ from tests.conftest import (
     wrong_code,
 )
 from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
+from tests.test_error_details import error_info
 
 # The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
 pytestmark = pytest.mark.redis_backends
@@ -176,25 +181,45 @@ async def test_send_budgets_are_rolling_minutes(
     await send(stub, OTHER_PHONES[1])
 
 
-async def test_a_send_interakt_did_not_accept_is_given_back_to_both_budgets(
+async def test_a_send_interakt_refused_counts_in_both_budgets(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
+    """The budgets bound the requests made to Interakt, whatever it answered."""
     stub = await make_service(caller_sends_per_minute=1, interakt_sends_per_minute=1)
     interakt.answer(refusal(NOT_A_CONTACT))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await send(stub, OTHER_PHONES[0])
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 0
-    assert redis_db.zcard("otp:{senders}:account-sends") == 0
-    await send(stub, OTHER_PHONES[1])
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 1
+    assert redis_db.zcard("otp:{senders}:account-sends") == 1
+    with pytest.raises(grpc.aio.AioRpcError) as spent:
+        await send(stub, OTHER_PHONES[1])
+    assert error_info(spent.value).reason == "CALLER_SEND_BUDGET"
+    assert len(interakt.received) == 1
 
 
-async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(
+async def test_a_send_that_never_reached_interakt_is_given_back_to_both_budgets(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
-    stub = await make_service(caller_sends_per_minute=2)
+    stub = await make_service(
+        caller_sends_per_minute=1,
+        interakt_sends_per_minute=1,
+        interakt_base_url=f"http://127.0.0.1:{free_port()}/v1/public",
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as unreachable:
+        await send(stub, OTHER_PHONES[0])
+    assert error_info(unreachable.value).reason == "PROVIDER_UNAVAILABLE"
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 0
+    assert redis_db.zcard("otp:{senders}:account-sends") == 0
+    assert redis_db.zcard(f"otp:{{{OTHER_PHONES[0]}}}:s") == 0
+
+
+async def test_sends_the_rules_refused_do_not_use_the_callers_budget(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    stub = await make_service(caller_sends_per_minute=3)
     await send(stub, PHONE)
-    # Refused by the number's cooldown, then by Interakt: neither is a send.
+    # Refused by the number's cooldown: not a send. Refused by Interakt: a request made.
     with pytest.raises(grpc.aio.AioRpcError) as cooldown:
         await send(stub, PHONE)
     assert cooldown.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -203,7 +228,7 @@ async def test_sends_that_did_not_happen_do_not_use_the_callers_budget(
         await send(stub, OTHER_PHONES[0])
     assert upstream.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await send(stub, OTHER_PHONES[1])
-    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 2
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 3
 
 
 async def test_a_phone_over_its_wrong_code_budget_is_refused_even_with_the_right_code(
@@ -282,3 +307,41 @@ async def test_verify_is_one_redis_round_trip_and_send_three(
     answer = await verify(stub, wrong_code(interakt.received[-1].code))
     assert answer.outcome == otp_pb2.VERIFY_OUTCOME_WRONG_CODE
     assert round_trips_since(redis_db, before) == {"evalsha": 1}
+
+
+async def test_one_caller_with_interakt_answering_429_makes_no_more_requests_than_its_budgets(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    """Each request made to Interakt counts, retries included, whatever it answered."""
+    stub = await make_service(caller_sends_per_minute=10, interakt_sends_per_minute=20)
+    limited = Answer(429, {"result": False, "message": "Rate limit exceeded for this resource"})
+    interakt.answer(*[limited] * 200)
+    phones = [f"+9170038487{i:02d}" for i in range(40)]
+    results = await asyncio.gather(
+        *(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10) for p in phones),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, grpc.aio.AioRpcError) for result in results)
+    assert len(interakt.received) <= 10
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") <= 10
+    other = await make_service(
+        caller_sends_per_minute=100, interakt_sends_per_minute=20, client_tokens=(("other", TOKEN),)
+    )
+    interakt.answer(*[limited] * 200)
+    await asyncio.gather(
+        *(other.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10) for p in phones),
+        return_exceptions=True,
+    )
+    # The account's budget bounds every caller's requests together.
+    assert len(interakt.received) <= 20
+
+
+async def test_a_number_interakt_refuses_gets_no_more_requests_than_its_cap(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    stub = await make_service(resend_cooldown_seconds=0, max_sends_per_hour=5)
+    interakt.answer(*[refusal(NOT_A_CONTACT)] * 40)
+    for _ in range(40):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await send(stub, PHONE)
+    assert len(interakt.received) == 5

@@ -3,9 +3,10 @@ each with an assertion about what was lost. The long ones run in `make chaos` (m
 
 What every fault must leave, once it is over:
 - every call ended with a right answer or UNAVAILABLE, before its deadline (never a hang);
-- a send answered OK left a code that verifies once; a send that failed left nothing, not even
-  a count against the limits or a delivery record saying its message is queued (the
-  withdrawal of tests/test_redis_faults.py, at scale);
+- a send answered OK left a code that verifies once; a send that failed before reaching
+  Interakt left nothing, not even a count against the limits or a delivery record saying its
+  message is queued (the withdrawal of tests/test_redis_faults.py, at scale); one Interakt
+  answered left no code but stays counted; one in doubt (DELIVERY_IN_DOUBT) left its code;
 - a verify that was answered used the code or counted the attempt exactly as it said; one that
   was UNAVAILABLE may have run, so its code is either used or still usable, nothing else;
 - the service holds no connection it gave up on.
@@ -29,6 +30,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
+from otp_service import store
 from otp_service.embedded_redis import EmbeddedRedis, free_port
 from otp_service.server import SERVICE_NAME
 from tests.conftest import (
@@ -53,7 +55,11 @@ from tests.fake_interakt import (
     accepted,
 )
 from tests.redis_proxy import RedisProxy
+from tests.test_delivery_redis_faults import paused
 from tests.test_error_details import error_info
+from tests.test_withdrawals import GIVEN_UP as WITHDRAWALS_GIVEN_UP
+from tests.test_withdrawals import WAITING as WITHDRAWALS_WAITING
+from tests.test_withdrawals import sample
 
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
 CALLER_SENDS = f"otp:{{senders}}:caller-sends:{CALLER}"
@@ -325,12 +331,14 @@ async def half_answering_interakt() -> AsyncIterator[str]:
 
 # Each fault: the answer Interakt gives every request (None: the half-answering one above), and
 # what each send it fails must be answered: its status, ErrorInfo reason, and the words of its
-# message that name the fault (so an answer from the circuit breaker is not taken for it).
+# message that name the fault (so an answer from the circuit breaker is not taken for it). A
+# send answered DELIVERY_IN_DOUBT keeps its code (Interakt may have the message); any other
+# leaves none, and stays counted (Interakt answered it).
 INTERAKT_FAULTS: dict[str, tuple[Callable[[], Answer] | None, grpc.StatusCode, str, str]] = {
     "slow": (
         lambda: accepted("too-late", delay=5),
         UNAVAILABLE,
-        "PROVIDER_UNAVAILABLE",
+        "DELIVERY_IN_DOUBT",
         "(timed out)",
     ),
     "failing": (
@@ -353,7 +361,7 @@ INTERAKT_FAULTS: dict[str, tuple[Callable[[], Answer] | None, grpc.StatusCode, s
         "PROVIDER_UNAVAILABLE",
         "(rate limited)",
     ),
-    "closing mid-response": (None, UNAVAILABLE, "PROVIDER_UNAVAILABLE", "(ClientPayloadError)"),
+    "closing mid-response": (None, UNAVAILABLE, "DELIVERY_IN_DOUBT", "(ClientPayloadError)"),
 }
 # Budgets out of the way of a storm of sends.
 STORM_BUDGETS = {"caller_sends_per_minute": 100_000, "interakt_sends_per_minute": 100_000}
@@ -379,13 +387,11 @@ async def send_storm(
     return dict(zip(phones, failures, strict=True))
 
 
-def nothing_left(db: redis.Redis, phones: list[str]) -> Callable[[], Awaitable[bool]]:
-    """Whether the sends to ``phones`` left nothing, and none is counted against the budgets."""
+def no_code_left(db: redis.Redis, phones: list[str]) -> Callable[[], Awaitable[bool]]:
+    """Whether the sends to ``phones`` left no code (their withdrawal runs after them)."""
 
     async def check() -> bool:
-        return not any(left_by_send(db, phone) for phone in phones) and not any(
-            db.zcard(key) for key in (CALLER_SENDS, ACCOUNT_SENDS)
-        )
+        return not any(db.exists(f"otp:{{{phone}}}:c") for phone in phones)
 
     return check
 
@@ -416,7 +422,20 @@ async def test_interakt_faults_leave_no_usable_code(
     # Within the delivery budget, never the caller's deadline.
     assert {(code, why) for code, why, _ in failures.values()} == {(status, reason)}
     assert all(named in message for _, _, message in failures.values()), failures
-    await eventually(nothing_left(redis_db, phones))
+    # Every request reached Interakt: each counts against the budgets, each send against its
+    # number's cap.
+    assert redis_db.zcard(ACCOUNT_SENDS) == redis_db.zcard(CALLER_SENDS) >= len(phones)
+    assert all(redis_db.zcard(f"otp:{{{phone}}}:s") == 1 for phone in phones)
+    if reason != "DELIVERY_IN_DOUBT":
+        await eventually(no_code_left(redis_db, phones))
+        return
+    # In doubt: the code the message carried stays, and verifies once.
+    codes = {code_sent_to(interakt, phone) for phone in phones} if answer else set()
+    for phone in phones:
+        assert redis_db.hlen(f"otp:{{{phone}}}:c") == 1
+    for phone in phones if answer else []:
+        assert (await verify(stub, code_sent_to(interakt, phone), phone)).verified
+    assert len(codes) <= len(phones)
 
 
 @pytest.mark.chaos
@@ -439,7 +458,102 @@ async def test_the_breaker_opening_mid_storm_leaves_no_usable_code(
     # Sends that reached Interakt had stored their code; some were then refused by the breaker.
     reached = {m.body["countryCode"] + m.body["phoneNumber"] for m in interakt.received}
     assert any(failures[phone][1] == "PROVIDER_CIRCUIT_OPEN" for phone in reached), failures
-    await eventually(nothing_left(redis_db, phones))
+    await eventually(no_code_left(redis_db, phones))
+    # Each request made counts against the budgets; a send that made none is given back.
+    assert redis_db.zcard(ACCOUNT_SENDS) == len(interakt.received)
+
+
+@pytest.mark.chaos
+async def test_callers_with_short_deadlines_do_not_open_the_breaker_under_load(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    """60 sends whose caller gives up before Interakt's 300 ms, among 20 with time to wait:
+    the breaker stays closed, and every patient send is sent."""
+    stub = await make_service(
+        breaker_failures=3, breaker_cooloff_seconds=600, interakt_timeout_seconds=5, **STORM_BUDGETS
+    )
+    interakt.answer(*[accepted(f"msg-{i}", delay=0.3) for i in range(100)])
+    short, patient = numbers(3_700_000, 60), numbers(3_700_100, 20)
+    statuses = await asyncio.gather(
+        *(
+            status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=0.15))
+            for p in short
+        ),
+        *(
+            status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10))
+            for p in patient
+        ),
+    )
+    assert set(statuses[:60]) <= {UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert statuses[60:] == [OK] * 20
+    late = numbers(3_700_200, 5)
+    after = [
+        await status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10))
+        for p in late
+    ]
+    assert after == [OK] * 5
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("deadline", [1.0, 3.0])
+async def test_a_hanging_interakt_under_load_is_answered_before_every_deadline(
+    make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis, deadline: float
+) -> None:
+    """40 sends at once against an Interakt that never answers: each is told DELIVERY_IN_DOUBT
+    before its deadline, and each code stays, for the message Interakt holds."""
+    stub = await make_service(interakt_timeout_seconds=60, breaker_failures=1_000, **STORM_BUDGETS)
+    never = asyncio.Event()
+    interakt.answer(*[Answer(body={"result": True, "id": "never"}, hold=never)] * 40)
+    phones = numbers(3_750_000, 40)
+    try:
+        failures = await asyncio.gather(
+            *(
+                failed_send(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=deadline))
+                for p in phones
+            )
+        )
+    finally:
+        never.set()
+    assert {(code, why) for code, why, _ in failures} == {(UNAVAILABLE, "DELIVERY_IN_DOUBT")}
+    for phone in phones:
+        assert (await verify(stub, code_sent_to(interakt, phone), phone)).verified
+
+
+@pytest.mark.chaos
+async def test_withdrawals_during_a_hung_redis_stay_bounded_under_load(
+    make_service: MakeService,
+    private_redis: EmbeddedRedis,
+    db: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """400 sends while Redis is stopped: one task retries the withdrawals, at most the cap of
+    them wait (the rest are given up and counted), and recovery writes no more tombstones."""
+    monkeypatch.setattr(store, "MAX_WAITING_WITHDRAWALS", 50)
+    stub = await make_service(
+        redis_url=private_redis.url, redis_timeout_seconds=REDIS_TIMEOUT, **STORM_BUDGETS
+    )
+    # Connected, scripts loaded: the sends' commands are written, and wait in the stopped Redis.
+    await stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=numbers(3_800_999, 1)[0]), timeout=10)
+    waiting, given_up = sample(WITHDRAWALS_WAITING), sample(WITHDRAWALS_GIVEN_UP)
+    phones = numbers(3_800_000, 400)
+    with paused(private_redis):
+        statuses = await asyncio.gather(
+            *(
+                status_of(stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=p), timeout=10))
+                for p in phones
+            )
+        )
+        assert set(statuses) == {UNAVAILABLE}
+        assert sample(WITHDRAWALS_WAITING) - waiting <= 50
+        retrying = [t for t in asyncio.all_tasks() if "_Withdrawals._run" in repr(t.get_coro())]
+        assert len(retrying) <= 1
+        assert sample(WITHDRAWALS_GIVEN_UP) - given_up >= 350
+
+    async def drained() -> bool:
+        return sample(WITHDRAWALS_WAITING) == waiting
+
+    await eventually(drained)
+    assert len(db.keys("otp:*:withdrawn:*")) <= 50
 
 
 # --- the service itself --------------------------------------------------------------------

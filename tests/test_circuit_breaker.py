@@ -73,10 +73,11 @@ async def test_consecutive_failures_open_it_and_sends_are_refused_at_once(
     assert info.reason == "PROVIDER_CIRCUIT_OPEN"
     assert 500 < retry_delay(refused) <= 600
     assert "nothing was sent" in (refused.details() or "")
-    # Nothing reached Interakt, and nothing was stored or counted.
+    # Nothing reached Interakt, and nothing was stored or counted (the three requests counted
+    # are those made before it opened).
     assert len(interakt.received) == 3
     assert_no_code_left(redis_db)
-    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 0
+    assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 3
     [opened] = [r for r in caplog.records if getattr(r, "event", "") == "interakt_circuit"]
     assert (opened.levelname, opened.state) == ("WARNING", "open")  # type: ignore[attr-defined]
 
@@ -197,3 +198,90 @@ async def test_test_numbers_are_sent_while_it_is_open(
     await open_circuit(gateway.stub, interakt)
     answer = await send(gateway.stub, "+919999900001")
     assert answer.channel == otp_pb2.CHANNEL_TEST
+
+
+def numbers(count: int, start: int = 0) -> list[str]:
+    return [f"+9170038486{i:02d}" for i in range(start, start + count)]
+
+
+async def test_a_callers_short_deadline_does_not_open_it_for_everyone(
+    make_gateway: MakeGateway, interakt: FakeInterakt, http: aiohttp.ClientSession
+) -> None:
+    """Cut short by the caller's own deadline, a request says nothing of Interakt's health."""
+    gateway = await make_gateway(breaker_failures=3, breaker_cooloff_seconds=600)
+    interakt.answer(*[accepted(f"msg-{i}", delay=0.3) for i in range(21)])
+    for phone in numbers(20):
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=phone), timeout=0.15)
+        assert cut.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert await circuit(http, gateway.url) == "closed"
+    # Another caller, with time to wait for Interakt, is served.
+    sent = await send(gateway.stub, PHONE)
+    assert sent.message_id == "msg-20"
+
+
+async def test_a_trial_cut_short_by_its_caller_neither_closes_nor_opens_it(
+    make_gateway: MakeGateway, interakt: FakeInterakt, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(breaker_failures=3, breaker_cooloff_seconds=0.5)
+    await open_circuit(gateway.stub, interakt)
+    interakt.answer(accepted("msg-slow", delay=0.3), accepted("msg-trial"))
+    [short, other] = numbers(2)
+
+    async def trial_cut_short() -> bool:
+        try:
+            await gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=short), timeout=0.15)
+        except grpc.aio.AioRpcError as exc:
+            if error_info(exc).reason == "PROVIDER_CIRCUIT_OPEN":
+                return False
+            return len(interakt.received) == 4
+        raise AssertionError("the short call should not get Interakt's answer in time")
+
+    await eventually(trial_cut_short)
+    assert await circuit(http, gateway.url) == "half_open"
+    # The trial was given back: the next send is the trial, and Interakt's answer closes it.
+    assert (await send(gateway.stub, other)).message_id == "msg-trial"
+    assert await circuit(http, gateway.url) == "closed"
+
+
+async def test_a_cancelled_trial_is_given_back(
+    make_gateway: MakeGateway,
+    interakt: FakeInterakt,
+    redis_db: redis.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    gateway = await make_gateway(breaker_failures=3, breaker_cooloff_seconds=0.5)
+    await open_circuit(gateway.stub, interakt)
+    hold = asyncio.Event()
+    interakt.answer(accepted("msg-held", hold=hold), accepted("msg-next"))
+    [cancelled, other] = numbers(2)
+
+    async def trial_in_flight() -> bool:
+        call = gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=cancelled), timeout=10)
+        try:
+            async with asyncio.timeout(0.5):
+                await call
+        except grpc.aio.AioRpcError as exc:
+            if error_info(exc).reason != "PROVIDER_CIRCUIT_OPEN":
+                raise
+            return False
+        except TimeoutError:
+            # Held by Interakt: the trial is in flight. The caller gives up.
+            assert len(interakt.received) == 4
+            return True
+        raise AssertionError("the trial should be held")
+
+    try:
+        await eventually(trial_in_flight)
+
+        async def server_gave_up() -> bool:
+            # The server recorded the cancelled send (in doubt: Interakt holds it).
+            return redis_db.hget(f"otp:{{{cancelled}}}:d", "ch") is not None
+
+        await eventually(server_gave_up)
+        assert await circuit(http, gateway.url) == "half_open"
+        # Not stuck half open behind a trial nobody runs: the next send is tried.
+        assert (await send(gateway.stub, other)).message_id == "msg-next"
+        assert await circuit(http, gateway.url) == "closed"
+    finally:
+        hold.set()

@@ -75,9 +75,10 @@ async def test_each_script_touches_one_hash_slot(
     await state_becomes(stub, otp_pb2.DELIVERY_STATE_DELIVERED)  # a report, and the status
     await verify(stub, wrong_code(interakt.received[0].code))
     await verify(stub, interakt.received[0].code)
-    interakt.answer(refusal(NOT_A_CONTACT))  # a failed send: its code and count are undone
+    # A refused send: its code is undone, and its idempotency key freed.
+    interakt.answer(refusal(NOT_A_CONTACT))
     with pytest.raises(Exception, match=NOT_A_CONTACT):
-        await send(stub)
+        await send_with(stub, "key-0")
     hold = asyncio.Event()  # a repeat of a send still running asks for the first one's answer
     interakt.answer(accepted("msg-held", hold=hold))
     first = asyncio.ensure_future(send_with(stub, "key-1"))

@@ -19,6 +19,7 @@ from typing import IO, Any
 import aiohttp
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
@@ -35,6 +36,7 @@ from tests.conftest import (
     Bearer,
     MakeGateway,
     delta,
+    digest,
     eventually,
     scrape,
 )
@@ -417,6 +419,38 @@ async def test_a_call_longer_than_the_grace_is_cut_at_the_grace(
         ("grpc", "CANCELLED"),
         ("http", "CANCELLED"),
     ]
+
+
+async def test_sigterm_mid_send_keeps_the_code_of_a_message_interakt_holds(
+    redis_db: redis.Redis, redis_server: EmbeddedRedis, interakt: FakeInterakt
+) -> None:
+    """Cut at the grace while Interakt holds its message, the send is in doubt: the message may
+    still arrive, so its code stays."""
+    never = asyncio.Event()
+    interakt.answer(Answer(body={"result": True, "id": "late"}, hold=never))
+    settings = {"OTP_SHUTDOWN_GRACE_SECONDS": "1", "INTERAKT_TIMEOUT_SECONDS": "60"}
+    phone = "+917003848511"
+    try:
+        async with served(redis_server, interakt, **settings) as server:
+            rpc = asyncio.ensure_future(
+                server.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=phone), timeout=60)
+            )
+
+            async def held() -> bool:
+                return len(interakt.received) == 1
+
+            await eventually(held)
+            server.sigterm()
+            status, _, err = await server.exited()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await rpc
+    finally:
+        never.set()
+    assert status == 0, err
+    code = interakt.received[0].code
+    assert redis_db.hexists(f"otp:{{{phone}}}:c", digest(phone, code)[:32])
+    # Recorded as in doubt before the process ended: Interakt's report will find it.
+    assert redis_db.hget(f"otp:{{{phone}}}:d", "ch") is not None
 
 
 async def test_probes_stay_open_when_metrics_need_a_token(

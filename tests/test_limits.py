@@ -8,7 +8,8 @@ import redis
 from otp.v1 import otp_pb2
 
 from tests.conftest import PHONE, MakeService, age, retry_delay, send, verify, wrong_code
-from tests.fake_interakt import NOT_A_CONTACT, FakeInterakt, refusal
+from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
+from tests.test_error_details import error_info
 
 # The rules hold on every Redis deployment: one node, a Cluster, Sentinel's primary.
 pytestmark = pytest.mark.redis_backends
@@ -54,17 +55,26 @@ async def test_hourly_cap_is_a_rolling_hour(
         await send(stub)
 
 
-async def test_failed_sends_do_not_count_against_the_cap(
+async def test_sends_interakt_refused_count_against_the_cooldown_and_the_cap(
     make_service: MakeService, interakt: FakeInterakt
 ) -> None:
+    """A number Interakt refuses is not retried at full speed: each refused send reached it."""
     stub = await make_service(resend_cooldown_seconds=30, max_sends_per_hour=2)
     interakt.answer(*[refusal(NOT_A_CONTACT)] * 3)
-    for _ in range(3):
-        with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await send(stub)
-        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    await send(stub)
-    assert (await verify(stub, interakt.received[-1].code)).verified
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await send(stub)
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as cooling:
+        await send(stub)
+    assert error_info(cooling.value).reason == "RESEND_COOLDOWN"
+    capped = await make_service(resend_cooldown_seconds=0, max_sends_per_hour=2)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await send(capped)
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as over:
+        await send(capped)
+    assert error_info(over.value).reason == "HOURLY_SEND_CAP"
+    assert len(interakt.received) == 2
 
 
 async def test_a_failed_resend_does_not_refill_the_budget(
@@ -131,3 +141,24 @@ async def test_verify_is_one_redis_command(
 def redis_time_ms(db: redis.Redis) -> int:
     seconds, microseconds = db.time()
     return seconds * 1000 + microseconds // 1000
+
+
+async def test_a_send_interakt_failed_counts_against_the_cap_but_lifts_the_cooldown(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    """Interakt answered 5xx: the user got nothing, so a retry may go at once, within the cap."""
+    stub = await make_service(resend_cooldown_seconds=30, max_sends_per_hour=2)
+    interakt.answer(*[Answer(503, None)] * 3)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await send(stub)
+    assert error_info(failed.value).reason == "PROVIDER_UNAVAILABLE"
+    await send(stub)
+    assert len(interakt.received) == 4
+    capped = await make_service(resend_cooldown_seconds=0, max_sends_per_hour=1)
+    interakt.answer(*[Answer(503, None)] * 3)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await send(capped, "+917003848502")
+    with pytest.raises(grpc.aio.AioRpcError) as over:
+        await send(capped, "+917003848502")
+    assert error_info(over.value).reason == "HOURLY_SEND_CAP"
+    assert len(interakt.received) == 7

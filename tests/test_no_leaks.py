@@ -47,7 +47,7 @@ async def test_a_full_cycle_with_errors_leaks_no_secret(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    server = await make_server()
+    server = await make_server(resend_cooldown_seconds=0)  # a refused number is held otherwise
     details: list[str] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = otp_pb2_grpc.OtpServiceStub(channel)

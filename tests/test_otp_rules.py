@@ -12,7 +12,7 @@ from otp.v1 import otp_pb2
 from tests.conftest import (
     PHONE,
     MakeService,
-    assert_no_code_left,
+    assert_no_code_but_counted,
     digest,
     redis_snapshot,
     retry_delay,
@@ -216,7 +216,7 @@ async def test_hourly_send_cap(make_service: MakeService, interakt: FakeInterakt
     await send(stub, "+14155552671")
 
 
-async def test_refused_delivery_leaves_no_code_and_no_cooldown(
+async def test_refused_delivery_leaves_no_code_and_holds_the_cooldown(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
     stub = await make_service()
@@ -225,12 +225,14 @@ async def test_refused_delivery_leaves_no_code_and_no_cooldown(
         await send(stub)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     undelivered = interakt.received[0].code
-    assert_no_code_left(redis_db)
+    assert_no_code_but_counted(redis_db)
     result = await verify(stub, undelivered)
     assert result.outcome == otp_pb2.VERIFY_OUTCOME_NO_ACTIVE_CODE
-    # The user may try again at once.
-    await send(stub)
-    assert (await verify(stub, interakt.received[1].code)).verified
+    # A number Interakt refuses is not retried at full speed.
+    with pytest.raises(grpc.aio.AioRpcError) as cooling:
+        await send(stub)
+    assert cooling.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(interakt.received) == 1
 
 
 async def test_refused_resend_keeps_the_earlier_code(

@@ -301,3 +301,20 @@ async def test_the_cli_exits_0_only_for_a_sent_or_verified_code(make_server: Mak
     code, _, err = await run("send", TEST_NUMBER, target=None)
     assert code == 2
     assert err.endswith("otp-client: error: --target or $OTP_TARGET is required")
+
+
+async def test_a_send_in_doubt_is_retried_with_its_key_and_sent_once(
+    connect: Connect, interakt: FakeInterakt
+) -> None:
+    """Interakt answers after the send's budget: the client's retries with the same key are
+    answered DELIVERY_IN_DOUBT again, and no second message goes out."""
+    client = await connect(interakt_timeout_seconds=0.5, resend_cooldown_seconds=0)
+    started = {"grpc_type": "unary", "grpc_service": "otp.v1.OtpService", "grpc_method": "SendOtp"}
+    before = REGISTRY.get_sample_value("grpc_server_started_total", started) or 0.0
+    interakt.answer(Answer(body={"result": True, "id": "late"}, delay=1.0))
+    with pytest.raises(Unavailable) as in_doubt:
+        await client.send_otp(PHONE)
+    assert in_doubt.value.reason == "DELIVERY_IN_DOUBT"
+    # Retried (the delay was 1 s), with the key: the service sent nothing more.
+    assert REGISTRY.get_sample_value("grpc_server_started_total", started) == before + 3
+    assert len(interakt.received) == 1

@@ -137,6 +137,89 @@ async def test_a_withdrawn_send_leaves_no_code_and_nothing_counted(
     await store.add_code(PHONE, RIGHT, "send-2")  # not held in the cooldown
 
 
+async def test_a_send_interakt_answered_is_withdrawn_but_stays_counted(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    store = make_store()
+    await store.add_code(PHONE, RIGHT, SEND)
+    await store.count_caller_send(CALLER, SEND)
+    await store.count_caller_send(CALLER, SEND, request=2)  # its retry
+    await store.withdraw(
+        SEND,
+        phone=PHONE,
+        digest=RIGHT,
+        caller=CALLER,
+        in_doubt=False,
+        reached=True,
+        refused=True,
+        requests=3,
+    )
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
+    # In the number's sends, and each request in the caller's and the account's budgets.
+    assert sorted(counted(redis_db)) == sorted([SEND.encode()] * 3 + [f"{SEND}:2".encode()] * 2)
+    with pytest.raises(LimitExceeded) as cooling:
+        await store.add_code(PHONE, RIGHT, "send-2")
+    assert cooling.value.kind == "cooldown"
+
+
+async def test_a_send_interakt_failed_is_withdrawn_and_counts_against_the_cap_only(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    store = make_store(max_sends_per_hour=2)
+    await store.add_code(PHONE, RIGHT, SEND)
+    await store.count_caller_send(CALLER, SEND)
+    await store.withdraw(
+        SEND, phone=PHONE, digest=RIGHT, caller=CALLER, in_doubt=False, reached=True
+    )
+    assert (await store.verify(PHONE, RIGHT)).outcome is VerifyOutcome.NO_ACTIVE_CODE
+    assert sorted(counted(redis_db)) == sorted([f"{SEND}:x".encode(), SEND.encode(), SEND.encode()])
+    await store.add_code(PHONE, RIGHT, "send-2")  # not held in the cooldown
+    with pytest.raises(LimitExceeded) as cooling:
+        await store.add_code(PHONE, RIGHT, "send-3")
+    assert cooling.value.kind == "cooldown"
+
+
+async def test_a_withdrawal_never_gives_back_more_than_its_own_send(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    """A late withdrawal of an older send leaves the newer send's delivery record alone."""
+    store = make_store(resend_cooldown_seconds=0)
+    await store.add_code(PHONE, RIGHT, SEND)
+    await store.add_code(PHONE, WRONG, "send-2")
+    await store.withdraw(SEND, phone=PHONE, digest=RIGHT, caller=None, in_doubt=False)
+    record = f"otp:{{{PHONE}}}:d"
+    assert redis_db.hget(record, "send") == b"send-2"
+    assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.VERIFIED
+
+
+async def test_a_withdrawn_code_leaves_no_attempts_behind(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    """The codes hash outlives no code: attempts left over would answer WRONG_CODE."""
+    store = make_store()
+    await store.add_code(PHONE, RIGHT, SEND)
+    assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.WRONG_CODE
+    await store.withdraw(SEND, phone=PHONE, digest=RIGHT, caller=None, in_doubt=False)
+    assert redis_db.exists(f"otp:{{{PHONE}}}:c") == 0
+    assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.NO_ACTIVE_CODE
+
+
+async def test_a_withdrawn_code_takes_its_expiry_with_it(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    """The codes hash then expires with the newest code left, not the withdrawn one."""
+    store = make_store(resend_cooldown_seconds=0)
+    first = await store.add_code(PHONE, RIGHT, SEND)
+    assert isinstance(first, Stored)
+    codes = f"otp:{{{PHONE}}}:c"
+    # The first code was sent 500 s ago, as the clock would have it (its field is its expiry).
+    redis_db.hset(codes, RIGHT, first.expires_at_ms - 500_000)
+    await store.add_code(PHONE, WRONG, "send-2")
+    assert redis_db.pttl(codes) > 500_000
+    await store.withdraw("send-2", phone=PHONE, digest=WRONG, caller=None, in_doubt=False)
+    assert 0 < redis_db.pttl(codes) <= 100_000
+
+
 async def test_a_send_withdrawn_before_redis_ran_it_stores_and_counts_nothing(
     make_store: Callable[..., Store], redis_db: redis.Redis
 ) -> None:

@@ -5,8 +5,10 @@ send is refused at once (``CircuitOpen``, UNAVAILABLE) instead of queueing calle
 dead upstream. Then it is half open: one trial call goes through; its success closes the
 circuit, its failure opens it again. What counts as a failure is the caller's to say (the
 sender: timeouts, connection errors, 5xx); an upstream that answers, even with a refusal or a
-429, is alive. The state is per process (each replica and worker learns on its own), kept in
-``otp_interakt_circuit_state`` and logged at each change.
+429, is alive, and a call cut short by its caller's own deadline says nothing either way (one
+caller's short deadline must not open the circuit for every caller). The state is per process
+(each replica and worker learns on its own), kept in ``otp_interakt_circuit_state`` and logged
+at each change.
 """
 
 from __future__ import annotations
@@ -63,12 +65,14 @@ class CircuitBreaker:
             raise self._open(wait)
 
     @contextlib.contextmanager
-    def call(self, failed: Callable[[BaseException], bool]) -> Iterator[None]:
+    def call(self, failed: Callable[[BaseException], bool | None]) -> Iterator[None]:
         """Around one upstream call: refused (CircuitOpen) while open, its outcome counted.
 
-        ``failed`` says whether an exception the call raised is the upstream's failure; any
-        other exception means the upstream answered. A call that is cancelled counts for
-        nothing (a trial it was is given back).
+        ``failed`` says whether an exception the call raised is the upstream's failure (True),
+        an answer (False: the upstream is alive), or says nothing of the upstream (None: the
+        caller's own deadline cut it short). A call that says nothing, or is cancelled, counts
+        for nothing: the failures in a row stay as they were, and a trial it was is given back
+        for the next call to make.
         """
         wait = self._refusal()
         if wait is not None:
@@ -78,13 +82,20 @@ class CircuitBreaker:
         try:
             yield
         except Exception as exc:
-            self._settle(failed=failed(exc), trial=trial)
+            verdict = failed(exc)
+            if verdict is None:
+                self._give_back(trial)
+            else:
+                self._settle(failed=verdict, trial=trial)
             raise
         except BaseException:
-            if trial:
-                self._trial = False
+            self._give_back(trial)
             raise
         self._settle(failed=False, trial=trial)
+
+    def _give_back(self, trial: bool) -> None:
+        if trial:
+            self._trial = False
 
     def _refusal(self) -> float | None:
         """Seconds to wait if a call now is refused; None when it may go (moving an open

@@ -11,7 +11,8 @@
         ├── StoreUnavailable      Redis unreachable, slow or failing
         ├── SendInProgress        a send with the same idempotency key is still running
         └── DeliveryUnavailable   Interakt unreachable, slow, 5xx or rate-limited
-            └── CircuitOpen           Interakt failed repeatedly; not called for a while
+            ├── CircuitOpen           Interakt failed repeatedly; not called for a while
+            └── DeliveryInDoubt       handed to Interakt, no answer in time: it may arrive
 
 Each error also carries its ``reason`` (an ``ErrorReason``) and ``metadata``, the specifics a
 calling program acts on: they become the status' google.rpc.ErrorInfo.
@@ -54,6 +55,7 @@ class ErrorReason(enum.Enum):
     SEND_IN_PROGRESS = 21
     PROVIDER_CIRCUIT_OPEN = 22
     NO_CODE_SENT = 23
+    DELIVERY_IN_DOUBT = 24
 
 
 # The reason of a malformed field, by field; any other field is INVALID_REQUEST.
@@ -153,9 +155,14 @@ class Unavailable(OtpError):
 
 
 class StoreUnavailable(Unavailable):
-    """Redis did not answer in time or answered with an error."""
+    """Redis did not answer in time or answered with an error.
+
+    ``unsent``: the command never reached Redis (the connection was refused), so it changed
+    nothing there and nothing need be undone.
+    """
 
     reason = ErrorReason.STORE_UNAVAILABLE
+    unsent = False
 
 
 class SendInProgress(Unavailable):
@@ -174,3 +181,10 @@ class CircuitOpen(DeliveryUnavailable):
     """Interakt failed repeatedly, so it is not called until ``retry_after`` has passed."""
 
     reason = ErrorReason.PROVIDER_CIRCUIT_OPEN
+
+
+class DeliveryInDoubt(DeliveryUnavailable):
+    """A request reached Interakt and its answer did not come in time: the message may arrive,
+    so its code stays valid (README "Faults")."""
+
+    reason = ErrorReason.DELIVERY_IN_DOUBT

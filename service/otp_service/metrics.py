@@ -165,6 +165,17 @@ ADMIN_ACTIONS = Counter(
     "AdminService actions done (show, unlock, cancel); the log names the admin.",
     ["action"],
 )
+WITHDRAWALS_WAITING = Gauge(
+    "otp_send_withdrawals_waiting",
+    "Failed sends whose withdrawal waits for Redis to take it (at most "
+    "store.MAX_WAITING_WITHDRAWALS).",
+)
+WITHDRAWALS_GIVEN_UP = Counter(
+    "otp_send_withdrawals_given_up_total",
+    "Failed sends whose withdrawal was given up: Redis did not take it within the code's TTL, "
+    "the process stopped, or too many were waiting. Their code stays until it expires, and "
+    "the send stays counted.",
+)
 # What only a process serving OtpService has: `otp-service gateway --target` leaves them out of
 # its /metrics rather than export series that stay zero there (tests keep this list complete).
 SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
@@ -192,6 +203,8 @@ SERVICE_METRICS: tuple[MetricWrapperBase, ...] = (
     READINESS_CHANGES,
     ACCOUNT_SEND_LIMIT,
     ADMIN_ACTIONS,
+    WITHDRAWALS_WAITING,
+    WITHDRAWALS_GIVEN_UP,
 )
 
 # The HTTP side's own, in every process that listens on OTP_HTTP_ADDRESS. `route` is one of the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -12,6 +13,8 @@ from collections.abc import AsyncIterator, Mapping
 
 from otp_service import context, metrics
 from otp_service.errors import (
+    DeliveryInDoubt,
+    DeliveryRefused,
     DeliveryUnavailable,
     InvalidInput,
     LimitExceeded,
@@ -31,8 +34,15 @@ from otp_service.results import (
     SendResult,
     VerifyResult,
 )
-from otp_service.sender import Sender
-from otp_service.store import STORE_UNAVAILABLE, FirstAnswer, Pending, Store, Stored
+from otp_service.sender import MAX_RETRIES, Attempts, Sender
+from otp_service.store import (
+    STORE_UNAVAILABLE,
+    FirstAnswer,
+    InDoubt,
+    Pending,
+    Store,
+    Stored,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,12 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 128
 _FIRST_POLL_SECONDS = 0.02
 _LAST_POLL_SECONDS = 0.2
 _ANSWER_MARGIN_SECONDS = 0.05
+# Kept out of a send's delivery budget when the caller's deadline sets it (this, or a quarter of
+# the time left if less): the Redis work its answer needs (the record of what Interakt did, or
+# the withdrawal), so the caller is answered before its deadline, never by gRPC's
+# DEADLINE_EXCEEDED. A Redis answering within it is the common case; one that does not is left
+# to the background, and the caller answered at the deadline less _ANSWER_MARGIN_SECONDS.
+_ANSWER_RESERVE_SECONDS = 0.2
 
 
 class OtpService:
@@ -91,15 +107,19 @@ class OtpService:
     ) -> SendResult:
         """Store a new code for the number and deliver it within ``budget`` seconds.
 
-        Takes at most one Redis timeout plus the delivery budget, and one Redis timeout more to
-        record what Interakt accepted. Raises InvalidInput, NotAllowed, LimitExceeded,
-        DeliveryRefused, DeliveryUnavailable or StoreUnavailable. A send that fails, however (a
-        cancelled call too), is withdrawn: once Redis answers, neither its code nor its count
-        against any limit is left.
+        Takes at most one Redis timeout plus the delivery budget, and one Redis timeout more for
+        what the answer needs in Redis; with ``budget``, answers before it (the delivery leaves
+        out the time for that Redis work). Raises InvalidInput, NotAllowed, LimitExceeded,
+        DeliveryRefused, DeliveryUnavailable (DeliveryInDoubt: the message may arrive) or
+        StoreUnavailable. What a send that fails leaves, however it fails (a cancelled call
+        too), once Redis answers (README "The rules"): nothing when it never reached Interakt;
+        no code but its counts when Interakt answered without taking it; its code and counts
+        when it is in doubt.
 
         With ``idempotency_key``, a repeat of a send that answered gets that answer again and
-        sends nothing; one that arrives while that send runs waits for its answer (within
-        ``budget``: else SendInProgress), and sends in its place should it fail.
+        sends nothing (one that ended in doubt: DeliveryInDoubt again); one that arrives while
+        that send runs waits for its answer (within ``budget``: else SendInProgress), and sends
+        in its place should it fail.
 
         ``locale`` (BCP 47, optional) chooses the template's language.
         """
@@ -146,6 +166,8 @@ class OtpService:
                     first = await self._store.first_answer(phone.e164, key)
                 if isinstance(first, FirstAnswer):
                     return _answer(first)
+                if isinstance(first, InDoubt):
+                    raise _in_doubt(first.resend_after_ms / 1000) from None
             raise
         return None
 
@@ -165,9 +187,11 @@ class OtpService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         # How far the send got, for what a failure must withdraw: each store step that may have
-        # run (it did, or its answer never came), and when the store was done with.
+        # run (it did, or its answer never came), when the store was done with, and how far
+        # its requests to Interakt got.
         stored = counted = False
         store_done: float | None = None
+        attempts = Attempts()
         try:
             # Stored before it is sent, so a code is never in a user's hands without being in
             # Redis. The number's limits are checked first: they refuse far more often than the
@@ -183,6 +207,8 @@ class OtpService:
                     lease_ms=int(self._key_lease * 1000),
                     caller=caller,
                 )
+                if isinstance(added, InDoubt):
+                    raise _in_doubt(added.resend_after_ms / 1000)
                 if not isinstance(added, Stored):
                     return added if added is Pending.RUNNING else _answer(added)
                 counted = True
@@ -192,44 +218,124 @@ class OtpService:
                     caller, send_id, account=test_code is None, phone=phone.e164, key=key
                 )
             store_done = loop.time()
-            remaining = self._send_timeout
-            if deadline is not None:
-                remaining = min(remaining, deadline - store_done)
             if test_code is None:
+                budget = self._send_timeout
+                if deadline is not None:
+                    left = deadline - store_done
+                    caller_budget = left - min(_ANSWER_RESERVE_SECONDS, left / 4)
+                    attempts.caller_bound = caller_budget < budget
+                    budget = min(budget, caller_budget)
+                attempts.admit = functools.partial(self._admit, caller, send_id, deadline)
                 delivery = await self._sender.send(
-                    phone, code, budget=remaining, reference=send_id, locale=locale
+                    phone, code, budget=budget, reference=send_id, attempts=attempts, locale=locale
                 )
             else:
                 delivery = _test_number_used(phone, "SendOtp")
         except BaseException as exc:
-            refused = isinstance(exc, LimitExceeded | InvalidInput)
-            if refused:
-                # The step that refused changed nothing: only a code the caller's budget (or the
-                # key's number) refused is withdrawn.
+            if isinstance(exc, LimitExceeded | InvalidInput | DeliveryInDoubt) and not counted:
+                # The store refused (or answered a repeat of a send in doubt): nothing changed.
+                raise
+            # The step that refused, or that never reached Redis, changed nothing: only a code
+            # the caller's budget (or the key's number) refused is withdrawn.
+            unchanged = isinstance(exc, LimitExceeded | InvalidInput) or (
+                isinstance(exc, StoreUnavailable) and exc.unsent
+            )
+            if unchanged and store_done is None:
                 stored, counted = counted, False
             if stored:
-                answered = refused or store_done is not None
-                withdrawal = self._store.withdraw(
+                work = self._after_failure(
+                    exc,
                     send_id,
-                    phone=phone.e164,
-                    digest=digest,
-                    caller=caller if counted else None,
-                    in_doubt=not answered,
-                    key=key,
+                    phone,
+                    digest,
+                    key,
+                    caller if counted else None,
+                    attempts,
+                    answered=unchanged or store_done is not None,
                 )
-                if answered and not isinstance(exc, asyncio.CancelledError):
-                    # Redis is answering: the caller is told once the send is withdrawn, so its
-                    # next call finds it gone, within what is left of the one Redis timeout the
-                    # send may spend on the store. The rest is left to the background.
-                    left = self._store_timeout - ((store_done or loop.time()) - started)
-                    await asyncio.wait([withdrawal], timeout=max(left, 0.001))
+                if not isinstance(exc, asyncio.CancelledError):
+                    # Redis is answering: the caller is told once it is done, so its next call
+                    # finds it done, within what is left of the one Redis timeout the send may
+                    # spend on the store, and of the caller's deadline. The rest is left to the
+                    # background.
+                    await asyncio.wait([work], timeout=self._left(started, store_done, deadline))
+                if isinstance(exc, DeliveryInDoubt) and isinstance(added, Stored):
+                    # The code may be on its way: a new one is worth asking for only once the
+                    # number may be sent one.
+                    exc.retry_after = max(exc.retry_after or 0.0, added.resend_after_ms / 1000)
             raise
         # Sent: from here on nothing withdraws it, not even a cancelled call. The caller is told
         # once it is recorded (so its status shows the message id, and a repeat of its key finds
-        # this answer), within one Redis timeout; the rest is left to the background.
-        await self._store.record_sent(send_id, phone=phone.e164, delivery=delivery, key=key)
+        # this answer), within one Redis timeout and the caller's deadline; the rest is left to
+        # the background.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._left(started, store_done, deadline, whole=True)):
+                await self._store.record_sent(send_id, phone=phone.e164, delivery=delivery, key=key)
         metrics.count_code_sent(caller, self._country(phone))
         return _answer(FirstAnswer(added.expires_at_ms, added.resend_after_ms, delivery))
+
+    def _after_failure(
+        self,
+        exc: BaseException,
+        send_id: str,
+        phone: PhoneNumber,
+        digest: str,
+        key: str | None,
+        caller: str | None,
+        attempts: Attempts,
+        *,
+        answered: bool,
+    ) -> asyncio.Future[None]:
+        """What a failed send leaves (README "Faults"), done in the background: a send that may
+        have reached Interakt without its answer keeps its code (in doubt); one Interakt
+        answered without taking it loses its code but stays counted; one that never reached
+        Interakt is withdrawn whole."""
+        refused = isinstance(exc, DeliveryRefused)
+        if attempts.in_doubt and not refused:
+            if not isinstance(exc, DeliveryInDoubt | asyncio.CancelledError):
+                log.warning(
+                    "send in doubt after %r: its code stays", exc, extra={"event": "send_in_doubt"}
+                )
+            return self._store.record_in_doubt(
+                send_id, phone=phone.e164, channel=attempts.channel or Channel.TEMPLATE, key=key
+            )
+        return self._store.withdraw(
+            send_id,
+            phone=phone.e164,
+            digest=digest,
+            caller=caller,
+            in_doubt=not answered,
+            reached=attempts.reached,
+            refused=refused,
+            requests=MAX_RETRIES + 1,
+            key=key,
+        )
+
+    def _left(
+        self,
+        started: float,
+        store_done: float | None,
+        deadline: float | None,
+        *,
+        whole: bool = False,
+    ) -> float:
+        """How long the send may still wait for Redis: what is left of its one Redis timeout
+        (a whole one, after delivery), and of the caller's deadline."""
+        now = asyncio.get_running_loop().time()
+        left = self._store_timeout
+        if not whole:
+            left -= (store_done or now) - started
+        if deadline is not None:
+            left = min(left, deadline - now - _ANSWER_MARGIN_SECONDS)
+        return max(left, 0.001)
+
+    async def _admit(self, caller: str, send_id: str, deadline: float | None, request: int) -> None:
+        """Count retry ``request`` of a send against the send budgets (Attempts.admit)."""
+        seconds = self._store_timeout
+        if deadline is not None:
+            seconds = min(seconds, deadline - asyncio.get_running_loop().time())
+        async with _store_deadline(max(seconds, 0.001)):
+            await self._store.count_caller_send(caller, send_id, request=request)
 
     async def _first_answer(
         self, phone: PhoneNumber, key: str, deadline: float | None
@@ -249,6 +355,8 @@ class OtpService:
                 return None
             if isinstance(first, FirstAnswer):
                 return _answer(first)
+            if isinstance(first, InDoubt):
+                raise _in_doubt(first.resend_after_ms / 1000)
             now = loop.time()
             if deadline is not None and now + delay >= deadline - _ANSWER_MARGIN_SECONDS:
                 raise SendInProgress(
@@ -343,6 +451,16 @@ def _key_id(idempotency_key: str) -> str | None:
         raise InvalidInput("idempotency_key", "must be printable ASCII characters")
     scoped = f"{context.caller.get()}\n{idempotency_key}".encode()
     return hashlib.sha256(scoped).hexdigest()[:_DIGEST_HEX_CHARS]
+
+
+def _in_doubt(resend_after_seconds: float) -> DeliveryInDoubt:
+    """What a repeat of a send that ended in doubt is answered (and sends nothing)."""
+    return DeliveryInDoubt(
+        "idempotency_key: the send with this key was handed to the message provider without "
+        "its answer: the message may still arrive, and its code stays valid until it expires; "
+        "nothing more was sent",
+        retry_after=max(resend_after_seconds, 1.0),
+    )
 
 
 def _answer(sent: FirstAnswer) -> SendResult:

@@ -224,6 +224,10 @@ class _Link(asyncio.Protocol):
             self._watchdog = self._loop.call_later(self._timeout / 4, self._watch)
 
 
+# The note on a fault of a command that was never sent (see PipelinedRedis.execute_command).
+NOT_SENT = "not sent: no connection to Redis could be opened"
+
+
 class PipelinedRedis:
     """A Redis client for many concurrent callers over one connection (see module docstring).
 
@@ -254,8 +258,19 @@ class PipelinedRedis:
     # -- what the store calls ------------------------------------------------------------
 
     async def execute_command(self, *args: Any) -> Any:
-        """Send one command and wait for its reply; raise its error reply or a fault."""
-        link = self._link or await self._connect()
+        """Send one command and wait for its reply; raise its error reply or a fault.
+
+        A fault raised because no connection could be opened carries the note NOT_SENT: the
+        command never reached Redis.
+        """
+        link = self._link
+        if link is None:
+            try:
+                link = await self._connect()
+            except RedisError as exc:
+                if NOT_SENT not in getattr(exc, "__notes__", ()):  # shared by the callers waiting
+                    exc.add_note(NOT_SENT)
+                raise
         return await link.send(args)
 
     async def ping(self) -> bool:

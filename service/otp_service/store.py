@@ -11,7 +11,8 @@ Keys for one number:
                                    expires with the newest code; expired fields are dropped at
                                    each send.
     otp:{+917003848501}:s   zset   send ids scored by send time in ms: the sends of the last
-                                   hour.
+                                   hour ("<send id>:x": one Interakt failed without taking
+                                   the message, counted against the cap, not the cooldown).
     otp:{+917003848501}:f   list   times in ms of the latest wrong codes, newest first, at most
                                    the hourly failed-verify budget of them; expires an hour
                                    after the newest.
@@ -65,6 +66,7 @@ import asyncio
 import contextlib
 import enum
 import hashlib
+import itertools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -76,6 +78,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from otp_service import metrics
 from otp_service.errors import ErrorReason, InvalidInput, LimitExceeded, StoreUnavailable
+from otp_service.pipelined_redis import NOT_SENT
 from otp_service.results import (
     Channel,
     Delivery,
@@ -101,7 +104,8 @@ _QUEUED, _FAILED = 1, 5
 # Returns the waits in ms before it may, each 0 when it does not hold: too many wrong codes in
 # the failed-verify window (no code could verify before then, so sending one would only cost
 # money), the resend cooldown, the cap of sends per window. The cooldown is lifted once
-# Interakt reported that the last send failed: the user never got that code. Reads only.
+# Interakt reported that the last send failed, or failed it without taking the message: the
+# user never got that code. Reads only.
 _SEND_WAITS = f"""
 local function send_waits(now, sends, failures, record, cooldown, cap, window, fcap, fwindow)
   local paused, cooling, capped = 0, 0, 0
@@ -110,7 +114,8 @@ local function send_waits(now, sends, failures, record, cooldown, cap, window, f
     paused = tonumber(failed) + fwindow - now
   end
   local last = redis.call('ZRANGE', sends, -1, -1, 'WITHSCORES')
-  if last[2] and now < tonumber(last[2]) + cooldown then
+  -- A send Interakt failed without taking the message (":x") holds no cooldown.
+  if last[2] and now < tonumber(last[2]) + cooldown and string.sub(last[1], -2) ~= ':x' then
     local delivery = redis.call('HMGET', record, 'send', 'st')
     if delivery[1] ~= last[1] or delivery[2] ~= '{_FAILED}' then
       cooling = tonumber(last[2]) + cooldown - now
@@ -138,7 +143,8 @@ end
 # {3, wait ms} while the number is over its wrong-code budget, {4, 0} when the send was
 # withdrawn before Redis ran this (nothing is stored), {5, expiry ms, wait ms, channel, message
 # id} when the key's first send already answered (that answer again: nothing is stored),
-# {6, 0} while it is still running.
+# {6, 0} while it is still running, {7, expiry ms, wait ms} when it ended in doubt (that answer
+# again: nothing is stored).
 _SEND_SCRIPT = (
     _SEND_WAITS
     + f"""
@@ -147,9 +153,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local key = KEYS[7]
 if key then
-  local first = redis.call('HMGET', key, 'done', 'exp', 'wait', 'ch', 'msg', 'at')
+  local first = redis.call('HMGET', key, 'done', 'exp', 'wait', 'ch', 'msg', 'at', 'doubt')
   if first[1] then
     return {{5, tonumber(first[2]), tonumber(first[3]), tonumber(first[4]), first[5]}}
+  end
+  if first[7] then
+    return {{7, tonumber(first[2]), math.max(tonumber(first[6]) + tonumber(first[3]) - now, 0)}}
   end
   -- A claim older than any send can take is of a send whose process died: this one takes over.
   if first[6] and now < tonumber(first[6]) + tonumber(ARGV[10]) then return {{6, 0}} end
@@ -203,14 +212,22 @@ return {{0, now + ttl, wait, expired}}
 # KEYS[1] codes hash, KEYS[2] sends zset, KEYS[3] the send's withdrawal tombstone, KEYS[4]
 # delivery record, KEYS[5] the record the send replaced, KEYS[6] its idempotency key's record
 # (only for a send with a key)
-# ARGV[1] digest of the send's code, ARGV[2] send id, ARGV[3] tombstone lifetime ms (0: none)
-# Returns 1. Removes the code and gives the send back, so a failed send leaves no usable code
-# and does not hold the user in the cooldown; the tombstone stops the send script, should it
-# run after this, from storing the code again. The delivery record the send replaced comes
-# back, and its key may be used again. Running it twice changes nothing.
+# ARGV[1] digest of the send's code, ARGV[2] send id, ARGV[3] tombstone lifetime ms (0: none),
+# ARGV[4] what stays of the send's count: '0' nothing (it never reached Interakt), '1' all
+# (Interakt refused it: the cooldown holds too), '2' its count against the cap only (Interakt
+# failed it: the user got nothing, so the cooldown is lifted; the member becomes "<id>:x")
+# Returns 1. Removes the code, so a failed send leaves no usable code, and gives back a send
+# that never reached Interakt, so it does not hold the user in the cooldown (one Interakt
+# answered stays counted: a refused number is not retried at full speed); the tombstone stops
+# the send script, should it run after this, from storing the code again. The delivery record
+# the send replaced comes back, and its key may be used again. Running it twice changes nothing.
 _CANCEL_SCRIPT = """
 if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], 1, 'PX', ARGV[3]) end
-redis.call('ZREM', KEYS[2], ARGV[2])
+if ARGV[4] ~= '1' then
+  local at = redis.call('ZSCORE', KEYS[2], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  if ARGV[4] == '2' and at then redis.call('ZADD', KEYS[2], at, ARGV[2] .. ':x') end
+end
 if redis.call('HGET', KEYS[4], 'send') == ARGV[2] then
   if redis.call('EXISTS', KEYS[5]) == 1 then
     redis.call('RENAME', KEYS[5], KEYS[4])
@@ -307,13 +324,20 @@ return {0, 0}
 
 # KEYS[1] the caller's sends zset, KEYS[2] the account's, KEYS[3] the send's withdrawal
 # tombstone, KEYS[4] its idempotency key's number (only for a send with a key)
-# ARGV[1] send id, ARGV[2] tombstone lifetime ms (0: none)
-# Returns 1. Gives back a send that did not happen, and its key; the tombstone stops the budget
-# script, should it run after this, from counting it again. Running it twice changes nothing.
+# ARGV[1] send id, ARGV[2] tombstone lifetime ms (0: none), ARGV[3] how many of the send's
+# requests to give back: the most it may have had counted, or 0 when one reached Interakt
+# Returns 1. Gives back a send none of whose requests reached Interakt (each request is counted:
+# the first as the send id, retry n as "<send id>:n"), and frees its key; the tombstone stops
+# the budget script, should it run after this, from counting it again. Running it twice changes
+# nothing.
 _UNBUDGET_SCRIPT = """
 if ARGV[2] ~= '0' then redis.call('SET', KEYS[3], 1, 'PX', ARGV[2]) end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 1, tonumber(ARGV[3]) do
+  local member = ARGV[1]
+  if i > 1 then member = member .. ':' .. i end
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZREM', KEYS[2], member)
+end
 if KEYS[4] and redis.call('HGET', KEYS[4], 'send') == ARGV[1] then redis.call('DEL', KEYS[4]) end
 return 1
 """
@@ -321,11 +345,14 @@ return 1
 # KEYS[1] delivery record, KEYS[2] the record it replaced, KEYS[3] the idempotency key's record
 # (only for a send with a key)
 # ARGV[1] send id, ARGV[2] channel, ARGV[3] Interakt's message id ("" when none), ARGV[4] the
-# template's language ("" when none)
+# template's language ("" when none), ARGV[5] the key's field saying how it ended: "done"
+# (accepted) or "doubt" (in doubt)
 # Returns 1 when it recorded the send, 0 when a later send replaced its record and its key
-# (nothing to record). Records a send that Interakt accepted: the record it replaced is no
-# longer needed, and the key's first answer is complete, for repeats to get. Running it again
-# writes the same again (so a replica can be asked to confirm it again) and changes nothing.
+# (nothing to record). Records a send that Interakt accepted, or that may have reached it: the
+# record it replaced is no longer needed (Interakt's reports on the message find this one by
+# the send id in their callback data), and the key's first answer is complete, for repeats to
+# get. Running it again writes the same again (so a replica can be asked to confirm it again)
+# and changes nothing.
 _SENT_SCRIPT = """
 local recorded = 0
 if redis.call('HGET', KEYS[1], 'send') == ARGV[1] then
@@ -336,7 +363,7 @@ if redis.call('HGET', KEYS[1], 'send') == ARGV[1] then
   recorded = 1
 end
 if KEYS[3] and redis.call('HGET', KEYS[3], 'send') == ARGV[1] then
-  redis.call('HSET', KEYS[3], 'ch', ARGV[2], 'msg', ARGV[3], 'done', 1)
+  redis.call('HSET', KEYS[3], 'ch', ARGV[2], 'msg', ARGV[3], ARGV[5], 1)
   recorded = 1
 end
 return recorded
@@ -344,10 +371,17 @@ return recorded
 
 # KEYS[1] the idempotency key's record
 # Returns {} while nobody holds the key, {0} while its send is running, {1, expiry ms, wait ms,
-# channel, message id} once Interakt accepted it.
+# channel, message id} once Interakt accepted it, {2, expiry ms, wait ms left} when it ended in
+# doubt.
 _FIRST_ANSWER_SCRIPT = """
-local first = redis.call('HMGET', KEYS[1], 'send', 'done', 'exp', 'wait', 'ch', 'msg')
+local first = redis.call('HMGET', KEYS[1], 'send', 'done', 'exp', 'wait', 'ch', 'msg', 'doubt',
+  'at')
 if not first[1] then return {} end
+if first[7] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return {2, tonumber(first[3]), math.max(tonumber(first[8]) + tonumber(first[4]) - now, 0)}
+end
 if not first[2] then return {0} end
 return {1, tonumber(first[3]), tonumber(first[4]), tonumber(first[5]), first[6]}
 """
@@ -475,12 +509,17 @@ _OVER_FAILED_VERIFY_BUDGET = 5
 _SEND_WITHDRAWN = 4
 _FIRST_ANSWERED = 5
 _FIRST_RUNNING = 6
+_FIRST_IN_DOUBT = 7
 _COUNT_WITHDRAWN = 3
 _KEY_OF_ANOTHER_NUMBER = 4
 # A withdrawal (or a record of a sent message) that Redis did not take is tried again after
 # these waits (doubling).
 _RETRY_FIRST_SECONDS = 0.1
 _RETRY_LAST_SECONDS = 1.0
+# Failed sends' withdrawals waiting for Redis, at most (see _Withdrawals), and how many numbers'
+# are tried at once.
+MAX_WAITING_WITHDRAWALS = 1000
+_WITHDRAWALS_PER_ROUND = 100
 
 # What a caller is told when Redis fails it (the domain says the same when Redis is too slow).
 STORE_UNAVAILABLE = "storage is unavailable, try again shortly"
@@ -553,6 +592,119 @@ class RedisClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(eq=False)
+class _Withdrawal:
+    steps: list[Callable[[], Awaitable[Any]]]
+    done: asyncio.Future[None]
+    until: float  # the loop's time after which it is given up
+
+
+class _Withdrawals:
+    """The withdrawals of failed sends that Redis has not taken yet, tried by one task.
+
+    A Redis outage must not cost a task, a retry loop and a tombstone per failed send: they wait
+    by number (a number's are tried together), at most MAX_WAITING_WITHDRAWALS of them (one
+    past that is given up at once); a round tries at most _WITHDRAWALS_PER_ROUND numbers, and
+    while Redis keeps failing the rounds are _RETRY_FIRST_SECONDS apart, doubling up to
+    _RETRY_LAST_SECONDS. Each is given up after one code TTL (the code has expired by then) or
+    at close; giving up is counted (otp_send_withdrawals_given_up_total) and logged.
+    """
+
+    def __init__(self, keep_seconds: float, closing: asyncio.Event) -> None:
+        self._keep = keep_seconds
+        self._closing = closing
+        self._waiting: dict[str, list[_Withdrawal]] = {}
+        self._count = 0
+        self._full = False  # the cap was reached: said once, until there is room again
+        self._task: asyncio.Task[None] | None = None
+
+    def add(
+        self, phone: str, steps: Sequence[Callable[[], Awaitable[Any]]]
+    ) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        withdrawal = _Withdrawal(list(steps), loop.create_future(), loop.time() + self._keep)
+        if self._count >= MAX_WAITING_WITHDRAWALS or self._closing.is_set():
+            # One line for a run of them: an outage can fail thousands of sends.
+            _give_up(withdrawal, "too many withdrawals wait for Redis", quiet=self._full)
+            self._full = True
+            return withdrawal.done
+        self._waiting.setdefault(phone, []).append(withdrawal)
+        self._counted(1)
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+        return withdrawal.done
+
+    async def closed(self) -> None:
+        """Wait for the last round (the closing event makes it the last)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        delay = _RETRY_FIRST_SECONDS
+        while self._waiting:
+            phones = list(itertools.islice(self._waiting, _WITHDRAWALS_PER_ROUND))
+            results = await asyncio.gather(*(self._try(phone) for phone in phones))
+            if all(results):
+                delay = _RETRY_FIRST_SECONDS
+                continue
+            if self._closing.is_set():
+                for phone in list(self._waiting):
+                    for withdrawal in self._waiting.pop(phone):
+                        _give_up(withdrawal, "the service stopped before Redis took it")
+                self._counted(-self._count)
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
+            delay = min(delay * 2, _RETRY_LAST_SECONDS)
+
+    async def _try(self, phone: str) -> bool:
+        """Try the number's withdrawals once; whether Redis took them all."""
+        withdrawals = self._waiting.pop(phone)
+        now = asyncio.get_running_loop().time()
+        results = await asyncio.gather(
+            *(step() for w in withdrawals for step in w.steps), return_exceptions=True
+        )
+        left: list[_Withdrawal] = []
+        answers = iter(results)
+        for withdrawal in withdrawals:
+            failed = [
+                (step, answer)
+                for step, answer in zip(withdrawal.steps, answers, strict=False)
+                if isinstance(answer, BaseException)
+            ]
+            if not failed:
+                withdrawal.done.set_result(None)
+            elif now >= withdrawal.until:
+                _give_up(withdrawal, repr(failed[0][1]))
+            else:
+                withdrawal.steps = [step for step, _ in failed]
+                left.append(withdrawal)
+        self._counted(len(left) - len(withdrawals))
+        if left:
+            # At the back of the line: the other numbers get their turn first.
+            self._waiting.setdefault(phone, []).extend(left)
+        return not left
+
+    def _counted(self, change: int) -> None:
+        self._count += change
+        self._full = self._full and self._count >= MAX_WAITING_WITHDRAWALS
+        metrics.WITHDRAWALS_WAITING.inc(change)
+
+
+def _give_up(withdrawal: _Withdrawal, why: str, *, quiet: bool = False) -> None:
+    metrics.WITHDRAWALS_GIVEN_UP.inc()
+    if not quiet:
+        log.error(
+            "could not withdraw a failed send: its code stays until it expires and the send "
+            "stays counted against the limits (%s; otp_send_withdrawals_given_up_total counts "
+            "every one)",
+            why,
+            extra={"event": "send_withdraw_failed"},
+        )
+    withdrawal.done.set_result(None)
+
+
 class ReplicaAcks(Protocol):
     """Runs a command, then ``WAIT replicas timeout`` on the same connection.
 
@@ -599,6 +751,15 @@ class NumberState:
     latest: OtpStatus | None  # its latest delivery record; ``verified`` is left False
 
 
+@dataclass(frozen=True, slots=True)
+class InDoubt:
+    """The first send with an idempotency key ended in doubt (its message may have arrived):
+    its code's expiry (epoch ms) and the ms until the number's next send."""
+
+    expires_at_ms: int
+    resend_after_ms: int
+
+
 class Pending(enum.Enum):
     """The first send with an idempotency key has not answered yet."""
 
@@ -622,12 +783,12 @@ class Store(Protocol):
         key: str | None = None,
         lease_ms: int = 0,
         caller: str = "",
-    ) -> Stored | FirstAnswer | Pending:
+    ) -> Stored | FirstAnswer | InDoubt | Pending:
         """Store a new code's digest for send ``send_id`` of ``caller`` if the send limits allow.
 
         With ``key``: when a send with that key was stored earlier, its answer (FirstAnswer,
-        or Pending while it runs) instead, and nothing is stored; a send that claimed the key
-        over ``lease_ms`` ago and never answered counts as gone.
+        InDoubt, or Pending while it runs) instead, and nothing is stored; a send that claimed
+        the key over ``lease_ms`` ago and never answered counts as gone.
 
         Raises LimitExceeded in the cooldown or over the hourly cap, StoreUnavailable on trouble.
         """
@@ -640,8 +801,10 @@ class Store(Protocol):
         account: bool = True,
         phone: str = "",
         key: str | None = None,
+        request: int = 1,
     ) -> None:
-        """Count send ``send_id`` against the caller's budget and, with ``account``, the
+        """Count request ``request`` of send ``send_id`` (1, or a retry: 2, 3...; each request
+        made to Interakt counts) against the caller's budget and, with ``account``, the
         Interakt account's; with ``key``, claim the key for ``phone``.
 
         Raises LimitExceeded when a budget is spent, InvalidInput when the key was used for
@@ -656,14 +819,31 @@ class Store(Protocol):
         digest: str,
         caller: str | None,
         in_doubt: bool,
+        reached: bool = False,
+        refused: bool = False,
+        requests: int = 1,
         key: str | None = None,
-    ) -> asyncio.Task[None]:
-        """Take back a send that did not happen: its code, its delivery record, its ``key``,
-        and with ``caller`` its count.
+    ) -> asyncio.Future[None]:
+        """Take back a send whose message did not go out: its code, its delivery record, its
+        ``key``; and unless it ``reached`` Interakt (which answered without taking it), its
+        count against the number's cooldown and cap, and with ``caller`` its ``requests``
+        counted in the send budgets. One that reached it holds the number's cooldown only if
+        Interakt ``refused`` it (a lasting refusal; a 5xx or a 429 lifts it).
 
-        Runs in the background until Redis has done it (at most one code TTL). ``in_doubt``: a
-        command of the send went unanswered, so Redis may run it after the withdrawal; it will
-        then store and count nothing. Returns the task; nobody need wait for it.
+        Done in the background until Redis has done it (at most one code TTL; a bounded number
+        wait, see _Withdrawals). ``in_doubt``: a command of the send went unanswered, so Redis
+        may run it after the withdrawal; it will then store and count nothing. Returns a future
+        done when it is over; nobody need wait for it.
+        """
+
+    def record_in_doubt(
+        self, send_id: str, *, phone: str, channel: Channel, key: str | None = None
+    ) -> asyncio.Task[None]:
+        """Record that send ``send_id`` may have reached Interakt without its answer: its
+        ``key``'s repeats answer that (in doubt) and send nothing; its code and counts stay.
+
+        Done in the background until Redis has done it (at most one code TTL). Returns the
+        task; nobody need wait for it.
         """
 
     async def record_sent(
@@ -678,9 +858,9 @@ class Store(Protocol):
         all the same.
         """
 
-    async def first_answer(self, phone: str, key: str) -> FirstAnswer | Pending | None:
-        """The answer of the send holding ``key``: Pending while it runs, None when no send
-        holds it (it failed, or the code expired)."""
+    async def first_answer(self, phone: str, key: str) -> FirstAnswer | InDoubt | Pending | None:
+        """The answer of the send holding ``key``: Pending while it runs, InDoubt when it ended
+        in doubt, None when no send holds it (it failed, or the code expired)."""
 
     async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
         """Apply Interakt's report on a message to the delivery record of its number."""
@@ -710,6 +890,19 @@ class Store(Protocol):
 
     async def cancel_codes(self, phone: str) -> int:
         """Delete the number's live codes and their delivery record: how many codes."""
+
+
+def _unsent(exc: BaseException) -> bool:
+    """Whether ``exc`` says the command never reached Redis: no connection could be opened
+    (PipelinedRedis notes it), or, from any client, the connection was refused."""
+    if NOT_SENT in getattr(exc, "__notes__", ()):
+        return True
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _codes_key(phone: str) -> str:
@@ -821,7 +1014,9 @@ class _Script:
                 reply = await execute("EVAL", self._source, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.inc()
-            raise StoreUnavailable(self._unavailable) from exc
+            error = StoreUnavailable(self._unavailable)
+            error.unsent = _unsent(exc)
+            raise error from exc
         if self._acks is None:
             return reply
         reply, acked = reply
@@ -894,6 +1089,7 @@ class RedisStore:
         self._tombstone_ms = self._ttl_ms
         self._background: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
+        self._withdrawals = _Withdrawals(rules.ttl_seconds, self._closing)
 
     async def add_code(
         self,
@@ -904,7 +1100,7 @@ class RedisStore:
         key: str | None = None,
         lease_ms: int = 0,
         caller: str = "",
-    ) -> Stored | FirstAnswer | Pending:
+    ) -> Stored | FirstAnswer | InDoubt | Pending:
         reply = await self._send(
             keys=[
                 _codes_key(phone),
@@ -939,6 +1135,8 @@ class RedisStore:
             return _first_answer(*reply[1:])
         if status == _FIRST_RUNNING:
             return Pending.RUNNING
+        if status == _FIRST_IN_DOUBT:
+            return InDoubt(int(value), int(reply[2]))
         if reply[3]:
             metrics.CODES_EXPIRED.inc(reply[3])
         return Stored(int(value), int(reply[2]))
@@ -951,10 +1149,13 @@ class RedisStore:
         account: bool = True,
         phone: str = "",
         key: str | None = None,
+        request: int = 1,
     ) -> None:
+        # Retry n of a send is a request of its own, counted under a member of its own.
+        member = send_id if request == 1 else f"{send_id}:{request}"
         status, value = await self._budget(
             keys=_budget_keys(caller, send_id, key),
-            args=[*self._budget_args, send_id, 2 if account else 1, phone, self._ttl_ms],
+            args=[*self._budget_args, member, 2 if account else 1, phone, self._ttl_ms],
         )
         if status == 1:
             raise LimitExceeded(
@@ -992,8 +1193,11 @@ class RedisStore:
         digest: str,
         caller: str | None,
         in_doubt: bool,
+        reached: bool = False,
+        refused: bool = False,
+        requests: int = 1,
         key: str | None = None,
-    ) -> asyncio.Task[None]:
+    ) -> asyncio.Future[None]:
         # The tombstone that stops the send's late commands; none is needed when all answered.
         ms = self._tombstone_ms if in_doubt else 0
         steps = [
@@ -1006,23 +1210,38 @@ class RedisStore:
                     *_delivery_keys(phone),
                     *_key_keys(phone, key),
                 ],
-                args=[digest, send_id, ms],
+                args=[digest, send_id, ms, (2 - refused) if reached else 0],
             )
         ]
-        if caller is not None:
+        if caller is not None and not (reached and key is None and not in_doubt):
+            # A send that reached Interakt keeps its requests counted: only its key is freed.
             steps.append(
-                partial(self._unbudget, keys=_budget_keys(caller, send_id, key), args=[send_id, ms])
+                partial(
+                    self._unbudget,
+                    keys=_budget_keys(caller, send_id, key),
+                    args=[send_id, ms, 0 if reached else requests],
+                )
             )
+        return self._withdrawals.add(phone, steps)
+
+    def record_in_doubt(
+        self, send_id: str, *, phone: str, channel: Channel, key: str | None = None
+    ) -> asyncio.Task[None]:
+        record = partial(
+            self._sent,
+            keys=[*_delivery_keys(phone), *_key_keys(phone, key)],
+            args=[send_id, channel.value, "", "", "doubt"],
+        )
 
         def gave_up(error: BaseException) -> None:
             log.error(
-                "could not withdraw a failed send: its code stays until it expires and the send "
-                "stays counted against the limits (%r)",
+                "could not record a send in doubt: repeats of its idempotency key wait for an "
+                "answer until the key's claim lapses (%r)",
                 error,
-                extra={"event": "send_withdraw_failed"},
+                extra={"event": "send_record_failed"},
             )
 
-        return self._in_background(steps, gave_up)
+        return self._in_background([record], gave_up)
 
     async def record_sent(
         self, send_id: str, *, phone: str, delivery: Delivery, key: str | None = None
@@ -1030,7 +1249,7 @@ class RedisStore:
         record = partial(
             self._sent,
             keys=[*_delivery_keys(phone), *_key_keys(phone, key)],
-            args=[send_id, delivery.channel.value, delivery.message_id, delivery.language],
+            args=[send_id, delivery.channel.value, delivery.message_id, delivery.language, "done"],
         )
         try:
             # Inline first: a task per send to retry what almost always works at once was a
@@ -1093,12 +1312,14 @@ class RedisStore:
                     await self._closing.wait()
             delay = min(delay * 2, _RETRY_LAST_SECONDS)
 
-    async def first_answer(self, phone: str, key: str) -> FirstAnswer | Pending | None:
+    async def first_answer(self, phone: str, key: str) -> FirstAnswer | InDoubt | Pending | None:
         reply = await self._first(keys=_key_keys(phone, key), args=[])
         if not reply:
             return None
         if reply[0] == 0:
             return Pending.RUNNING
+        if reply[0] == 2:
+            return InDoubt(int(reply[1]), int(reply[2]))
         return _first_answer(*reply[1:])
 
     async def report_delivery(self, report: DeliveryReport) -> ReportOutcome:
@@ -1226,6 +1447,7 @@ class RedisStore:
     async def close(self) -> None:
         # Work waiting to retry tries once more now; one in flight ends within the timeout.
         self._closing.set()
+        await self._withdrawals.closed()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._redis.aclose()

@@ -19,15 +19,21 @@ const _ = grpc.SupportPackageIsVersion7
 type OtpServiceClient interface {
 	// SendOtp makes a new one-time code for the phone number and sends it over
 	// WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-	// who types the first code they received still gets in. A SendOtp that
-	// fails, with any status, leaves nothing behind: its code never verifies and
-	// it counts against no limit.
+	// who types the first code they received still gets in. SendOtp answers
+	// before the caller's deadline. A SendOtp that fails leaves no code that
+	// verifies, except UNAVAILABLE with reason DELIVERY_IN_DOUBT: the message
+	// was handed to Interakt and may still arrive, so its code stays valid. A
+	// send that never reached Interakt counts against no limit; one that did
+	// counts against the number's hourly cap and the send budgets, whatever
+	// Interakt answered, and one Interakt refused against its cooldown too (see
+	// ErrorReason).
 	//
 	// With an idempotency_key, SendOtp is safe to retry: a repeat with the same
 	// key and number, while the first code lives, answers what the first call
 	// answered and sends nothing (a repeat that arrives while the first call is
-	// still running waits for its answer). So a caller that got UNAVAILABLE or
-	// DEADLINE_EXCEEDED retries with the same key.
+	// still running waits for its answer; one after DELIVERY_IN_DOUBT gets that
+	// again). So a caller that got UNAVAILABLE or DEADLINE_EXCEEDED retries with
+	// the same key.
 	SendOtp(ctx context.Context, in *SendOtpRequest, opts ...grpc.CallOption) (*SendOtpResponse, error)
 	// VerifyOtp checks a code the user typed. A correct code is consumed: it,
 	// and every other code sent to the same number, can never verify again.
@@ -87,15 +93,21 @@ func (c *otpServiceClient) GetOtpStatus(ctx context.Context, in *GetOtpStatusReq
 type OtpServiceServer interface {
 	// SendOtp makes a new one-time code for the phone number and sends it over
 	// WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-	// who types the first code they received still gets in. A SendOtp that
-	// fails, with any status, leaves nothing behind: its code never verifies and
-	// it counts against no limit.
+	// who types the first code they received still gets in. SendOtp answers
+	// before the caller's deadline. A SendOtp that fails leaves no code that
+	// verifies, except UNAVAILABLE with reason DELIVERY_IN_DOUBT: the message
+	// was handed to Interakt and may still arrive, so its code stays valid. A
+	// send that never reached Interakt counts against no limit; one that did
+	// counts against the number's hourly cap and the send budgets, whatever
+	// Interakt answered, and one Interakt refused against its cooldown too (see
+	// ErrorReason).
 	//
 	// With an idempotency_key, SendOtp is safe to retry: a repeat with the same
 	// key and number, while the first code lives, answers what the first call
 	// answered and sends nothing (a repeat that arrives while the first call is
-	// still running waits for its answer). So a caller that got UNAVAILABLE or
-	// DEADLINE_EXCEEDED retries with the same key.
+	// still running waits for its answer; one after DELIVERY_IN_DOUBT gets that
+	// again). So a caller that got UNAVAILABLE or DEADLINE_EXCEEDED retries with
+	// the same key.
 	SendOtp(context.Context, *SendOtpRequest) (*SendOtpResponse, error)
 	// VerifyOtp checks a code the user typed. A correct code is consumed: it,
 	// and every other code sent to the same number, can never verify again.

@@ -72,7 +72,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     minute. Metadata: "max_sends_per_minute".
     """
     RECIPIENT_NOT_A_CONTACT: _ErrorReason.ValueType  # 11
-    """FAILED_PRECONDITION: Interakt refused the message because the number is
+    """Every FAILED_PRECONDITION below: Interakt answered, refusing the message.
+    No code of that send verifies, but the send counts against the number's
+    cooldown and hourly cap and the send budgets (a refused number is not
+    retried at full speed).
+
+    FAILED_PRECONDITION: Interakt refused the message because the number is
     not a contact of the WhatsApp business account. Metadata:
     "provider_message", Interakt's own words.
     """
@@ -95,8 +100,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Metadata: "provider_message".
     """
     PROVIDER_UNAVAILABLE: _ErrorReason.ValueType  # 16
-    """UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, slow,
-    failing or rate-limiting; nothing was sent and nothing counted.
+    """UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, failing
+    or rate-limiting, and no message went out; its code is withdrawn. When no
+    request reached it (connection refused), nothing is counted; when Interakt
+    answered (5xx, 429), each request made counts against the send budgets and
+    the send against the number's hourly cap (not its cooldown: a retry may go
+    at once).
     """
     STORE_UNAVAILABLE: _ErrorReason.ValueType  # 17
     """UNAVAILABLE: the service's storage (Redis) did not answer in time. A
@@ -130,6 +139,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     NO_CODE_SENT: _ErrorReason.ValueType  # 23
     """NOT_FOUND: GetOtpStatus found no live code for the number (none was sent,
     or it expired).
+    """
+    DELIVERY_IN_DOUBT: _ErrorReason.ValueType  # 24
+    """UNAVAILABLE, with google.rpc.RetryInfo: the message was handed to
+    Interakt but its answer did not come in time (Interakt slow or hanging,
+    the caller's deadline, the service stopping): the message may still
+    arrive. Its code stays valid until it expires (single use, and counted
+    like any send), GetOtpStatus shows what Interakt reports on it, and a
+    repeat with the same idempotency_key answers this again and sends nothing.
+    The retry delay is when a new code may be sent.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -198,7 +216,12 @@ the most messages the WhatsApp (Interakt) account allows in a rolling
 minute. Metadata: "max_sends_per_minute".
 """
 RECIPIENT_NOT_A_CONTACT: ErrorReason.ValueType  # 11
-"""FAILED_PRECONDITION: Interakt refused the message because the number is
+"""Every FAILED_PRECONDITION below: Interakt answered, refusing the message.
+No code of that send verifies, but the send counts against the number's
+cooldown and hourly cap and the send budgets (a refused number is not
+retried at full speed).
+
+FAILED_PRECONDITION: Interakt refused the message because the number is
 not a contact of the WhatsApp business account. Metadata:
 "provider_message", Interakt's own words.
 """
@@ -221,8 +244,12 @@ INTERAKT_BASE_URL answered with a redirect (which is not followed).
 Metadata: "provider_message".
 """
 PROVIDER_UNAVAILABLE: ErrorReason.ValueType  # 16
-"""UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, slow,
-failing or rate-limiting; nothing was sent and nothing counted.
+"""UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, failing
+or rate-limiting, and no message went out; its code is withdrawn. When no
+request reached it (connection refused), nothing is counted; when Interakt
+answered (5xx, 429), each request made counts against the send budgets and
+the send against the number's hourly cap (not its cooldown: a retry may go
+at once).
 """
 STORE_UNAVAILABLE: ErrorReason.ValueType  # 17
 """UNAVAILABLE: the service's storage (Redis) did not answer in time. A
@@ -256,5 +283,14 @@ that pause.
 NO_CODE_SENT: ErrorReason.ValueType  # 23
 """NOT_FOUND: GetOtpStatus found no live code for the number (none was sent,
 or it expired).
+"""
+DELIVERY_IN_DOUBT: ErrorReason.ValueType  # 24
+"""UNAVAILABLE, with google.rpc.RetryInfo: the message was handed to
+Interakt but its answer did not come in time (Interakt slow or hanging,
+the caller's deadline, the service stopping): the message may still
+arrive. Its code stays valid until it expires (single use, and counted
+like any send), GetOtpStatus shows what Interakt reports on it, and a
+repeat with the same idempotency_key answers this again and sends nothing.
+The retry delay is when a new code may be sent.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

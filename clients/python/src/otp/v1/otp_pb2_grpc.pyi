@@ -55,15 +55,21 @@ class OtpServiceStub:
     SendOtp: _grpc.UnaryUnaryMultiCallable[_otp_pb2.SendOtpRequest, _otp_pb2.SendOtpResponse]
     """SendOtp makes a new one-time code for the phone number and sends it over
     WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-    who types the first code they received still gets in. A SendOtp that
-    fails, with any status, leaves nothing behind: its code never verifies and
-    it counts against no limit.
+    who types the first code they received still gets in. SendOtp answers
+    before the caller's deadline. A SendOtp that fails leaves no code that
+    verifies, except UNAVAILABLE with reason DELIVERY_IN_DOUBT: the message
+    was handed to Interakt and may still arrive, so its code stays valid. A
+    send that never reached Interakt counts against no limit; one that did
+    counts against the number's hourly cap and the send budgets, whatever
+    Interakt answered, and one Interakt refused against its cooldown too (see
+    ErrorReason).
 
     With an idempotency_key, SendOtp is safe to retry: a repeat with the same
     key and number, while the first code lives, answers what the first call
     answered and sends nothing (a repeat that arrives while the first call is
-    still running waits for its answer). So a caller that got UNAVAILABLE or
-    DEADLINE_EXCEEDED retries with the same key.
+    still running waits for its answer; one after DELIVERY_IN_DOUBT gets that
+    again). So a caller that got UNAVAILABLE or DEADLINE_EXCEEDED retries with
+    the same key.
     """
     VerifyOtp: _grpc.UnaryUnaryMultiCallable[_otp_pb2.VerifyOtpRequest, _otp_pb2.VerifyOtpResponse]
     """VerifyOtp checks a code the user typed. A correct code is consumed: it,
@@ -110,15 +116,21 @@ class OtpServiceAsyncStub(OtpServiceStub):
     SendOtp: _aio.UnaryUnaryMultiCallable[_otp_pb2.SendOtpRequest, _otp_pb2.SendOtpResponse]  # type: ignore[assignment]
     """SendOtp makes a new one-time code for the phone number and sends it over
     WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-    who types the first code they received still gets in. A SendOtp that
-    fails, with any status, leaves nothing behind: its code never verifies and
-    it counts against no limit.
+    who types the first code they received still gets in. SendOtp answers
+    before the caller's deadline. A SendOtp that fails leaves no code that
+    verifies, except UNAVAILABLE with reason DELIVERY_IN_DOUBT: the message
+    was handed to Interakt and may still arrive, so its code stays valid. A
+    send that never reached Interakt counts against no limit; one that did
+    counts against the number's hourly cap and the send budgets, whatever
+    Interakt answered, and one Interakt refused against its cooldown too (see
+    ErrorReason).
 
     With an idempotency_key, SendOtp is safe to retry: a repeat with the same
     key and number, while the first code lives, answers what the first call
     answered and sends nothing (a repeat that arrives while the first call is
-    still running waits for its answer). So a caller that got UNAVAILABLE or
-    DEADLINE_EXCEEDED retries with the same key.
+    still running waits for its answer; one after DELIVERY_IN_DOUBT gets that
+    again). So a caller that got UNAVAILABLE or DEADLINE_EXCEEDED retries with
+    the same key.
     """
     VerifyOtp: _aio.UnaryUnaryMultiCallable[_otp_pb2.VerifyOtpRequest, _otp_pb2.VerifyOtpResponse]  # type: ignore[assignment]
     """VerifyOtp checks a code the user typed. A correct code is consumed: it,
@@ -168,15 +180,21 @@ class OtpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_otp_pb2.SendOtpResponse, _abc.Awaitable[_otp_pb2.SendOtpResponse]]:
         """SendOtp makes a new one-time code for the phone number and sends it over
         WhatsApp. Codes sent earlier that have not expired stay valid, so a user
-        who types the first code they received still gets in. A SendOtp that
-        fails, with any status, leaves nothing behind: its code never verifies and
-        it counts against no limit.
+        who types the first code they received still gets in. SendOtp answers
+        before the caller's deadline. A SendOtp that fails leaves no code that
+        verifies, except UNAVAILABLE with reason DELIVERY_IN_DOUBT: the message
+        was handed to Interakt and may still arrive, so its code stays valid. A
+        send that never reached Interakt counts against no limit; one that did
+        counts against the number's hourly cap and the send budgets, whatever
+        Interakt answered, and one Interakt refused against its cooldown too (see
+        ErrorReason).
 
         With an idempotency_key, SendOtp is safe to retry: a repeat with the same
         key and number, while the first code lives, answers what the first call
         answered and sends nothing (a repeat that arrives while the first call is
-        still running waits for its answer). So a caller that got UNAVAILABLE or
-        DEADLINE_EXCEEDED retries with the same key.
+        still running waits for its answer; one after DELIVERY_IN_DOUBT gets that
+        again). So a caller that got UNAVAILABLE or DEADLINE_EXCEEDED retries with
+        the same key.
         """
 
     @_abc_1.abstractmethod

@@ -86,7 +86,12 @@ export enum ErrorReason {
    */
   ACCOUNT_SEND_BUDGET = 10,
   /**
-   * RECIPIENT_NOT_A_CONTACT - FAILED_PRECONDITION: Interakt refused the message because the number is
+   * RECIPIENT_NOT_A_CONTACT - Every FAILED_PRECONDITION below: Interakt answered, refusing the message.
+   * No code of that send verifies, but the send counts against the number's
+   * cooldown and hourly cap and the send budgets (a refused number is not
+   * retried at full speed).
+   *
+   * FAILED_PRECONDITION: Interakt refused the message because the number is
    * not a contact of the WhatsApp business account. Metadata:
    * "provider_message", Interakt's own words.
    */
@@ -114,8 +119,12 @@ export enum ErrorReason {
    */
   PROVIDER_REFUSED = 15,
   /**
-   * PROVIDER_UNAVAILABLE - UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, slow,
-   * failing or rate-limiting; nothing was sent and nothing counted.
+   * PROVIDER_UNAVAILABLE - UNAVAILABLE, with google.rpc.RetryInfo: Interakt was unreachable, failing
+   * or rate-limiting, and no message went out; its code is withdrawn. When no
+   * request reached it (connection refused), nothing is counted; when Interakt
+   * answered (5xx, 429), each request made counts against the send budgets and
+   * the send against the number's hourly cap (not its cooldown: a retry may go
+   * at once).
    */
   PROVIDER_UNAVAILABLE = 16,
   /**
@@ -157,6 +166,16 @@ export enum ErrorReason {
    * or it expired).
    */
   NO_CODE_SENT = 23,
+  /**
+   * DELIVERY_IN_DOUBT - UNAVAILABLE, with google.rpc.RetryInfo: the message was handed to
+   * Interakt but its answer did not come in time (Interakt slow or hanging,
+   * the caller's deadline, the service stopping): the message may still
+   * arrive. Its code stays valid until it expires (single use, and counted
+   * like any send), GetOtpStatus shows what Interakt reports on it, and a
+   * repeat with the same idempotency_key answers this again and sends nothing.
+   * The retry delay is when a new code may be sent.
+   */
+  DELIVERY_IN_DOUBT = 24,
   UNRECOGNIZED = -1,
 }
 
@@ -234,6 +253,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 23:
     case "NO_CODE_SENT":
       return ErrorReason.NO_CODE_SENT;
+    case 24:
+    case "DELIVERY_IN_DOUBT":
+      return ErrorReason.DELIVERY_IN_DOUBT;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -291,6 +313,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "PROVIDER_CIRCUIT_OPEN";
     case ErrorReason.NO_CODE_SENT:
       return "NO_CODE_SENT";
+    case ErrorReason.DELIVERY_IN_DOUBT:
+      return "DELIVERY_IN_DOUBT";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

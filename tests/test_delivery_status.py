@@ -398,6 +398,12 @@ async def test_signed_reports_that_are_not_understood_are_acknowledged(
     assert [r.levelname for r in caplog.records if r.event == "delivery_report_malformed"] == [  # type: ignore[attr-defined]
         "WARNING"
     ] * 3
+    # A type that is no type of ours, whatever its JSON shape, is ignored: never a 500.
+    for kind in ([], ["message_api_delivered"], {"a": 1}, 7, None, True):
+        odd = {**report_body(message, "delivered"), "type": kind}
+        assert await interakt.post_report(json.dumps(odd).encode()) == 200
+    _, after = await scrape(http, gateway.url)
+    assert delta(before, after, "otp_delivery_reports_total", result="ignored") == 6
 
 
 async def test_a_report_over_the_size_limit_is_413(
@@ -528,11 +534,19 @@ async def test_rest_status_of_a_number_without_a_code_is_404_and_needs_its_param
         reply = await answer.json()
         assert reply["code"] == grpc.StatusCode.NOT_FOUND.value[0]
         assert reply["details"][0]["reason"] == "NO_CODE_SENT"
+    # Written unencoded, the + arrives as a space: read as the + it was.
+    async with http.get(gateway.url + STATUS + f"?phone_number={PHONE}") as answer:
+        assert answer.status == 404
     async with http.get(gateway.url + STATUS) as answer:
         assert answer.status == 400
-        assert (await answer.json())["message"].startswith("phone_number")
-    async with http.get(gateway.url + STATUS + f"?phone_number={PHONE}&phone_number=1") as answer:
+        assert (await answer.json())["message"] == "phone_number: is required"
+    encoded = PHONE.replace("+", "%2B")
+    async with http.get(gateway.url + STATUS + f"?phone_number={encoded}&phone_number=1") as answer:
         assert answer.status == 400
+        assert (await answer.json())["message"] == "phone_number: given more than once"
+    async with http.get(gateway.url + STATUS + f"?phone_number={PHONE[1:]}") as answer:
+        assert answer.status == 400
+        assert "%2B" in (await answer.json())["message"]
     async with http.get(
         gateway.url + STATUS, params={"phone_number": PHONE}, headers={"Authorization": "Bearer x"}
     ) as answer:

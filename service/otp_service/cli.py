@@ -246,9 +246,10 @@ def _warn_about_modes(settings: Settings) -> None:
         )
     if settings.test_numbers:
         log.warning(
-            "OTP_TEST_NUMBERS: %d test numbers configured; their codes are fixed and never sent, "
-            "and each use is logged",
+            "OTP_TEST_NUMBERS: %d test numbers configured (%s); their codes are fixed and never "
+            "sent, and each use is logged",
             len(settings.test_numbers),
+            ", ".join(number for number, _ in settings.test_numbers),
             extra={"event": "test_numbers"},
         )
 

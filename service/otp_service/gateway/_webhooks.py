@@ -249,7 +249,9 @@ def _report_from(body: bytes) -> DeliveryReport | str:
         return _malformed("not JSON")
     if not isinstance(payload, dict):
         return _malformed("not a JSON object")
-    state = _STATES.get(payload.get("type"))  # type: ignore[arg-type]
+    kind = payload.get("type")
+    # Any JSON may stand there: a list or an object is not a type of ours (nor hashable).
+    state = _STATES.get(kind) if isinstance(kind, str) else None
     if state is None:
         return "ignored"
     data = _object(payload.get("data"))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import grpc
 import pytest
 import redis
@@ -10,8 +15,19 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from otp.v1 import otp_pb2
 
 from otp_service.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import CALLER, PHONE, MakeServer, MakeService, SilentRedis, send, verify
+from tests.conftest import (
+    CALLER,
+    PATIENCE_SECONDS,
+    PHONE,
+    MakeServer,
+    MakeService,
+    SilentRedis,
+    send,
+    verify,
+)
 from tests.fake_interakt import FakeInterakt
+
+PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
 
 
 async def assert_unavailable(call: object) -> None:
@@ -104,3 +120,41 @@ async def test_health_and_reflection(make_server: MakeServer) -> None:
         async for response in reflection.ServerReflectionInfo(iter([request])):
             names |= {s.name for s in response.list_services_response.service}
         assert {"otp.v1.OtpService", "grpc.health.v1.Health"} <= names
+
+
+def test_a_hung_test_fails_within_its_timeout(tmp_path: Path) -> None:
+    """pyproject's per-test timeout turns a hang (an await that never returns) into a failure."""
+    (tmp_path / "test_hang.py").write_text(
+        "import asyncio\n\n\nasync def test_hangs() -> None:\n    await asyncio.Event().wait()\n"
+    )
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(PYPROJECT),
+            "--rootdir",
+            str(tmp_path),
+            "-o",
+            "timeout=2",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_SECONDS * 4,  # the hang, were the timeout not there
+        check=False,
+    )
+    assert finished.returncode == 1, finished.stdout
+    assert "Timeout (>2.0s)" in finished.stdout
+    assert "1 failed" in finished.stdout
+
+
+def test_the_suite_has_a_default_timeout() -> None:
+    options = tomllib.loads(PYPROJECT.read_text())["tool"]["pytest"]["ini_options"]
+    assert options["timeout"] >= 30

@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service import metrics
+from otp_service.context import aborting
 from otp_service.errors import (
     DeliveryRefused,
     ErrorReason,
@@ -255,5 +256,8 @@ _INTERNAL = _status(code_pb2.INTERNAL, "internal error", ErrorReason.INTERNAL_ER
 
 async def _abort(context: _Context, status: status_pb2.Status) -> NoReturn:
     grpc_status = rpc_status.to_status(status)
+    finish = aborting.get()
+    if finish is not None:
+        finish(grpc_status.code.name)
     await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
     raise AssertionError("abort returned")  # pragma: no cover

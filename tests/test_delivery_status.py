@@ -360,6 +360,13 @@ async def test_unsigned_or_wrongly_signed_reports_are_401_and_change_nothing(
     for where in (everything_in(caplog.records), text):
         assert WEBHOOK_SECRET not in where
         assert sign(body, WEBHOOK_SECRET) not in where
+    # The hex digest is a number: written in capitals, it is the same signature.
+    upper = "sha256=" + sign(body, WEBHOOK_SECRET).removeprefix("sha256=").upper()
+    async with http.post(
+        gateway.webhook_url, data=body, headers={"Interakt-Signature": upper}
+    ) as answer:
+        assert answer.status == 200
+    await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_FAILED)
 
 
 async def test_the_webhook_needs_no_caller_token(

@@ -22,6 +22,7 @@ from tests.conftest import (
     WEBHOOK_SECRET,
     Gateway,
     MakeGateway,
+    age,
     delta,
     eventually,
     redis_snapshot,
@@ -29,6 +30,7 @@ from tests.conftest import (
     scrape,
     send,
     verify,
+    wrong_code,
 )
 from tests.fake_interakt import FakeInterakt, Queued, refusal, report_body, sign
 from tests.test_no_leaks import everything_in
@@ -91,11 +93,37 @@ async def test_status_of_a_sent_code_says_queued_and_never_carries_the_code(
     assert answer.failure_reason == ""
     assert not answer.verified
     assert answer.expires_at == sent.expires_at
-    assert 0 < answer.resend_after_seconds <= sent.resend_after_seconds
+    assert answer.resend_after_seconds == sent.resend_after_seconds == 30
     # The send put its id in callbackData, for the reports to name.
     assert interakt.queued[0].callback_data
     code = interakt.received[0].code
     assert code.encode() not in answer.SerializeToString()
+
+
+async def test_status_says_when_a_send_will_be_accepted_as_the_refusal_does(
+    make_gateway: MakeGateway, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    """resend_after_seconds is the RetryInfo of the refusal a send now would get, exactly:
+    whole seconds rounded up, whichever limit holds the number."""
+    gateway = await make_gateway(max_failed_verifies_per_hour=2)
+    await send(gateway.stub)
+    # Half a second into the cooldown: 29.5 s left, which is 30 whole seconds.
+    age(redis_db, f"otp:{{{PHONE}}}:s", 0.5)
+    answer = await status(gateway.stub)
+    with pytest.raises(grpc.aio.AioRpcError) as cooling:
+        await send(gateway.stub)
+    assert answer.resend_after_seconds == retry_delay(cooling.value) == 30
+
+    # Past the cooldown, but over the hourly budget of wrong codes: paused for the hour.
+    age(redis_db, f"otp:{{{PHONE}}}:s", 60)
+    code = interakt.received[0].code
+    for _ in range(2):
+        await verify(gateway.stub, wrong_code(code))
+    answer = await status(gateway.stub)
+    with pytest.raises(grpc.aio.AioRpcError) as paused:
+        await send(gateway.stub)
+    assert "verification is paused" in (paused.value.details() or "")
+    assert answer.resend_after_seconds == retry_delay(paused.value) == 3600
 
 
 async def test_status_of_a_number_without_a_live_code_is_not_found(

@@ -540,6 +540,43 @@ async def test_gateway_command_fronts_a_remote_server(
     }
 
 
+async def test_gateway_command_is_unready_but_serving_during_the_shutdown_delay(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession
+) -> None:
+    backend = await make_gateway()
+    http_port = free_port()
+    process = await start_process(
+        "gateway",
+        f"--target=127.0.0.1:{backend.grpc_port}",
+        env={"OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}", "OTP_SHUTDOWN_DELAY_SECONDS": "3"},
+    )
+    base_url = f"http://127.0.0.1:{http_port}"
+    try:
+
+        async def ready() -> bool:
+            try:
+                return await http_status(http, base_url + "/readyz") == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready)
+        process.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            return await http_status(http, base_url + "/readyz") == 503
+
+        await eventually(not_ready)
+        # Still serving: the load balancer may route a call here until it sees the 503.
+        assert await http_status(http, base_url + "/healthz") == 200
+        async with http.post(
+            base_url + "/api/v1/auth/verify-otp", json={"phone_number": PHONE, "otp_code": "1"}
+        ) as response:
+            assert response.status == 400
+    finally:
+        status, _, err = await stop_process(process, terminate=False)
+    assert status == 0, err
+
+
 async def test_gateway_without_an_address_is_a_config_error() -> None:
     process = await start_process("gateway", "--target=127.0.0.1:1", env={"OTP_HTTP_ADDRESS": ""})
     status, _, err = await stop_process(process, terminate=False)

@@ -108,6 +108,57 @@ async def test_health_follows_redis_and_rpcs_fail_fast_without_it(
         await channel.close()
 
 
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("redis+cluster://:{password}@127.0.0.1:{port}", "not a Redis Cluster"),
+        ("redis://:wrong-{password}@127.0.0.1:{port}/0", "authentication refused"),
+        ("redis://:{password}@127.0.0.1:{free}/0", "connection refused"),
+    ],
+    ids=["cluster URL, one Redis", "wrong password", "refused port"],
+)
+async def test_a_redis_that_is_not_what_the_url_says_is_not_serving_and_says_why(
+    url: str, cause: str, interakt: FakeInterakt, http: aiohttp.ClientSession
+) -> None:
+    """Every call fails fast with UNAVAILABLE, the probes say so, one line names the cause and
+    where (not the password), and SIGTERM still stops it cleanly."""
+    password = "redis-password-0123456789"
+    with EmbeddedRedis(options=["--requirepass", password], password=password) as redis_server:
+        env = {"REDIS_URL": url.format(password=password, port=redis_server.port, free=free_port())}
+        async with served(redis_server, interakt, **env) as server:
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+
+            async def not_serving() -> bool:
+                return (await server.health.Check(check)).status == NOT_SERVING
+
+            await eventually(not_serving)
+            assert await http_status(http, server.base_url + "/readyz") == 503
+            for call in (
+                server.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=10),
+                server.stub.VerifyOtp(
+                    otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="123456"), timeout=10
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                # Nothing reached Redis: a verify does not say it may have counted.
+                assert refused.value.details() == "storage is unavailable, try again shortly"
+        status, out, err = await server.exited()
+    assert status == 0, err
+    assert "Traceback" not in out + err
+    assert password not in out + err
+    lines = [json.loads(line) for line in out.splitlines()]
+    [down] = [line for line in lines if line["event"] == "redis_down"]
+    assert down["level"] == "ERROR"
+    assert cause in down["message"]
+    assert "127.0.0.1:" in down["message"]
+    events = {line["event"] for line in lines}
+    assert "send_withdraw_failed" not in events
+    assert "redis_command_failed" in events  # the calls' own failures say why too
+    assert not [line for line in lines if line["level"] == "ERROR" and line is not down]
+
+
 # --- settings ----------------------------------------------------------------------------------
 
 PRODUCTION = {

@@ -9,6 +9,7 @@
     ├── DeliveryRefused       Interakt refused for a lasting reason    FAILED_PRECONDITION
     └── Unavailable           infrastructure trouble, retry later      UNAVAILABLE
         ├── StoreUnavailable      Redis unreachable, slow or failing
+        │   └── StoreUnreachable      nothing reached Redis: the command never ran
         ├── SendInProgress        a send with the same idempotency key is still running
         └── DeliveryUnavailable   Interakt unreachable, slow, 5xx or rate-limited
             └── CircuitOpen           Interakt failed repeatedly; not called for a while
@@ -156,6 +157,11 @@ class StoreUnavailable(Unavailable):
     """Redis did not answer in time or answered with an error."""
 
     reason = ErrorReason.STORE_UNAVAILABLE
+
+
+class StoreUnreachable(StoreUnavailable):
+    """No command reached Redis (connection refused, unknown host, authentication refused, not
+    the Cluster the URL names): nothing was counted, stored or used."""
 
 
 class SendInProgress(Unavailable):

@@ -19,6 +19,7 @@ from otp_service.errors import (
     NotFound,
     SendInProgress,
     StoreUnavailable,
+    StoreUnreachable,
 )
 from otp_service.phone import PhoneNumber, parse_phone
 from otp_service.results import (
@@ -180,6 +181,8 @@ class OtpService:
                 # The step that refused changed nothing: only a code the caller's budget (or the
                 # key's number) refused is withdrawn.
                 stored, counted = counted, False
+            elif isinstance(exc, StoreUnreachable) and not counted:
+                stored = False  # the code never reached Redis: there is nothing to withdraw
             if stored:
                 answered = refused or store_done is not None
                 withdrawal = self._store.withdraw(

@@ -39,6 +39,7 @@ from tests.conftest import (
     scrape,
 )
 from tests.fake_interakt import API_KEY, Answer, FakeInterakt
+from tests.test_error_details import error_info
 
 OTP_SERVICE = str(Path(sys.executable).parent / "otp-service")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -451,20 +452,26 @@ async def test_a_call_longer_than_the_grace_is_cut_at_the_grace(
 
             await eventually(both_held)
             server.sigterm()
+            # Both callers are told, within the grace, that the server is stopping.
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await rpc
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(cut.value).reason == "SERVER_SHUTTING_DOWN"
+            async with await rest as response:
+                assert response.status == 503
+                reply = await response.json()
+            assert reply["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert reply["details"][0]["reason"] == "SERVER_SHUTTING_DOWN"
             # The process ends on its own though Interakt still holds both calls.
             status, out, err = await server.exited()
             assert not never.is_set()
-            with pytest.raises(grpc.aio.AioRpcError):
-                await rpc
-            with pytest.raises(aiohttp.ClientError):
-                await rest
     finally:
         never.set()
     assert status == 0, err
     rpcs = [json.loads(line) for line in out.splitlines() if '"event": "rpc"' in line]
     assert sorted((line["transport"], line["status"]) for line in rpcs) == [
-        ("grpc", "CANCELLED"),
-        ("http", "CANCELLED"),
+        ("grpc", "UNAVAILABLE"),
+        ("http", "UNAVAILABLE"),
     ]
 
 

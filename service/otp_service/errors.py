@@ -11,6 +11,7 @@
         ├── StoreUnavailable      Redis unreachable, slow or failing
         │   └── StoreUnreachable      nothing reached Redis: the command never ran
         ├── SendInProgress        a send with the same idempotency key is still running
+        ├── ShuttingDown          the call outlasted the shutdown grace
         └── DeliveryUnavailable   Interakt unreachable, slow, 5xx or rate-limited
             └── CircuitOpen           Interakt failed repeatedly; not called for a while
 
@@ -55,6 +56,7 @@ class ErrorReason(enum.Enum):
     SEND_IN_PROGRESS = 21
     PROVIDER_CIRCUIT_OPEN = 22
     NO_CODE_SENT = 23
+    SERVER_SHUTTING_DOWN = 24
 
 
 # The reason of a malformed field, by field; any other field is INVALID_REQUEST.
@@ -162,6 +164,12 @@ class StoreUnavailable(Unavailable):
 class StoreUnreachable(StoreUnavailable):
     """No command reached Redis (connection refused, unknown host, authentication refused, not
     the Cluster the URL names): nothing was counted, stored or used."""
+
+
+class ShuttingDown(Unavailable):
+    """The server is stopping and the call ran to the end of the shutdown grace."""
+
+    reason = ErrorReason.SERVER_SHUTTING_DOWN
 
 
 class SendInProgress(Unavailable):

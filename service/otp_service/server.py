@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -27,6 +28,7 @@ from otp_service.sender import InteraktSender, LogSender, Sender
 from otp_service.servicer import (
     SERVICE,
     Behavior,
+    InFlight,
     OtpServicer,
     Wrapper,
     add_to_server,
@@ -38,6 +40,9 @@ SERVICE_NAME = SERVICE.full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # Requests are two short strings; anything bigger is refused by gRPC before our code runs.
 MAX_MESSAGE_BYTES = 4 * 1024
+# Calls still running this long before the shutdown grace ends are told so (at most; half the
+# grace when it is shorter), so that the answer reaches them before gRPC and aiohttp cut them.
+_CUT_BEFORE_GRACE_ENDS_SECONDS = 0.25
 
 
 class ListenError(OSError):
@@ -112,6 +117,7 @@ class OtpServer:
     callers: Callers | None
     health: health.aio.HealthServicer
     redis_watcher: RedisWatcher
+    in_flight: InFlight
 
     async def start(self) -> None:
         await self.server.start()
@@ -128,9 +134,15 @@ class OtpServer:
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING (if not yet), then refuse new RPCs and drain those in flight for ``grace``
-        seconds; any still running then is cancelled."""
+        seconds; any still running then (the JSON gateway's in process too) is answered
+        UNAVAILABLE with SERVER_SHUTTING_DOWN."""
         await self.unready()
-        await self.server.stop(grace)
+        cut_at = max(grace - _CUT_BEFORE_GRACE_ENDS_SECONDS, grace / 2)
+        cut = asyncio.get_running_loop().call_later(cut_at, self.in_flight.cut)
+        try:
+            await self.server.stop(grace)
+        finally:
+            cut.cancel()
 
 
 def build_service(settings: Settings, deps: Deps) -> OtpService:
@@ -163,7 +175,8 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port.
     """
     # Observability outermost: it sets the request id and sees every call, refused ones too.
-    wrappers: list[Wrapper] = [Observability(SERVICE_NAME).wrap]
+    in_flight = InFlight()
+    wrappers: list[Wrapper] = [Observability(SERVICE_NAME).wrap, in_flight.wrap]
     callers = None
     if settings.auth_required:
         callers = Callers(settings.client_tokens, settings.client_tokens_file)
@@ -188,6 +201,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         callers=callers,
         health=health_servicer,
         redis_watcher=watcher,
+        in_flight=in_flight,
     )
 
 

@@ -6,6 +6,7 @@ Errors become a status in exactly one place (``status_for``, used by ``_with_sta
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -30,6 +31,7 @@ from otp_service.errors import (
     NotAuthenticated,
     NotFound,
     OtpError,
+    ShuttingDown,
     Unavailable,
 )
 from otp_service.otp import OtpService
@@ -188,6 +190,10 @@ def _with_statuses(method: Behavior) -> Behavior:
             if isinstance(request, Undecodable):
                 raise InvalidInput("request", f"is not a valid {request.expected}")
             return await method(request, context)
+        except asyncio.CancelledError as exc:
+            if exc.args != (_END_OF_GRACE,):
+                raise
+            await abort(context, _SHUTTING_DOWN)
         except OtpError as exc:
             if isinstance(exc, LimitExceeded):
                 metrics.count_limit_refusal(exc.kind)
@@ -199,6 +205,42 @@ def _with_statuses(method: Behavior) -> Behavior:
             await _abort(context, _INTERNAL)
 
     return handle
+
+
+# What InFlight.cut cancels a call with, and what its caller is told then.
+_END_OF_GRACE = "the shutdown grace has ended"
+_SHUTTING_DOWN = ShuttingDown(
+    "the server is shutting down and the call did not finish in time; retry it", retry_after=1.0
+)
+
+
+class InFlight:
+    """The OtpService calls running now, over gRPC or from the JSON gateway in process.
+
+    At the end of the shutdown grace ``cut`` ends those still running with UNAVAILABLE and an
+    ErrorInfo (SERVER_SHUTTING_DOWN), while their callers can still be told: gRPC's own cut
+    (server.stop) and aiohttp's end a call without a word, or drop the connection.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
+        async def tracked(request: Any, context: _Context) -> Any:
+            task = asyncio.current_task()
+            assert task is not None  # a call always runs in a task
+            self._tasks.add(task)
+            try:
+                return await behavior(request, context)
+            finally:
+                self._tasks.discard(task)
+
+        return tracked
+
+    def cut(self) -> None:
+        """End every call still running, each telling its caller the server is stopping."""
+        for task in self._tasks:
+            task.cancel(_END_OF_GRACE)
 
 
 async def abort(context: _Context, exc: OtpError) -> NoReturn:

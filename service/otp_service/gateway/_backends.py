@@ -129,6 +129,9 @@ class _LocalCall:
     def code(self) -> grpc.StatusCode:
         return self._code
 
+    def done(self) -> bool:
+        return False  # a call in process ends with its handler
+
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()
     ) -> NoReturn:

@@ -131,6 +131,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: GetOtpStatus found no live code for the number (none was sent,
     or it expired).
     """
+    SERVER_SHUTTING_DOWN: _ErrorReason.ValueType  # 24
+    """UNAVAILABLE, with google.rpc.RetryInfo: the server was stopping and the
+    call was still running at the end of its shutdown grace. Retry (another
+    replica answers); a send with the same idempotency key.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason says why a call failed, for a program to act on. Every error
@@ -256,5 +261,10 @@ that pause.
 NO_CODE_SENT: ErrorReason.ValueType  # 23
 """NOT_FOUND: GetOtpStatus found no live code for the number (none was sent,
 or it expired).
+"""
+SERVER_SHUTTING_DOWN: ErrorReason.ValueType  # 24
+"""UNAVAILABLE, with google.rpc.RetryInfo: the server was stopping and the
+call was still running at the end of its shutdown grace. Retry (another
+replica answers); a send with the same idempotency key.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -157,6 +157,12 @@ export enum ErrorReason {
    * or it expired).
    */
   NO_CODE_SENT = 23,
+  /**
+   * SERVER_SHUTTING_DOWN - UNAVAILABLE, with google.rpc.RetryInfo: the server was stopping and the
+   * call was still running at the end of its shutdown grace. Retry (another
+   * replica answers); a send with the same idempotency key.
+   */
+  SERVER_SHUTTING_DOWN = 24,
   UNRECOGNIZED = -1,
 }
 
@@ -234,6 +240,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 23:
     case "NO_CODE_SENT":
       return ErrorReason.NO_CODE_SENT;
+    case 24:
+    case "SERVER_SHUTTING_DOWN":
+      return ErrorReason.SERVER_SHUTTING_DOWN;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -291,6 +300,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "PROVIDER_CIRCUIT_OPEN";
     case ErrorReason.NO_CODE_SENT:
       return "NO_CODE_SENT";
+    case ErrorReason.SERVER_SHUTTING_DOWN:
+      return "SERVER_SHUTTING_DOWN";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

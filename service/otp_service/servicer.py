@@ -301,5 +301,16 @@ async def _abort(context: _Context, status: status_pb2.Status) -> NoReturn:
     finish = aborting.get()
     if finish is not None:
         finish(grpc_status.code.name)
-    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    try:
+        await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        # The status could not be sent: the call ended meanwhile (its deadline passed, the
+        # caller left), and the caller has its answer from its own side. As a cancelled call,
+        # not a bug: gRPC would log this error with a traceback.
+        remaining = context.time_remaining()
+        if context.done() or (remaining is not None and remaining <= 0):
+            raise asyncio.CancelledError from exc
+        raise
     raise AssertionError("abort returned")  # pragma: no cover

@@ -635,6 +635,49 @@ async def test_gateway_command_is_unready_but_serving_during_the_shutdown_delay(
     assert status == 0, err
 
 
+async def test_gateway_command_answers_a_call_longer_than_the_grace(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, interakt: FakeInterakt
+) -> None:
+    """The remote server is still sending when the gateway's grace ends: its caller is told
+    UNAVAILABLE (SERVER_SHUTTING_DOWN), as the server itself would tell it, not dropped."""
+    backend = await make_gateway()
+    never = asyncio.Event()
+    interakt.answer(Answer(body={"result": True, "id": "late"}, hold=never))
+    http_port = free_port()
+    process = await start_process(
+        "gateway",
+        f"--target=127.0.0.1:{backend.grpc_port}",
+        env={"OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}", "OTP_SHUTDOWN_GRACE_SECONDS": "1"},
+    )
+    base_url = f"http://127.0.0.1:{http_port}"
+    try:
+
+        async def ready() -> bool:
+            try:
+                return await http_status(http, base_url + "/readyz") == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready)
+        rest = asyncio.create_task(
+            http.post(base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
+        )
+
+        async def held() -> bool:
+            return len(interakt.received) == 1
+
+        await eventually(held)
+        process.send_signal(signal.SIGTERM)
+        async with await rest as response:
+            assert response.status == 503
+            reply = await response.json()
+        assert reply["details"][0]["reason"] == "SERVER_SHUTTING_DOWN"
+    finally:
+        never.set()
+        status, _, err = await stop_process(process, terminate=False)
+    assert status == 0, err
+
+
 async def test_gateway_without_an_address_is_a_config_error() -> None:
     process = await start_process("gateway", "--target=127.0.0.1:1", env={"OTP_HTTP_ADDRESS": ""})
     status, _, err = await stop_process(process, terminate=False)

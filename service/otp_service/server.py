@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
@@ -40,9 +39,6 @@ SERVICE_NAME = SERVICE.full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # Requests are two short strings; anything bigger is refused by gRPC before our code runs.
 MAX_MESSAGE_BYTES = 4 * 1024
-# Calls still running this long before the shutdown grace ends are told so (at most; half the
-# grace when it is shorter), so that the answer reaches them before gRPC and aiohttp cut them.
-_CUT_BEFORE_GRACE_ENDS_SECONDS = 0.25
 
 
 class ListenError(OSError):
@@ -137,8 +133,7 @@ class OtpServer:
         seconds; any still running then (the JSON gateway's in process too) is answered
         UNAVAILABLE with SERVER_SHUTTING_DOWN."""
         await self.unready()
-        cut_at = max(grace - _CUT_BEFORE_GRACE_ENDS_SECONDS, grace / 2)
-        cut = asyncio.get_running_loop().call_later(cut_at, self.in_flight.cut)
+        cut = self.in_flight.cut_before(grace)
         try:
             await self.server.stop(grace)
         finally:

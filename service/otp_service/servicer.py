@@ -7,9 +7,11 @@ Errors become a status in exactly one place (``status_for``, used by ``_with_sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -190,10 +192,10 @@ def _with_statuses(method: Behavior) -> Behavior:
             if isinstance(request, Undecodable):
                 raise InvalidInput("request", f"is not a valid {request.expected}")
             return await method(request, context)
-        except asyncio.CancelledError as exc:
-            if exc.args != (_END_OF_GRACE,):
+        except asyncio.CancelledError:
+            if not ended_by_grace():
                 raise
-            await abort(context, _SHUTTING_DOWN)
+            await abort(context, SHUTTING_DOWN)
         except OtpError as exc:
             if isinstance(exc, LimitExceeded):
                 metrics.count_limit_refusal(exc.kind)
@@ -207,40 +209,64 @@ def _with_statuses(method: Behavior) -> Behavior:
     return handle
 
 
-# What InFlight.cut cancels a call with, and what its caller is told then.
-_END_OF_GRACE = "the shutdown grace has ended"
-_SHUTTING_DOWN = ShuttingDown(
+# What a call InFlight cut is told.
+SHUTTING_DOWN = ShuttingDown(
     "the server is shutting down and the call did not finish in time; retry it", retry_after=1.0
 )
+# Calls still running this long before the shutdown grace ends are told so (at most; half the
+# grace when it is shorter), so that the answer reaches them before gRPC and aiohttp cut them.
+_CUT_BEFORE_GRACE_ENDS_SECONDS = 0.25
 
 
 class InFlight:
-    """The OtpService calls running now, over gRPC or from the JSON gateway in process.
+    """The calls running now: OtpService's, over gRPC or from the JSON gateway in process, or
+    the gateway's to a remote server.
 
-    At the end of the shutdown grace ``cut`` ends those still running with UNAVAILABLE and an
-    ErrorInfo (SERVER_SHUTTING_DOWN), while their callers can still be told: gRPC's own cut
+    Just before the shutdown grace ends, ``cut`` ends those still running with UNAVAILABLE and
+    an ErrorInfo (SERVER_SHUTTING_DOWN), while their callers can still be told: gRPC's own cut
     (server.stop) and aiohttp's end a call without a word, or drop the connection.
     """
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """The current task is a call in flight inside."""
+        task = asyncio.current_task()
+        assert task is not None  # a call always runs in a task
+        self._tasks.add(task)
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
+
     def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
         async def tracked(request: Any, context: _Context) -> Any:
-            task = asyncio.current_task()
-            assert task is not None  # a call always runs in a task
-            self._tasks.add(task)
-            try:
+            with self.tracking():
                 return await behavior(request, context)
-            finally:
-                self._tasks.discard(task)
 
         return tracked
 
-    def cut(self) -> None:
-        """End every call still running, each telling its caller the server is stopping."""
+    def cut_before(self, grace: float) -> asyncio.TimerHandle:
+        """Cut the calls still running just before ``grace`` seconds from now have passed."""
+        cut_at = max(grace - _CUT_BEFORE_GRACE_ENDS_SECONDS, grace / 2)
+        return asyncio.get_running_loop().call_later(cut_at, self._cut)
+
+    def _cut(self) -> None:
         for task in self._tasks:
-            task.cancel(_END_OF_GRACE)
+            _cut_tasks.add(task)
+            task.cancel("the shutdown grace has ended")
+
+
+# The tasks InFlight cut. By task, not by the CancelledError's message, which a library in
+# between (grpc.aio's client call) may replace with one of its own.
+_cut_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def ended_by_grace() -> bool:
+    """Whether the current task was cancelled by InFlight, at the end of the shutdown grace."""
+    return asyncio.current_task() in _cut_tasks
 
 
 async def abort(context: _Context, exc: OtpError) -> NoReturn:

@@ -153,6 +153,13 @@ class LocalCluster:
                     lambda c=client: c.cluster("info")["cluster_state"] == "ok",  # type: ignore[misc]
                     f"cluster state ok on {node.address}",
                 )
+        # A replica still in its first sync acknowledges no write (WAIT): the first test with
+        # replica acks would fail.
+        for node in self.nodes:
+            with node.client() as client:
+                replica = client.execute_command("ROLE")[0] == b"slave"
+            if replica:
+                node.wait_in_sync()
 
     def admin(self) -> ClusterAdmin:
         return ClusterAdmin(host="127.0.0.1", port=self.nodes[0].port)

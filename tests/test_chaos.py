@@ -67,6 +67,9 @@ ACCOUNT_SENDS = "otp:{senders}:account-sends"
 # Redis answers within this, or the call is UNAVAILABLE; callers allow far longer.
 REDIS_TIMEOUT = 0.3
 CALLER_DEADLINE = 10.0
+# Each fault test runs for tens of seconds under load: a hang fails after this (pyproject's
+# default timeout is for the normal suite).
+CHAOS_TIMEOUT_SECONDS = 300
 
 
 def numbers(start: int, count: int) -> list[str]:
@@ -192,6 +195,7 @@ async def behind_proxy(make_service: MakeService, proxy: RedisProxy) -> otp_pb2_
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 async def test_latency_under_the_timeout_changes_no_answer(
     behind_proxy: otp_pb2_grpc.OtpServiceStub,
     proxy: RedisProxy,
@@ -206,6 +210,7 @@ async def test_latency_under_the_timeout_changes_no_answer(
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 async def test_latency_over_the_timeout_is_unavailable_and_leaves_nothing_half_done(
     behind_proxy: otp_pb2_grpc.OtpServiceStub,
     proxy: RedisProxy,
@@ -223,6 +228,7 @@ async def test_latency_over_the_timeout_is_unavailable_and_leaves_nothing_half_d
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 async def test_a_stalled_network_is_unavailable_then_late_commands_change_nothing(
     behind_proxy: otp_pb2_grpc.OtpServiceStub,
     proxy: RedisProxy,
@@ -240,6 +246,7 @@ async def test_a_stalled_network_is_unavailable_then_late_commands_change_nothin
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 async def test_connections_that_go_silent_are_dropped_and_replaced(
     behind_proxy: otp_pb2_grpc.OtpServiceStub,
     proxy: RedisProxy,
@@ -260,6 +267,7 @@ async def test_connections_that_go_silent_are_dropped_and_replaced(
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 async def test_connections_cut_mid_storm_lose_nothing(
     behind_proxy: otp_pb2_grpc.OtpServiceStub,
     proxy: RedisProxy,
@@ -397,6 +405,7 @@ def no_code_left(db: redis.Redis, phones: list[str]) -> Callable[[], Awaitable[b
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 @pytest.mark.parametrize("fault", sorted(INTERAKT_FAULTS))
 async def test_interakt_faults_leave_no_usable_code(
     fault: str,
@@ -439,6 +448,7 @@ async def test_interakt_faults_leave_no_usable_code(
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 async def test_the_breaker_opening_mid_storm_leaves_no_usable_code(
     make_service: MakeService, interakt: FakeInterakt, redis_db: redis.Redis
 ) -> None:
@@ -630,6 +640,7 @@ async def start_replica(
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(CHAOS_TIMEOUT_SECONDS)
 async def test_sigkill_during_a_burst_of_sends_loses_no_code_a_caller_was_told_was_sent(
     start_replica: Callable[..., Awaitable[Replica]], interakt: FakeInterakt
 ) -> None:
@@ -674,6 +685,7 @@ SOAK_SECONDS = float(os.environ.get("OTP_SOAK_SECONDS", "180"))
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(SOAK_SECONDS + CHAOS_TIMEOUT_SECONDS)
 async def test_soak_two_replicas_stay_flat_and_every_delivered_code_verifies_once(
     start_replica: Callable[..., Awaitable[Replica]],
     interakt: FakeInterakt,

@@ -196,8 +196,10 @@ async def test_test_numbers_are_sent_while_it_is_open(
         test_numbers=(("+919999900001", "246810"),),
     )
     await open_circuit(gateway.stub, interakt)
+    tried = len(interakt.received)
     answer = await send(gateway.stub, "+919999900001")
     assert answer.channel == otp_pb2.CHANNEL_TEST
+    assert len(interakt.received) == tried
 
 
 def numbers(count: int, start: int = 0) -> list[str]:

@@ -172,6 +172,36 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "short" not in str(failed.value)
 
 
+def test_the_secret_needs_16_characters() -> None:
+    with pytest.raises(ConfigError) as short:
+        Settings.from_env({**VALID, "OTP_SECRET": "s" * 15})
+    assert short.value.problems == ["OTP_SECRET: must be at least 16 characters"]
+    assert Settings.from_env({**VALID, "OTP_SECRET": "s" * 16}).otp_secret == b"s" * 16
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8000/v1", "http://127.9.9.9/v1", "http://[::1]:80", "http://localhost"],
+)
+def test_plain_http_to_interakt_is_allowed_to_loopback_only(url: str) -> None:
+    """A local egress proxy or sidecar may take it in clear; nothing else may."""
+    assert Settings.from_env({**VALID, "INTERAKT_BASE_URL": url}).interakt_base_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["http://api.interakt.ai/v1/public", "http://10.0.0.8/v1", "http://128.0.0.1"]
+)
+def test_plain_http_to_interakt_is_refused_in_production(url: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({**VALID, "INTERAKT_BASE_URL": url})
+    assert refused.value.problems == [
+        f"INTERAKT_BASE_URL: must be https:// in production (got {url!r}); http:// is allowed "
+        "only to a loopback address (127.0.0.0/8, ::1, localhost)"
+    ]
+    # Development mode may post anywhere (it sends nothing but to a fake).
+    assert Settings.from_env({"INTERAKT_BASE_URL": url}, dev=True).interakt_base_url == url
+
+
 def test_production_without_configuration_exits_2_before_listening() -> None:
     port = free_port()
     finished = run({"OTP_GRPC_ADDRESS": f"127.0.0.1:{port}"})

@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 import redis
 from otp.v1 import otp_pb2
+from prometheus_client import REGISTRY
 
 from otp_service.embedded_redis import EmbeddedRedis
-from tests.conftest import PATIENCE_SECONDS, PHONE, Gateway, MakeGateway, eventually
-from tests.fake_interakt import FakeInterakt, Queued, accepted
+from tests.conftest import (
+    PATIENCE_SECONDS,
+    PHONE,
+    WEBHOOK_SECRET,
+    Gateway,
+    MakeGateway,
+    eventually,
+)
+from tests.fake_interakt import FakeInterakt, Queued, accepted, report_body, sign
 from tests.test_delivery_status import reporting, sent_message, state_becomes, status
 from tests.test_idempotency import received
 
@@ -46,13 +56,27 @@ async def reported_on(
 async def test_reports_are_answered_while_redis_is_stopped_and_applied_once_it_is_back(
     make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
 ) -> None:
-    gateway, message = await reported_on(make_gateway, private_redis, interakt)
+    gateway, message = await reported_on(
+        make_gateway, private_redis, interakt, redis_timeout_seconds=0.2
+    )
+    errors = redis_errors()
     with paused(private_redis):
         # Answered while Redis cannot answer anything: the report waits in the queue.
         async with asyncio.timeout(PATIENCE_SECONDS):
             assert await interakt.report(message, "delivered") == 200
             assert await interakt.report(message, "sent") == 200
+
+        # Stopped for longer than its timeout: each report's first try failed, and waits to be
+        # tried again.
+        async def both_failed() -> bool:
+            return redis_errors() >= errors + 2
+
+        await eventually(both_failed)
     await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_DELIVERED)
+
+
+def redis_errors() -> float:
+    return REGISTRY.get_sample_value("otp_redis_errors_total") or 0.0
 
 
 async def test_a_send_whose_record_redis_did_not_take_is_answered_and_recorded_later(
@@ -129,14 +153,27 @@ async def test_reports_redis_never_took_before_shutdown_are_logged_as_lost(
 
 
 async def test_a_full_queue_answers_503_so_interakt_sends_it_again(
-    make_gateway: MakeGateway, private_redis: EmbeddedRedis, interakt: FakeInterakt
+    make_gateway: MakeGateway,
+    private_redis: EmbeddedRedis,
+    interakt: FakeInterakt,
+    http: aiohttp.ClientSession,
 ) -> None:
     gateway, message = await reported_on(make_gateway, private_redis, interakt, webhook_capacity=2)
+    refused = {"result": "refused"}
+    before = REGISTRY.get_sample_value("otp_delivery_reports_total", refused) or 0.0
     with paused(private_redis):
         # Eight workers take one each, then two wait in the queue; the next is refused.
         answers = [await interakt.report(message, "sent") for _ in range(8 + 2)]
         assert answers == [200] * 10
-        assert await interakt.report(message, "read") == 503
+        body = json.dumps(report_body(message, "read")).encode()
+        headers = {"Interakt-Signature": sign(body, WEBHOOK_SECRET)}
+        async with http.post(gateway.webhook_url, data=body, headers=headers) as answer:
+            assert answer.status == 503
+            assert answer.headers["Retry-After"] == "10"
+            reply = await answer.json()
+        assert reply["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "send it again later" in reply["message"]
+        assert REGISTRY.get_sample_value("otp_delivery_reports_total", refused) == before + 1
     await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_SENT)
     assert await interakt.report(message, "read") == 200  # Interakt's redelivery
     await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_READ)

@@ -24,6 +24,7 @@ from tests.conftest import (
     WEBHOOK_SECRET,
     Gateway,
     MakeGateway,
+    age,
     delta,
     eventually,
     redis_snapshot,
@@ -31,6 +32,7 @@ from tests.conftest import (
     scrape,
     send,
     verify,
+    wrong_code,
 )
 from tests.fake_interakt import CallbackAt, FakeInterakt, Queued, refusal, report_body, sign
 from tests.test_no_leaks import everything_in
@@ -95,11 +97,37 @@ async def test_status_of_a_sent_code_says_queued_and_never_carries_the_code(
     assert answer.language == ""  # a Text message has none
     assert not answer.verified
     assert answer.expires_at == sent.expires_at
-    assert 0 < answer.resend_after_seconds <= sent.resend_after_seconds
+    assert answer.resend_after_seconds == sent.resend_after_seconds == 30
     # The send put its id in callbackData, for the reports to name.
     assert interakt.queued[0].callback_data
     code = interakt.received[0].code
     assert code.encode() not in answer.SerializeToString()
+
+
+async def test_status_says_when_a_send_will_be_accepted_as_the_refusal_does(
+    make_gateway: MakeGateway, interakt: FakeInterakt, redis_db: redis.Redis
+) -> None:
+    """resend_after_seconds is the RetryInfo of the refusal a send now would get, exactly:
+    whole seconds rounded up, whichever limit holds the number."""
+    gateway = await make_gateway(max_failed_verifies_per_hour=2)
+    await send(gateway.stub)
+    # Half a second into the cooldown: 29.5 s left, which is 30 whole seconds.
+    age(redis_db, f"otp:{{{PHONE}}}:s", 0.5)
+    answer = await status(gateway.stub)
+    with pytest.raises(grpc.aio.AioRpcError) as cooling:
+        await send(gateway.stub)
+    assert answer.resend_after_seconds == retry_delay(cooling.value) == 30
+
+    # Past the cooldown, but over the hourly budget of wrong codes: paused for the hour.
+    age(redis_db, f"otp:{{{PHONE}}}:s", 60)
+    code = interakt.received[0].code
+    for _ in range(2):
+        await verify(gateway.stub, wrong_code(code))
+    answer = await status(gateway.stub)
+    with pytest.raises(grpc.aio.AioRpcError) as paused:
+        await send(gateway.stub)
+    assert "verification is paused" in (paused.value.details() or "")
+    assert answer.resend_after_seconds == retry_delay(paused.value) == 3600
 
 
 async def test_status_of_a_number_without_a_live_code_is_not_found(
@@ -366,6 +394,13 @@ async def test_unsigned_or_wrongly_signed_reports_are_401_and_change_nothing(
     for where in (everything_in(caplog.records), text):
         assert WEBHOOK_SECRET not in where
         assert sign(body, WEBHOOK_SECRET) not in where
+    # The hex digest is a number: written in capitals, it is the same signature.
+    upper = "sha256=" + sign(body, WEBHOOK_SECRET).removeprefix("sha256=").upper()
+    async with http.post(
+        gateway.webhook_url, data=body, headers={"Interakt-Signature": upper}
+    ) as answer:
+        assert answer.status == 200
+    await state_becomes(gateway.stub, otp_pb2.DELIVERY_STATE_FAILED)
 
 
 async def test_the_webhook_needs_no_caller_token(
@@ -404,6 +439,12 @@ async def test_signed_reports_that_are_not_understood_are_acknowledged(
     assert [r.levelname for r in caplog.records if r.event == "delivery_report_malformed"] == [  # type: ignore[attr-defined]
         "WARNING"
     ] * 3
+    # A type that is no type of ours, whatever its JSON shape, is ignored: never a 500.
+    for kind in ([], ["message_api_delivered"], {"a": 1}, 7, None, True):
+        odd = {**report_body(message, "delivered"), "type": kind}
+        assert await interakt.post_report(json.dumps(odd).encode()) == 200
+    _, after = await scrape(http, gateway.url)
+    assert delta(before, after, "otp_delivery_reports_total", result="ignored") == 6
 
 
 async def test_a_report_over_the_size_limit_is_413(
@@ -537,11 +578,19 @@ async def test_rest_status_of_a_number_without_a_code_is_404_and_needs_its_param
         reply = await answer.json()
         assert reply["code"] == grpc.StatusCode.NOT_FOUND.value[0]
         assert reply["details"][0]["reason"] == "NO_CODE_SENT"
+    # Written unencoded, the + arrives as a space: read as the + it was.
+    async with http.get(gateway.url + STATUS + f"?phone_number={PHONE}") as answer:
+        assert answer.status == 404
     async with http.get(gateway.url + STATUS) as answer:
         assert answer.status == 400
-        assert (await answer.json())["message"].startswith("phone_number")
-    async with http.get(gateway.url + STATUS + f"?phone_number={PHONE}&phone_number=1") as answer:
+        assert (await answer.json())["message"] == "phone_number: is required"
+    encoded = PHONE.replace("+", "%2B")
+    async with http.get(gateway.url + STATUS + f"?phone_number={encoded}&phone_number=1") as answer:
         assert answer.status == 400
+        assert (await answer.json())["message"] == "phone_number: given more than once"
+    async with http.get(gateway.url + STATUS + f"?phone_number={PHONE[1:]}") as answer:
+        assert answer.status == 400
+        assert "%2B" in (await answer.json())["message"]
     async with http.get(
         gateway.url + STATUS, params={"phone_number": PHONE}, headers={"Authorization": "Bearer x"}
     ) as answer:

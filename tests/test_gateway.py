@@ -598,6 +598,9 @@ def test_openapi_document_matches_the_live_routes_and_the_proto() -> None:
             "application/json"
         ]["schema"]["oneOf"]
         assert name in refusal["properties"]["outcome"]["enum"]
+    # An outcome this gateway does not know (a newer server's) is never a false 200.
+    unknown = {"verified": False, "outcome": "VERIFY_OUTCOME_NEW", "attempts_remaining": 1}
+    assert verify_route.failure(unknown) == (400, "the code was not verified")
 
 
 def assert_schema_matches(schema: dict[str, Any], message: Descriptor) -> None:

@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
 import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from otp.v1 import otp_pb2
+from prometheus_client import REGISTRY
 
 from otp_service.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import CALLER, PHONE, MakeServer, MakeService, SilentRedis, send, verify
+from otp_service.redis_backends import RedisTarget, described
+from otp_service.store import describe, not_run
+from tests.conftest import (
+    CALLER,
+    PATIENCE_SECONDS,
+    PHONE,
+    MakeServer,
+    MakeService,
+    SilentRedis,
+    send,
+    verify,
+)
 from tests.fake_interakt import FakeInterakt
+from tests.test_no_leaks import everything_in
+
+PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
 
 
 async def assert_unavailable(call: object) -> None:
@@ -104,3 +126,79 @@ async def test_health_and_reflection(make_server: MakeServer) -> None:
         async for response in reflection.ServerReflectionInfo(iter([request])):
             names |= {s.name for s in response.list_services_response.service}
         assert {"otp.v1.OtpService", "grpc.health.v1.Health"} <= names
+
+
+def test_a_hung_test_fails_within_its_timeout(tmp_path: Path) -> None:
+    """pyproject's per-test timeout turns a hang (an await that never returns) into a failure."""
+    (tmp_path / "test_hang.py").write_text(
+        "import asyncio\n\n\nasync def test_hangs() -> None:\n    await asyncio.Event().wait()\n"
+    )
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(PYPROJECT),
+            "--rootdir",
+            str(tmp_path),
+            "-o",
+            "timeout=2",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_SECONDS * 4,  # the hang, were the timeout not there
+        check=False,
+    )
+    assert finished.returncode == 1, finished.stdout
+    assert "Timeout (>2.0s)" in finished.stdout
+    assert "1 failed" in finished.stdout
+
+
+def test_the_suite_has_a_default_timeout() -> None:
+    options = tomllib.loads(PYPROJECT.read_text())["tool"]["pytest"]["ini_options"]
+    assert options["timeout"] >= 30
+
+
+async def test_why_redis_fails_calls_is_logged_at_most_every_few_seconds(
+    make_service: MakeService, interakt: FakeInterakt, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    stub = await make_service(redis_url=f"redis://:a-redis-password@127.0.0.1:{port}/0")
+    errors = REGISTRY.get_sample_value("otp_redis_errors_total") or 0.0
+    for _ in range(5):
+        await assert_unavailable(verify(stub, "123456"))
+    assert REGISTRY.get_sample_value("otp_redis_errors_total") == errors + 5
+    [line] = [r for r in caplog.records if getattr(r, "event", "") == "redis_command_failed"]
+    assert line.levelname == "WARNING"
+    assert line.getMessage().startswith(
+        f"redis at redis://127.0.0.1:{port}/0 failed a command: connection refused: "
+    )
+    assert "a-redis-password" not in everything_in(caplog.records)
+
+
+def test_an_unknown_host_is_named_and_nothing_ran() -> None:
+    """As redis-py raises it when the host's name does not resolve (no lookup made here)."""
+    message = "Error -2 connecting to redis.nowhere:6379. Name or service not known."
+    error = redis.ConnectionError(message)
+    error.__cause__ = socket.gaierror(-2, "Name or service not known")
+    assert describe(error) == f"unknown host: {message}"
+    assert not_run(error)
+
+
+def test_where_redis_is_is_named_without_credentials() -> None:
+    def where(url: str, **sentinels: Any) -> str:
+        return described(RedisTarget(url=url, timeout=1, **sentinels))
+
+    assert where("rediss://user:secret@redis.internal:6380/2") == "rediss://redis.internal:6380/2"
+    assert where("redis+cluster://:secret@h1:7000,h2:7001") == "redis+cluster://h1:7000,h2:7001"
+    assert (
+        where("redis://:secret@/0", sentinels=(("s1", 26379), ("s2", 26379)), sentinel_master="otp")
+        == "the primary 'otp' of the sentinels s1:26379,s2:26379"
+    )

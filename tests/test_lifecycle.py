@@ -41,6 +41,7 @@ from tests.conftest import (
     scrape,
 )
 from tests.fake_interakt import API_KEY, Answer, FakeInterakt
+from tests.test_error_details import error_info
 
 OTP_SERVICE = str(Path(sys.executable).parent / "otp-service")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -108,6 +109,57 @@ async def test_health_follows_redis_and_rpcs_fail_fast_without_it(
     finally:
         watch.cancel()
         await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("redis+cluster://:{password}@127.0.0.1:{port}", "not a Redis Cluster"),
+        ("redis://:wrong-{password}@127.0.0.1:{port}/0", "authentication refused"),
+        ("redis://:{password}@127.0.0.1:{free}/0", "connection refused"),
+    ],
+    ids=["cluster URL, one Redis", "wrong password", "refused port"],
+)
+async def test_a_redis_that_is_not_what_the_url_says_is_not_serving_and_says_why(
+    url: str, cause: str, interakt: FakeInterakt, http: aiohttp.ClientSession
+) -> None:
+    """Every call fails fast with UNAVAILABLE, the probes say so, one line names the cause and
+    where (not the password), and SIGTERM still stops it cleanly."""
+    password = "redis-password-0123456789"
+    with EmbeddedRedis(options=["--requirepass", password], password=password) as redis_server:
+        env = {"REDIS_URL": url.format(password=password, port=redis_server.port, free=free_port())}
+        async with served(redis_server, interakt, **env) as server:
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+
+            async def not_serving() -> bool:
+                return (await server.health.Check(check)).status == NOT_SERVING
+
+            await eventually(not_serving)
+            assert await http_status(http, server.base_url + "/readyz") == 503
+            for call in (
+                server.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=PHONE), timeout=10),
+                server.stub.VerifyOtp(
+                    otp_pb2.VerifyOtpRequest(phone_number=PHONE, otp_code="123456"), timeout=10
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                # Nothing reached Redis: a verify does not say it may have counted.
+                assert refused.value.details() == "storage is unavailable, try again shortly"
+        status, out, err = await server.exited()
+    assert status == 0, err
+    assert "Traceback" not in out + err
+    assert password not in out + err
+    lines = [json.loads(line) for line in out.splitlines()]
+    [down] = [line for line in lines if line["event"] == "redis_down"]
+    assert down["level"] == "ERROR"
+    assert cause in down["message"]
+    assert "127.0.0.1:" in down["message"]
+    events = {line["event"] for line in lines}
+    assert "send_withdraw_failed" not in events
+    assert "redis_command_failed" in events  # the calls' own failures say why too
+    assert not [line for line in lines if line["level"] == "ERROR" and line is not down]
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -404,20 +456,26 @@ async def test_a_call_longer_than_the_grace_is_cut_at_the_grace(
 
             await eventually(both_held)
             server.sigterm()
+            # Both callers are told, within the grace, that the server is stopping.
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await rpc
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(cut.value).reason == "SERVER_SHUTTING_DOWN"
+            async with await rest as response:
+                assert response.status == 503
+                reply = await response.json()
+            assert reply["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert reply["details"][0]["reason"] == "SERVER_SHUTTING_DOWN"
             # The process ends on its own though Interakt still holds both calls.
             status, out, err = await server.exited()
             assert not never.is_set()
-            with pytest.raises(grpc.aio.AioRpcError):
-                await rpc
-            with pytest.raises(aiohttp.ClientError):
-                await rest
     finally:
         never.set()
     assert status == 0, err
     rpcs = [json.loads(line) for line in out.splitlines() if '"event": "rpc"' in line]
     assert sorted((line["transport"], line["status"]) for line in rpcs) == [
-        ("grpc", "CANCELLED"),
-        ("http", "CANCELLED"),
+        ("grpc", "UNAVAILABLE"),
+        ("http", "UNAVAILABLE"),
     ]
 
 
@@ -580,6 +638,86 @@ async def test_gateway_command_fronts_a_remote_server(
     assert not {name for name in families if name.startswith(("grpc_server_", "otp_"))} - {
         "otp_service_build_info"
     }
+
+
+async def test_gateway_command_is_unready_but_serving_during_the_shutdown_delay(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession
+) -> None:
+    backend = await make_gateway()
+    http_port = free_port()
+    process = await start_process(
+        "gateway",
+        f"--target=127.0.0.1:{backend.grpc_port}",
+        env={"OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}", "OTP_SHUTDOWN_DELAY_SECONDS": "3"},
+    )
+    base_url = f"http://127.0.0.1:{http_port}"
+    try:
+
+        async def ready() -> bool:
+            try:
+                return await http_status(http, base_url + "/readyz") == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready)
+        process.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            return await http_status(http, base_url + "/readyz") == 503
+
+        await eventually(not_ready)
+        # Still serving: the load balancer may route a call here until it sees the 503.
+        assert await http_status(http, base_url + "/healthz") == 200
+        async with http.post(
+            base_url + "/api/v1/auth/verify-otp", json={"phone_number": PHONE, "otp_code": "1"}
+        ) as response:
+            assert response.status == 400
+    finally:
+        status, _, err = await stop_process(process, terminate=False)
+    assert status == 0, err
+
+
+async def test_gateway_command_answers_a_call_longer_than_the_grace(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession, interakt: FakeInterakt
+) -> None:
+    """The remote server is still sending when the gateway's grace ends: its caller is told
+    UNAVAILABLE (SERVER_SHUTTING_DOWN), as the server itself would tell it, not dropped."""
+    backend = await make_gateway()
+    never = asyncio.Event()
+    interakt.answer(Answer(body={"result": True, "id": "late"}, hold=never))
+    http_port = free_port()
+    process = await start_process(
+        "gateway",
+        f"--target=127.0.0.1:{backend.grpc_port}",
+        env={"OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}", "OTP_SHUTDOWN_GRACE_SECONDS": "1"},
+    )
+    base_url = f"http://127.0.0.1:{http_port}"
+    try:
+
+        async def ready() -> bool:
+            try:
+                return await http_status(http, base_url + "/readyz") == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready)
+        rest = asyncio.create_task(
+            http.post(base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
+        )
+
+        async def held() -> bool:
+            return len(interakt.received) == 1
+
+        await eventually(held)
+        process.send_signal(signal.SIGTERM)
+        async with await rest as response:
+            assert response.status == 503
+            reply = await response.json()
+        assert reply["details"][0]["reason"] == "SERVER_SHUTTING_DOWN"
+    finally:
+        never.set()
+        status, _, err = await stop_process(process, terminate=False)
+    assert status == 0, err
 
 
 async def test_gateway_without_an_address_is_a_config_error() -> None:

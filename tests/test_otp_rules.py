@@ -188,6 +188,19 @@ async def test_resend_after_lockout_starts_a_new_budget(
     assert (await verify(stub, second)).verified
 
 
+async def test_a_resend_after_exactly_the_last_attempt_works_first_time(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    """The budget's edge: the last wrong code used the last attempt (none typed after it)."""
+    stub = await make_service(max_attempts=2, resend_cooldown_seconds=0)
+    await send(stub)
+    first = interakt.received[0].code
+    assert (await verify(stub, wrong_code(first))).attempts_remaining == 1
+    assert (await verify(stub, wrong_code(first))).attempts_remaining == 0
+    await send(stub)
+    assert (await verify(stub, interakt.received[1].code)).verified
+
+
 async def test_resend_cooldown_is_refused_with_retry_info(
     make_service: MakeService, redis_db: redis.Redis
 ) -> None:

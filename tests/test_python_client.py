@@ -8,12 +8,16 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 import redis
 from otp.v1 import otp_pb2
 from otp_client import (
+    DEFAULT_TIMEOUT,
     AsyncOtpClient,
     Channel,
     DeliveryRefused,
@@ -32,6 +36,8 @@ from otp_client import (
 from prometheus_client import REGISTRY
 
 from otp_service.embedded_redis import free_port
+from otp_service.errors import SendInProgress
+from otp_service.servicer import Behavior, OtpServicer, abort, add_to_server, wrap_methods
 from tests.conftest import PHONE, TOKEN, MakeServer, SilentRedis, wrong_code
 from tests.fake_interakt import NOT_A_CONTACT, Answer, FakeInterakt, refusal
 from tests.test_cli import CLEAN_ENV
@@ -225,7 +231,7 @@ async def test_status_gives_a_typed_result_and_not_found(
         "",
         sent.expires_at,
     )
-    assert 0 < status.resend_after_seconds <= 30
+    assert status.resend_after_seconds == 30  # the cooldown's 30 s, less a moment, rounded up
     assert (await client.verify_otp(PHONE, interakt.received[0].code)).verified
     assert (await client.get_otp_status(PHONE)).verified
 
@@ -318,3 +324,89 @@ async def test_a_send_in_doubt_is_retried_with_its_key_and_sent_once(
     # Retried (the delay was 1 s), with the key: the service sent nothing more.
     assert REGISTRY.get_sample_value("grpc_server_started_total", started) == before + 3
     assert len(interakt.received) == 1
+
+
+@dataclass
+class Seen:
+    """A call as the server saw it: the method, the send's key, the seconds its deadline left."""
+
+    rpc: str
+    idempotency_key: str
+    time_remaining: float
+
+
+Watch = Callable[..., Awaitable[tuple[str, list[Seen]]]]
+
+
+@pytest.fixture
+async def watched(make_server: MakeServer) -> AsyncIterator[Watch]:
+    """A real server whose calls are recorded; the first ``refuse`` SendOtp calls are answered
+    SEND_IN_PROGRESS (the send with the key still running), as a retried send may be."""
+    servers: list[grpc.aio.Server] = []
+
+    async def start(refuse: int = 0) -> tuple[str, list[Seen]]:
+        seen: list[Seen] = []
+
+        def record(rpc: str, behavior: Behavior) -> Behavior:
+            async def recorded(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                key = getattr(request, "idempotency_key", "")
+                seen.append(Seen(rpc, key, ctx.time_remaining() or 0.0))
+                if rpc == "SendOtp" and len(seen) <= refuse:
+                    await abort(ctx, SendInProgress("a send with this key is running", 0.1))
+                return await behavior(request, ctx)
+
+            return recorded
+
+        server = grpc.aio.server()
+        service = (await make_server()).service
+        add_to_server(wrap_methods(OtpServicer(service), [record]), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}", seen
+
+    yield start
+    for server in servers:
+        await server.stop(None)
+
+
+async def test_every_try_of_a_send_carries_its_one_key(
+    watched: Watch, interakt: FakeInterakt
+) -> None:
+    """A retry after SEND_IN_PROGRESS asks for the first send's answer: with another key it
+    would send a second code."""
+    target, seen = await watched(refuse=1)
+    async with AsyncOtpClient(target, TOKEN) as client:
+        await client.send_otp(PHONE)
+    with OtpClient(target, TOKEN) as blocking:
+        await asyncio.to_thread(blocking.send_otp, "+917003848502")
+    assert [call.rpc for call in seen] == ["SendOtp"] * 3
+    assert seen[0].idempotency_key == seen[1].idempotency_key != ""
+    assert seen[2].idempotency_key not in ("", seen[0].idempotency_key)
+    assert len(interakt.received) == 2
+
+
+async def test_the_blocking_client_gives_every_call_its_deadline(
+    watched: Watch, interakt: FakeInterakt
+) -> None:
+    target, seen = await watched()
+
+    def calls() -> None:
+        with OtpClient(target, TOKEN) as client:
+            client.send_otp(PHONE)
+            client.verify_otp(PHONE, "000000")
+            client.get_otp_status(PHONE)
+        with OtpClient(target, TOKEN, timeout=3) as client:
+            client.verify_otp(PHONE, "000000")
+            client.get_otp_status(PHONE, timeout=5)
+
+    await asyncio.to_thread(calls)
+    # As the server sees it: within a moment of what the client set.
+    deadlines = [(call.rpc, round(call.time_remaining)) for call in seen]
+    assert deadlines == [
+        ("SendOtp", DEFAULT_TIMEOUT),
+        ("VerifyOtp", DEFAULT_TIMEOUT),
+        ("GetOtpStatus", DEFAULT_TIMEOUT),
+        ("VerifyOtp", 3),
+        ("GetOtpStatus", 5),
+    ]

@@ -17,11 +17,15 @@ import grpc
 import pytest
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
+from otp_service.errors import StoreUnavailable
+from otp_service.redis_backends import RedisTarget, open_store
+from otp_service.store import Stored
 from tests.conftest import PHONE, MakeService, eventually, send, verify, wrong_code
 from tests.fake_interakt import FakeInterakt, accepted
 from tests.redis_deployments import RedisProcess, wait_until
 from tests.redis_proxy import RedisProxy
 from tests.test_idempotency import received, send_with
+from tests.test_store_contract import RULES
 
 CODES = f"otp:{{{PHONE}}}:c"
 
@@ -179,3 +183,31 @@ async def test_an_idempotent_send_answered_before_a_failover_is_answered_the_sam
             node.close()
         await link.close()
         await service_link.close()
+
+
+async def test_a_primary_that_lost_its_replicas_is_left_for_where_redis_url_points_now(
+    primary_and_replica: tuple[RedisProcess, RedisProcess],
+) -> None:
+    """A failover promoted the replica; the old primary, not yet told, still takes writes but
+    no replica confirms them. The call that meets it is UNAVAILABLE, and the pool's
+    connections are dropped: the next call connects to the address behind REDIS_URL now."""
+    old, promoted = primary_and_replica
+    proxy = await RedisProxy(old.port).start()
+    store = open_store(RedisTarget(url=proxy.url, timeout=0.5, replica_acks=1), RULES)
+    other = RedisProcess().start()
+    try:
+        assert isinstance(await store.add_code(PHONE, "a" * 32, "send-1"), Stored)
+        with promoted.client() as client, other.client() as other_client:
+            client.replicaof("NO", "ONE")
+            other_client.replicaof("127.0.0.1", promoted.port)
+        await in_sync(other)
+        proxy.redis_port = promoted.port
+        with pytest.raises(StoreUnavailable):
+            await store.add_code("+917003848502", "b" * 32, "send-2")
+        assert isinstance(await store.add_code("+917003848503", "c" * 32, "send-3"), Stored)
+        with promoted.client() as client:
+            assert client.exists("otp:{+917003848503}:c")
+    finally:
+        await store.close()
+        await proxy.close()
+        other.close()

@@ -27,7 +27,7 @@ from otp_service.results import (
     VerifyOutcome,
 )
 from otp_service.store import FirstAnswer, Pending, RedisStore, Rules, Store, Stored
-from tests.conftest import RedisBackend
+from tests.conftest import RedisBackend, age
 
 PHONE = "+917003848501"
 OTHER_PHONE = "+917003848502"
@@ -271,6 +271,18 @@ async def test_scripts_are_loaded_again_after_script_flush(
     assert (await store.verify(PHONE, WRONG)).outcome is VerifyOutcome.WRONG_CODE
     redis_db.script_flush()
     assert (await store.verify(PHONE, RIGHT)).verified
+
+
+async def test_sends_older_than_the_window_are_forgotten(
+    make_store: Callable[..., Store], redis_db: redis.Redis
+) -> None:
+    """A number's sends are kept for the hourly cap's window only: a regular number's record
+    stays small however long it is used."""
+    store = make_store(resend_cooldown_seconds=0)
+    await store.add_code(PHONE, RIGHT, SEND)
+    age(redis_db, f"otp:{{{PHONE}}}:s", 3_600)
+    await store.add_code(PHONE, WRONG, "send-2")
+    assert redis_db.zrange(f"otp:{{{PHONE}}}:s", 0, -1) == [b"send-2"]
 
 
 async def test_an_idempotent_send_answers_its_repeats_once_recorded(

@@ -22,8 +22,9 @@ TEST_CODE = "246810"
 TEST_NUMBERS = ((TEST_NUMBER, TEST_CODE),)
 
 
-def uses(rpc: str) -> float:
-    return REGISTRY.get_sample_value("otp_test_number_uses_total", {"rpc": rpc}) or 0.0
+def uses(rpc: str, number: str = TEST_NUMBER) -> float:
+    labels = {"rpc": rpc, "number": number}
+    return REGISTRY.get_sample_value("otp_test_number_uses_total", labels) or 0.0
 
 
 async def test_a_test_number_gets_its_fixed_code_without_interakt(
@@ -43,8 +44,8 @@ async def test_a_test_number_gets_its_fixed_code_without_interakt(
     assert (uses("SendOtp"), uses("VerifyOtp")) == (sends + 1, verifies + 1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "test number +91******0001 used by SendOtp: its code is fixed and never sent",
-        "test number +91******0001 used by VerifyOtp: its code is fixed and never sent",
+        "test number +919999900001 used by SendOtp: its code is fixed and never sent",
+        "test number +919999900001 used by VerifyOtp: its code is fixed and never sent",
     ]
     # It costs the caller's budget but nothing of the Interakt account's.
     assert redis_db.zcard("otp:{senders}:caller-sends:tests") == 1
@@ -104,11 +105,17 @@ async def test_a_spent_account_budget_does_not_stop_test_numbers(
         await send(stub, "+917003848502")
     assert spent.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (await send(stub, TEST_NUMBER)).channel == otp_pb2.CHANNEL_TEST
+    # Only the first number's message reached Interakt.
+    assert len(interakt.received) == 1
 
 
 def test_test_numbers_are_read_normalised() -> None:
     settings = Settings.from_env(
-        {**VALID, "OTP_TEST_NUMBERS": "+919999900001:246810, +91 99999-00002 : 135790,"}
+        {
+            **VALID,
+            "OTP_TEST_NUMBERS": "+919999900001:246810, +91 99999-00002 : 135790,",
+            "OTP_ALLOW_TEST_NUMBERS": "true",
+        }
     )
     assert settings.test_numbers == (
         ("+919999900001", "246810"),
@@ -120,6 +127,7 @@ def test_test_numbers_are_read_normalised() -> None:
 def test_bad_test_numbers_are_named_at_start() -> None:
     env = {
         **VALID,
+        "OTP_ALLOW_TEST_NUMBERS": "true",
         "OTP_CODE_LENGTH": "6",
         "OTP_TEST_NUMBERS": "919999900001:246810,+919999900002:2468,+919999900003,"
         "+919999900004:24681a,+919999900005:135790,+919999900005:246810",
@@ -135,11 +143,27 @@ def test_bad_test_numbers_are_named_at_start() -> None:
         "OTP_TEST_NUMBERS: entry 6 (+919999900005): the number is given twice",
     ]
     # A code follows OTP_CODE_LENGTH.
-    eight = {**VALID, "OTP_CODE_LENGTH": "8", "OTP_TEST_NUMBERS": "+919999900001:12345678"}
+    eight = {**env, "OTP_CODE_LENGTH": "8", "OTP_TEST_NUMBERS": "+919999900001:12345678"}
     assert Settings.from_env(eight).test_numbers == (("+919999900001", "12345678"),)
 
 
-def test_the_server_warns_at_start_how_many_test_numbers_it_has() -> None:
+def test_production_refuses_test_numbers_unless_allowed() -> None:
+    env = {**VALID, "OTP_TEST_NUMBERS": "+919999900001:246810"}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    assert refused.value.problems == [
+        "OTP_TEST_NUMBERS: test numbers have fixed codes anyone may use; production refuses "
+        "them unless OTP_ALLOW_TEST_NUMBERS=true"
+    ]
+    with pytest.raises(ConfigError):
+        Settings.from_env({**env, "OTP_ALLOW_TEST_NUMBERS": "false"})
+    allowed = Settings.from_env({**env, "OTP_ALLOW_TEST_NUMBERS": "true"})
+    assert allowed.test_numbers == (("+919999900001", "246810"),)
+    # Development mode (make run) needs no flag.
+    assert Settings.from_env(env, dev=True).test_numbers == allowed.test_numbers
+
+
+def test_the_server_warns_at_start_which_test_numbers_it_has() -> None:
     process = subprocess.Popen(
         [OTP_SERVICE, "serve", "--dev"],
         env={
@@ -162,4 +186,4 @@ def test_the_server_warns_at_start_how_many_test_numbers_it_has() -> None:
         process.stdout.close()
     (line,) = (line for line in rest.splitlines() if "OTP_TEST_NUMBERS" in line)
     assert "WARNING" in line
-    assert "2 test numbers configured" in line
+    assert "2 test numbers configured (+919999900001, +919999900002)" in line

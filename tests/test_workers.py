@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service.embedded_redis import EmbeddedRedis, free_port
@@ -77,7 +78,10 @@ def listening_workers(process: subprocess.Popen[bytes], port: int) -> list[int]:
 
 
 @pytest.fixture
-def two_workers(redis_server: EmbeddedRedis) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def two_workers(
+    redis_server: EmbeddedRedis, redis_db: redis.Redis
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Two workers on the test Redis, emptied first (redis_db): no code of PHONE is left."""
     port = free_port()
     env = {
         **os.environ,

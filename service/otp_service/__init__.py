@@ -9,6 +9,7 @@ from otp_service.errors import (
     NotAllowed,
     OtpError,
     StoreUnavailable,
+    StoreUnreachable,
     Unavailable,
 )
 from otp_service.otp import OtpService
@@ -31,6 +32,7 @@ __all__ = [
     "SendResult",
     "Settings",
     "StoreUnavailable",
+    "StoreUnreachable",
     "Unavailable",
     "VerifyOutcome",
     "VerifyResult",

@@ -37,6 +37,7 @@ from otp_service.gateway import (
 )
 from otp_service.observability import configure_logging
 from otp_service.server import ListenError, OtpServer, build_deps, create_server, listen_error
+from otp_service.servicer import InFlight
 
 log = logging.getLogger("otp_service")
 
@@ -364,20 +365,28 @@ def _warn_about_modes(settings: Settings) -> None:
         )
     if settings.test_numbers:
         log.warning(
-            "OTP_TEST_NUMBERS: %d test numbers configured; their codes are fixed and never sent, "
-            "and each use is logged",
+            "OTP_TEST_NUMBERS: %d test numbers configured (%s); their codes are fixed and never "
+            "sent, and each use is logged",
             len(settings.test_numbers),
+            ", ".join(number for number, _ in settings.test_numbers),
             extra={"event": "test_numbers"},
         )
 
 
-async def _shut_down(settings: Settings, server: OtpServer | None, http: HttpServer | None) -> None:
+async def _shut_down(
+    settings: Settings,
+    server: OtpServer | None,
+    http: HttpServer | None,
+    forwarding: InFlight | None = None,
+) -> None:
     """Unready at once, keep serving for the delay, then drain both ports within the grace.
 
     A load balancer notices an unready endpoint only after its next probe or endpoint update:
     during the delay calls routed here meanwhile are still answered. Then the gRPC port refuses
     new calls and the HTTP port stops listening; both give the calls in progress up to
-    OTP_SHUTDOWN_GRACE_SECONDS, together, and cut what is still running then.
+    OTP_SHUTDOWN_GRACE_SECONDS, together; what still runs then is answered UNAVAILABLE
+    (SERVER_SHUTTING_DOWN): the server's calls by the server, the gateway's ``forwarding`` calls
+    to a remote server here.
     """
     delay, grace = settings.shutdown_delay_seconds, settings.shutdown_grace_seconds
     if http is not None:
@@ -392,10 +401,15 @@ async def _shut_down(settings: Settings, server: OtpServer | None, http: HttpSer
     )
     await asyncio.sleep(delay)
     log.info("draining in-flight calls for up to %ss", grace, extra={"event": "draining"})
-    await asyncio.gather(
-        *([] if server is None else [server.stop(grace)]),
-        *([] if http is None else [http.close()]),
-    )
+    cut = None if forwarding is None else forwarding.cut_before(grace)
+    try:
+        await asyncio.gather(
+            *([] if server is None else [server.stop(grace)]),
+            *([] if http is None else [http.close()]),
+        )
+    finally:
+        if cut is not None:
+            cut.cancel()
 
 
 def _webhook(settings: Settings, server: OtpServer) -> InteraktWebhook | None:
@@ -415,11 +429,12 @@ async def gateway_forever(settings: Settings, target: str) -> None:
         callers = None
         if settings.metrics_auth:
             callers = Callers(settings.client_tokens, settings.client_tokens_file)
+        backend = RemoteBackend(channel)
         # Its /metrics shows the HTTP side's series: the RPCs are the target server's to count.
-        http = await _start_http(settings, RemoteBackend(channel), callers, service_metrics=False)
+        http = await _start_http(settings, backend, callers, service_metrics=False)
         log.info("forwarding to %s (gRPC)", target, extra={"event": "forwarding"})
         await _until_signal()
-        await _shut_down(settings, None, http)
+        await _shut_down(settings, None, http, backend.in_flight)
     log.info("stopped", extra={"event": "stopped"})
 
 

@@ -7,6 +7,7 @@ one line each, so an operator fixes a bad deployment in one pass.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -57,6 +58,9 @@ DEFAULT_BREAKER_COOLOFF_SECONDS = 30.0
 # A weak webhook secret would let anyone forge delivery reports (a forged failure lifts a
 # number's resend cooldown).
 MIN_WEBHOOK_SECRET_LENGTH = 16
+
+# OTP_SECRET keys every code's HMAC: a short one could be guessed from stolen digests.
+MIN_SECRET_LENGTH = 16
 
 MIN_CODE_LENGTH = 4
 # WhatsApp's authentication templates take codes of at most 15 characters.
@@ -203,8 +207,10 @@ class Settings:
                 reader.problems.append("INTERAKT_API_KEY: required in production mode")
             if not secret:
                 reader.problems.append("OTP_SECRET: required in production mode")
-            elif len(secret) < 16:
-                reader.problems.append("OTP_SECRET: must be at least 16 characters")
+            elif len(secret) < MIN_SECRET_LENGTH:
+                reader.problems.append(
+                    f"OTP_SECRET: must be at least {MIN_SECRET_LENGTH} characters"
+                )
         channel, template_name = _channel(reader, dev=dev, gateway_only=gateway_only)
         webhook_secret = reader.text("INTERAKT_WEBHOOK_SECRET", None) or (
             DEV_WEBHOOK_SECRET if dev else ""
@@ -214,8 +220,16 @@ class Settings:
                 f"INTERAKT_WEBHOOK_SECRET: must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
             )
         base_url = (reader.text("INTERAKT_BASE_URL", DEFAULT_INTERAKT_BASE_URL) or "").rstrip("/")
-        if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc:
+        base_parts = urlsplit(base_url)
+        if base_parts.scheme not in ("http", "https") or not base_parts.netloc:
             reader.problems.append(f"INTERAKT_BASE_URL: not an http(s) URL: {base_url!r}")
+        elif base_parts.scheme == "http" and not dev and not _loopback(base_parts.hostname):
+            # The API key and every code would travel in clear; a local egress proxy or sidecar
+            # on the pod's loopback is the one exception.
+            reader.problems.append(
+                f"INTERAKT_BASE_URL: must be https:// in production (got {base_url!r}); "
+                "http:// is allowed only to a loopback address (127.0.0.0/8, ::1, localhost)"
+            )
         ttl = reader.integer("OTP_TTL_SECONDS", DEFAULT_TTL_SECONDS, low=30, high=86_400)
         cooldown = reader.integer(
             "OTP_RESEND_COOLDOWN_SECONDS", DEFAULT_RESEND_COOLDOWN_SECONDS, low=0, high=3_600
@@ -355,12 +369,20 @@ class Settings:
                 low=1,
                 high=1_000,
             ),
-            test_numbers=_test_numbers(reader, code_length),
+            test_numbers=(test_numbers := _test_numbers(reader, code_length)),
             status_readers=_status_readers(reader),
             admin_tokens_file=admin_file,
             otp_secret_previous=previous_secret.encode(),
             interakt_api_key_file=api_key_file,
         )
+        allow_test_numbers = reader.boolean("OTP_ALLOW_TEST_NUMBERS", False)
+        if test_numbers and not dev and not allow_test_numbers:
+            # A fixed code is a backdoor to every account on that number: production has one
+            # only when an operator says so, explicitly.
+            reader.problems.append(
+                "OTP_TEST_NUMBERS: test numbers have fixed codes anyone may use; production "
+                "refuses them unless OTP_ALLOW_TEST_NUMBERS=true"
+            )
         for name in reader.unknown():
             problem = f"{name}: not a variable otp-service reads (a typo?)"
             if not dev:
@@ -653,6 +675,18 @@ def _status_readers(reader: _Reader) -> frozenset[str]:
             "OTP_STATUS_READERS: expected caller names (as in OTP_CLIENT_TOKENS), comma-separated"
         )
     return names
+
+
+def _loopback(host: str | None) -> bool:
+    """Whether ``host`` names this machine only: localhost, 127.0.0.0/8 or ::1."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _path(reader: _Reader, name: str) -> str | None:

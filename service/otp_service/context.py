@@ -6,6 +6,7 @@ extra parameters to know who called and which request it serves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 
 # The x-request-id of the call (or one made up for it); "-" outside a request.
@@ -14,3 +15,7 @@ request_id: ContextVar[str] = ContextVar("request_id", default="-")
 caller: ContextVar[str] = ContextVar("caller", default="-")
 # How the call arrived: "grpc", or "http" for a JSON route the gateway serves in this process.
 transport: ContextVar[str] = ContextVar("transport", default="grpc")
+# Called with the status's name just before the call is aborted, so that the call is logged
+# and counted before its caller can see the status (abort sends it at once); set by the
+# outermost wrapper (observability), None outside a call.
+aborting: ContextVar[Callable[[str], None] | None] = ContextVar("aborting", default=None)

@@ -9,7 +9,9 @@
     ├── DeliveryRefused       Interakt refused for a lasting reason    FAILED_PRECONDITION
     └── Unavailable           infrastructure trouble, retry later      UNAVAILABLE
         ├── StoreUnavailable      Redis unreachable, slow or failing
+        │   └── StoreUnreachable      nothing reached Redis: the command never ran
         ├── SendInProgress        a send with the same idempotency key is still running
+        ├── ShuttingDown          the call outlasted the shutdown grace
         └── DeliveryUnavailable   Interakt unreachable, slow, 5xx or rate-limited
             ├── CircuitOpen           Interakt failed repeatedly; not called for a while
             └── DeliveryInDoubt       handed to Interakt, no answer in time: it may arrive
@@ -56,6 +58,7 @@ class ErrorReason(enum.Enum):
     PROVIDER_CIRCUIT_OPEN = 22
     NO_CODE_SENT = 23
     DELIVERY_IN_DOUBT = 24
+    SERVER_SHUTTING_DOWN = 25
 
 
 # The reason of a malformed field, by field; any other field is INVALID_REQUEST.
@@ -155,14 +158,20 @@ class Unavailable(OtpError):
 
 
 class StoreUnavailable(Unavailable):
-    """Redis did not answer in time or answered with an error.
-
-    ``unsent``: the command never reached Redis (the connection was refused), so it changed
-    nothing there and nothing need be undone.
-    """
+    """Redis did not answer in time or answered with an error."""
 
     reason = ErrorReason.STORE_UNAVAILABLE
-    unsent = False
+
+
+class StoreUnreachable(StoreUnavailable):
+    """No command reached Redis (connection refused, unknown host, authentication refused, not
+    the Cluster the URL names): nothing was counted, stored or used."""
+
+
+class ShuttingDown(Unavailable):
+    """The server is stopping and the call ran to the end of the shutdown grace."""
+
+    reason = ErrorReason.SERVER_SHUTTING_DOWN
 
 
 class SendInProgress(Unavailable):

@@ -85,8 +85,8 @@ AUTH_FAILURES = Counter(
 )
 TEST_NUMBER_USES = Counter(
     "otp_test_number_uses_total",
-    "SendOtp and VerifyOtp calls for a test number (OTP_TEST_NUMBERS), by method.",
-    ["rpc"],
+    "SendOtp and VerifyOtp calls for a test number (OTP_TEST_NUMBERS), by method and number.",
+    ["rpc", "number"],
 )
 REDIS_ERRORS = Counter(
     "otp_redis_errors_total", "Redis commands that failed or timed out while serving requests."

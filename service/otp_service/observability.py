@@ -91,17 +91,16 @@ class Observability:
             start = time.perf_counter()
             started.inc()
             context.request_id.set(request_id_from(ctx.invocation_metadata()))
-            status, outcome = "OK", "-"
-            try:
-                response = await behavior(request, ctx)
-                if outcomes is not None:
-                    counter, outcome = outcomes[response.outcome]
-                    counter.inc()
-                return response
-            except BaseException as exc:
-                status = _status_of(exc, ctx)
-                raise
-            finally:
+            outcome = "-"
+            finished = False
+
+            def finish(status: str) -> None:
+                """Count and log the call, once: at its abort (before the caller sees the
+                status), else when the handler is done (before the response is sent)."""
+                nonlocal finished
+                if finished:
+                    return
+                finished = True
                 elapsed = time.perf_counter() - start
                 seconds.observe(elapsed)
                 metrics.child(metrics.RPCS_HANDLED, *labels, status).inc()
@@ -118,6 +117,18 @@ class Observability:
                         context.request_id.get(),
                     ),
                 )
+
+            context.aborting.set(finish)
+            try:
+                response = await behavior(request, ctx)
+                if outcomes is not None:
+                    counter, outcome = outcomes[response.outcome]
+                    counter.inc()
+            except BaseException as exc:
+                finish(_status_of(exc, ctx))
+                raise
+            finish("OK")
+            return response
 
         return observed
 
@@ -167,12 +178,20 @@ def _outcomes() -> dict[int, tuple[Any, str]]:
 
 
 def _status_of(exc: BaseException, ctx: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The status the caller gets for a handler that raised ``exc``."""
+    """The status the caller gets for a handler that raised ``exc``.
+
+    A call whose deadline has passed was told DEADLINE_EXCEEDED by its own side, whatever the
+    handler was doing: gRPC cancels it, or fails the sending of its error status (which would
+    otherwise read as UNKNOWN, a bug of ours, when any caller can cause it).
+    """
     if isinstance(exc, grpc.aio.AbortError):
         code = ctx.code()
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
+    remaining = ctx.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    if isinstance(exc, asyncio.CancelledError) or ctx.done():
+        return "CANCELLED"  # the caller went away
     return "UNKNOWN"
 
 

@@ -22,6 +22,7 @@ from otp_service.errors import (
     NotFound,
     SendInProgress,
     StoreUnavailable,
+    StoreUnreachable,
 )
 from otp_service.languages import check_locale
 from otp_service.phone import PhoneNumber, parse_phone
@@ -237,9 +238,7 @@ class OtpService:
                 raise
             # The step that refused, or that never reached Redis, changed nothing: only a code
             # the caller's budget (or the key's number) refused is withdrawn.
-            unchanged = isinstance(exc, LimitExceeded | InvalidInput) or (
-                isinstance(exc, StoreUnavailable) and exc.unsent
-            )
+            unchanged = isinstance(exc, LimitExceeded | InvalidInput | StoreUnreachable)
             if unchanged and store_done is None:
                 stored, counted = counted, False
             if stored:
@@ -476,12 +475,16 @@ _TEST_DELIVERY = Delivery(Channel.TEST, "")
 
 
 def _test_number_used(phone: PhoneNumber, rpc: str) -> Delivery:
-    """Log and count a call for a test number: one in production is worth noticing."""
+    """Log and count a call for a test number: one in production is worth noticing.
+
+    In full: test numbers are configuration, not a user's number, and an operator must see
+    which one is used. The metric's ``number`` label is bounded by the configured set.
+    """
     log.warning(
         "test number %s used by %s: its code is fixed and never sent",
-        phone.masked,
+        phone.e164,
         rpc,
         extra={"event": "test_number_used"},
     )
-    metrics.child(metrics.TEST_NUMBER_USES, rpc).inc()
+    metrics.child(metrics.TEST_NUMBER_USES, rpc, phone.e164).inc()
     return _TEST_DELIVERY

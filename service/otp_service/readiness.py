@@ -37,7 +37,8 @@ class RedisWatcher:
         self._health = health_servicer
         self._services = services
         self._interval = interval
-        self._serving = True
+        # Why it is NOT_SERVING; None while SERVING (as the server starts).
+        self._problem: str | None = None
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -56,29 +57,39 @@ class RedisWatcher:
 
     async def _watch(self) -> None:
         while not self._stopping.is_set():
-            # Bounded by the interval too: a Redis that hangs must not freeze the status.
             loop = asyncio.get_running_loop()
             started = loop.time()
-            try:
-                async with asyncio.timeout(self._interval):
-                    serving = await self._store.ping()
-            except TimeoutError:
-                serving = False
-            if serving:
+            problem = await self._check()
+            if problem is None:
                 metrics.REDIS_PING_SECONDS.observe(loop.time() - started)
-            metrics.REDIS_UP.set(1 if serving else 0)
-            if serving != self._serving:
-                metrics.READINESS_CHANGES.inc()
-                self._serving = serving
-                if serving:
+            metrics.REDIS_UP.set(0 if problem else 1)
+            if problem != self._problem:
+                if problem is None:
                     log.info("redis answers again: SERVING", extra={"event": "redis_up"})
                 else:
+                    # Again when the cause changes: a refused port fixed, a wrong password next.
                     log.error(
-                        "redis is unreachable: NOT_SERVING until it answers",
+                        "%s: NOT_SERVING until it answers",
+                        problem,
                         extra={"event": "redis_down"},
                     )
-                for service in self._services:
-                    await self._health.set(service, _SERVING if serving else _NOT_SERVING)
+                if (problem is None) != (self._problem is None):
+                    metrics.READINESS_CHANGES.inc()
+                    for service in self._services:
+                        await self._health.set(service, _NOT_SERVING if problem else _SERVING)
+                self._problem = problem
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._stopping.wait()
+
+    async def _check(self) -> str | None:
+        """Why the store cannot serve now; None when it answers. Never raises: whatever goes
+        wrong is a reason to be NOT_SERVING, not the end of the watcher."""
+        # Bounded by the interval too: a Redis that hangs must not freeze the status.
+        try:
+            async with asyncio.timeout(self._interval):
+                return await self._store.check()
+        except TimeoutError:
+            return f"redis did not answer within {self._interval:g}s"
+        except Exception as exc:
+            return f"redis check failed: {type(exc).__name__}: {exc}"

@@ -79,15 +79,26 @@ def open_store(target: RedisTarget, rules: Rules) -> RedisStore:
     """The store on the Redis ``target`` names; connections open lazily, on first use."""
     timeout, replicas = target.timeout, target.replica_acks
     acks: ReplicaAcks | None = None
+    address = described(target)
     if urlsplit(target.url).scheme in CLUSTER_SCHEMES:
         cluster = cluster_client(target.url, timeout)
         if replicas:
             acks = _ClusterAcks(cluster, replicas=replicas, timeout=timeout)
-        return RedisStore(_Cluster(cluster, timeout), rules, acks=acks)
+        return RedisStore(_Cluster(cluster, timeout), rules, acks=acks, address=address)
     make_pool = _sentinel_pools(target) if target.sentinels else _url_pools(target)
     if replicas:
         acks = _PooledAcks(make_pool(), replicas=replicas, timeout=timeout)
-    return RedisStore(_Primary(make_pool(), timeout), rules, acks=acks)
+    return RedisStore(_Primary(make_pool(), timeout), rules, acks=acks, address=address)
+
+
+def described(target: RedisTarget) -> str:
+    """Where ``target`` is, for logs: the URL without its credentials, or the sentinels."""
+    if target.sentinels:
+        sentinels = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+        return f"the primary {target.sentinel_master!r} of the sentinels {sentinels}"
+    parts = urlsplit(target.url)
+    where = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, where, parts.path, "", ""))
 
 
 def _url_pools(target: RedisTarget) -> Callable[[], ConnectionPool]:

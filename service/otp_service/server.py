@@ -30,6 +30,7 @@ from otp_service.sender import InteraktSender, LogSender, Sender
 from otp_service.servicer import (
     SERVICE,
     Behavior,
+    InFlight,
     OtpServicer,
     Wrapper,
     add_to_server,
@@ -110,6 +111,7 @@ class OtpServer:
     callers: Callers | None
     health: health.aio.HealthServicer
     redis_watcher: RedisWatcher
+    in_flight: InFlight
 
     async def start(self) -> None:
         await self.server.start()
@@ -126,9 +128,14 @@ class OtpServer:
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING (if not yet), then refuse new RPCs and drain those in flight for ``grace``
-        seconds; any still running then is cancelled."""
+        seconds; any still running then (the JSON gateway's in process too) is answered
+        UNAVAILABLE with SERVER_SHUTTING_DOWN."""
         await self.unready()
-        await self.server.stop(grace)
+        cut = self.in_flight.cut_before(grace)
+        try:
+            await self.server.stop(grace)
+        finally:
+            cut.cancel()
 
 
 def rules_for(settings: Settings) -> Rules:
@@ -176,7 +183,8 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
     ``reuse_port`` lets the worker processes of ``serve --workers N`` share one port.
     """
     # Observability outermost: it sets the request id and sees every call, refused ones too.
-    wrappers: list[Wrapper] = [Observability(SERVICE_NAME).wrap]
+    in_flight = InFlight()
+    wrappers: list[Wrapper] = [Observability(SERVICE_NAME).wrap, in_flight.wrap]
     callers = None
     if settings.auth_required:
         callers = Callers(settings.client_tokens, settings.client_tokens_file)
@@ -210,6 +218,7 @@ async def create_server(settings: Settings, deps: Deps, *, reuse_port: bool = Fa
         callers=callers,
         health=health_servicer,
         redis_watcher=watcher,
+        in_flight=in_flight,
     )
 
 

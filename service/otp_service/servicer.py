@@ -6,9 +6,12 @@ Errors become a status in exactly one place (``status_for``, used by ``_with_sta
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -20,6 +23,7 @@ from grpc_status import rpc_status
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service import metrics
+from otp_service.context import aborting
 from otp_service.errors import (
     DeliveryRefused,
     ErrorReason,
@@ -29,6 +33,7 @@ from otp_service.errors import (
     NotAuthenticated,
     NotFound,
     OtpError,
+    ShuttingDown,
     Unavailable,
 )
 from otp_service.otp import OtpService
@@ -190,6 +195,10 @@ def _with_statuses(method: Behavior) -> Behavior:
             if isinstance(request, Undecodable):
                 raise InvalidInput("request", f"is not a valid {request.expected}")
             return await method(request, context)
+        except asyncio.CancelledError:
+            if not ended_by_grace():
+                raise
+            await abort(context, SHUTTING_DOWN)
         except OtpError as exc:
             if isinstance(exc, LimitExceeded):
                 metrics.count_limit_refusal(exc.kind)
@@ -201,6 +210,66 @@ def _with_statuses(method: Behavior) -> Behavior:
             await _abort(context, _INTERNAL)
 
     return handle
+
+
+# What a call InFlight cut is told.
+SHUTTING_DOWN = ShuttingDown(
+    "the server is shutting down and the call did not finish in time; retry it", retry_after=1.0
+)
+# Calls still running this long before the shutdown grace ends are told so (at most; half the
+# grace when it is shorter), so that the answer reaches them before gRPC and aiohttp cut them.
+_CUT_BEFORE_GRACE_ENDS_SECONDS = 0.25
+
+
+class InFlight:
+    """The calls running now: OtpService's, over gRPC or from the JSON gateway in process, or
+    the gateway's to a remote server.
+
+    Just before the shutdown grace ends, ``cut`` ends those still running with UNAVAILABLE and
+    an ErrorInfo (SERVER_SHUTTING_DOWN), while their callers can still be told: gRPC's own cut
+    (server.stop) and aiohttp's end a call without a word, or drop the connection.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """The current task is a call in flight inside."""
+        task = asyncio.current_task()
+        assert task is not None  # a call always runs in a task
+        self._tasks.add(task)
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
+
+    def wrap(self, rpc: str, behavior: Behavior) -> Behavior:
+        async def tracked(request: Any, context: _Context) -> Any:
+            with self.tracking():
+                return await behavior(request, context)
+
+        return tracked
+
+    def cut_before(self, grace: float) -> asyncio.TimerHandle:
+        """Cut the calls still running just before ``grace`` seconds from now have passed."""
+        cut_at = max(grace - _CUT_BEFORE_GRACE_ENDS_SECONDS, grace / 2)
+        return asyncio.get_running_loop().call_later(cut_at, self._cut)
+
+    def _cut(self) -> None:
+        for task in self._tasks:
+            _cut_tasks.add(task)
+            task.cancel("the shutdown grace has ended")
+
+
+# The tasks InFlight cut. By task, not by the CancelledError's message, which a library in
+# between (grpc.aio's client call) may replace with one of its own.
+_cut_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def ended_by_grace() -> bool:
+    """Whether the current task was cancelled by InFlight, at the end of the shutdown grace."""
+    return asyncio.current_task() in _cut_tasks
 
 
 async def abort(context: _Context, exc: OtpError) -> NoReturn:
@@ -258,5 +327,19 @@ _INTERNAL = _status(code_pb2.INTERNAL, "internal error", ErrorReason.INTERNAL_ER
 
 async def _abort(context: _Context, status: status_pb2.Status) -> NoReturn:
     grpc_status = rpc_status.to_status(status)
-    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    finish = aborting.get()
+    if finish is not None:
+        finish(grpc_status.code.name)
+    try:
+        await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        # The status could not be sent: the call ended meanwhile (its deadline passed, the
+        # caller left), and the caller has its answer from its own side. As a cancelled call,
+        # not a bug: gRPC would log this error with a traceback.
+        remaining = context.time_remaining()
+        if context.done() or (remaining is not None and remaining <= 0):
+            raise asyncio.CancelledError from exc
+        raise
     raise AssertionError("abort returned")  # pragma: no cover

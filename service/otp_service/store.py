@@ -69,15 +69,24 @@ import hashlib
 import itertools
 import logging
 import re
+import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import AuthenticationError, NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from otp_service import metrics
-from otp_service.errors import ErrorReason, InvalidInput, LimitExceeded, StoreUnavailable
+from otp_service.errors import (
+    ErrorReason,
+    InvalidInput,
+    LimitExceeded,
+    StoreUnavailable,
+    StoreUnreachable,
+)
 from otp_service.pipelined_redis import NOT_SENT
 from otp_service.results import (
     Channel,
@@ -876,8 +885,8 @@ class Store(Protocol):
         Raises LimitExceeded while the number is over its hourly budget of wrong codes.
         """
 
-    async def ping(self) -> bool:
-        """Whether the store answers now."""
+    async def check(self) -> str | None:
+        """None when the store answers now; else why not, naming where (never credentials)."""
 
     async def close(self) -> None:
         """Give withdrawals and records in flight one last try, then release connections."""
@@ -890,19 +899,6 @@ class Store(Protocol):
 
     async def cancel_codes(self, phone: str) -> int:
         """Delete the number's live codes and their delivery record: how many codes."""
-
-
-def _unsent(exc: BaseException) -> bool:
-    """Whether ``exc`` says the command never reached Redis: no connection could be opened
-    (PipelinedRedis notes it), or, from any client, the connection was refused."""
-    if NOT_SENT in getattr(exc, "__notes__", ()):
-        return True
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _codes_key(phone: str) -> str:
@@ -968,6 +964,77 @@ SCRIPT_COMMANDS = frozenset(
 )
 
 
+# What a Redis client raises when Redis fails a command: redis-py's Cluster client raises
+# RedisClusterException (not a RedisError) when the nodes are not a Cluster or unreachable.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
+# A burst of failed commands (an outage) is logged once every this many seconds.
+FAILURE_LOG_SECONDS = 10.0
+
+
+def not_run(error: BaseException) -> bool:
+    """Whether a command that failed with ``error`` never reached Redis to run: no connection
+    (refused, unknown host), authentication refused, or not the Cluster the URL names."""
+    if isinstance(error, AuthenticationError | RedisClusterException):
+        return True
+    if NOT_SENT in getattr(error, "__notes__", ()):  # PipelinedRedis could open no connection
+        return True
+    return isinstance(error, RedisConnectionError) and any(
+        isinstance(cause, ConnectionRefusedError | socket.gaierror) for cause in _causes(error)
+    )
+
+
+def describe(error: BaseException) -> str:
+    """Why Redis failed, for an operator: the kind of trouble first, then redis-py's words
+    (which name hosts and ports, never credentials)."""
+    causes = _causes(error)
+    if any(isinstance(cause, AuthenticationError) for cause in causes):
+        kind = "authentication refused (check the user and password in REDIS_URL)"
+    elif isinstance(error, RedisClusterException) and "not enabled" in str(error):
+        kind = "not a Redis Cluster, though REDIS_URL says redis+cluster://"
+    elif any(isinstance(cause, socket.gaierror) for cause in causes):
+        kind = "unknown host"
+    elif any(isinstance(cause, ConnectionRefusedError) for cause in causes):
+        kind = "connection refused"
+    elif any(isinstance(cause, TimeoutError) for cause in causes):
+        kind = "no answer in time"
+    else:
+        kind = type(error).__name__
+    return f"{kind}: {error}" if str(error) else kind
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and what it was raised from, in turn (redis-py wraps the socket's error)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return chain
+
+
+class RedisFailures:
+    """Logs why Redis fails commands, at most once every FAILURE_LOG_SECONDS (an outage fails
+    every call), with how many failed since the last line."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._next = 0.0
+        self._unlogged = 0
+
+    def seen(self, error: BaseException) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._unlogged += 1
+            return
+        log.warning(
+            "redis at %s failed a command: %s%s",
+            self._address,
+            describe(error),
+            f" ({self._unlogged} more since the last such line)" if self._unlogged else "",
+            extra={"event": "redis_command_failed"},
+        )
+        self._next, self._unlogged = now + FAILURE_LOG_SECONDS, 0
+
+
 class _Script:
     """A Lua script run by its SHA1 (EVALSHA), sent whole (EVAL) when Redis answers NOSCRIPT.
 
@@ -985,9 +1052,11 @@ class _Script:
         source: str,
         unavailable: str = STORE_UNAVAILABLE,
         *,
+        failures: RedisFailures,
         acks: ReplicaAcks | None = None,
         durable: _Durable | None = None,
     ) -> None:
+        self._failures = failures
         self._source = source
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         self._unavailable = unavailable
@@ -1012,11 +1081,13 @@ class _Script:
                 # Not run: NOSCRIPT is answered before anything executes, so sending it again
                 # cannot count anything twice.
                 reply = await execute("EVAL", self._source, len(keys), *keys, *args)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.inc()
-            error = StoreUnavailable(self._unavailable)
-            error.unsent = _unsent(exc)
-            raise error from exc
+            self._failures.seen(exc)
+            if not_run(exc):
+                # Nothing reached Redis: the caller may be told that nothing happened.
+                raise StoreUnreachable(STORE_UNAVAILABLE) from exc
+            raise StoreUnavailable(self._unavailable) from exc
         if self._acks is None:
             return reply
         reply, acked = reply
@@ -1039,25 +1110,33 @@ class RedisStore:
     """
 
     def __init__(
-        self, client: RedisClient, rules: Rules, *, acks: ReplicaAcks | None = None
+        self,
+        client: RedisClient,
+        rules: Rules,
+        *,
+        acks: ReplicaAcks | None = None,
+        address: str = "redis",
     ) -> None:
         self._redis = client
         self._rules = rules
         self._acks = acks
-        self._send = _Script(client, _SEND_SCRIPT, acks=acks, durable=_CODE_STORED)
-        self._cancel = _Script(client, _CANCEL_SCRIPT)
-        self._verify = _Script(
-            client, _VERIFY_SCRIPT, _VERIFY_UNAVAILABLE, acks=acks, durable=_CODE_USED_OR_COUNTED
+        self._address = address
+        self._failures = RedisFailures(address)
+        script = partial(_Script, client, failures=self._failures)
+        self._send = script(_SEND_SCRIPT, acks=acks, durable=_CODE_STORED)
+        self._cancel = script(_CANCEL_SCRIPT)
+        self._verify = script(
+            _VERIFY_SCRIPT, _VERIFY_UNAVAILABLE, acks=acks, durable=_CODE_USED_OR_COUNTED
         )
-        self._budget = _Script(client, _BUDGET_SCRIPT)
-        self._unbudget = _Script(client, _UNBUDGET_SCRIPT)
-        self._sent = _Script(client, _SENT_SCRIPT, acks=acks, durable=_ANSWER_RECORDED)
-        self._first = _Script(client, _FIRST_ANSWER_SCRIPT)
-        self._report = _Script(client, _REPORT_SCRIPT)
-        self._status = _Script(client, _STATUS_SCRIPT)
-        self._number_state = _Script(client, _NUMBER_STATE_SCRIPT)
-        self._unlock = _Script(client, _UNLOCK_SCRIPT)
-        self._cancel_codes = _Script(client, _CANCEL_CODES_SCRIPT)
+        self._budget = script(_BUDGET_SCRIPT)
+        self._unbudget = script(_UNBUDGET_SCRIPT)
+        self._sent = script(_SENT_SCRIPT, acks=acks, durable=_ANSWER_RECORDED)
+        self._first = script(_FIRST_ANSWER_SCRIPT)
+        self._report = script(_REPORT_SCRIPT)
+        self._status = script(_STATUS_SCRIPT)
+        self._number_state = script(_NUMBER_STATE_SCRIPT)
+        self._unlock = script(_UNLOCK_SCRIPT)
+        self._cancel_codes = script(_CANCEL_CODES_SCRIPT)
         self._verify_args = (
             rules.max_attempts,
             rules.max_failed_verifies_per_hour,
@@ -1438,11 +1517,13 @@ class RedisStore:
             await self._cancel_codes(keys=[_codes_key(phone), *_delivery_keys(phone)], args=[])
         )
 
-    async def ping(self) -> bool:
+    async def check(self) -> str | None:
         try:
-            return bool(await self._redis.ping())
-        except (RedisError, OSError):
-            return False
+            if await self._redis.ping():
+                return None
+            return f"redis at {self._address} did not answer PING"
+        except REDIS_FAILURES as exc:
+            return f"redis at {self._address}: {describe(exc)}"
 
     async def close(self) -> None:
         # Work waiting to retry tries once more now; one in flight ends within the timeout.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, NoReturn, Protocol
@@ -9,11 +10,19 @@ from typing import Any, NoReturn, Protocol
 import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from otp.v1 import otp_pb2_grpc
 
 from otp_service import context
 from otp_service.server import SERVICE_NAME
-from otp_service.servicer import SERVICE, Behavior
+from otp_service.servicer import (
+    SERVICE,
+    SHUTTING_DOWN,
+    Behavior,
+    InFlight,
+    ended_by_grace,
+    status_for,
+)
 
 # Safety net only: the service bounds its own work (Redis and Interakt timeouts) well below this.
 RPC_DEADLINE_SECONDS = 30.0
@@ -50,15 +59,24 @@ class RemoteBackend:
         stub = otp_pb2_grpc.OtpServiceStub(channel)
         self._calls = {method.name: getattr(stub, method.name) for method in SERVICE.methods}
         self._health: Any = health_pb2_grpc.HealthStub(channel)  # its typing stub lacks methods
+        # Calls waiting for the server: at shutdown, those still waiting as the grace ends are
+        # answered as the service itself would answer them (it may still finish them).
+        self.in_flight = InFlight()
 
     async def call(self, rpc: str, request: Message, metadata: Metadata) -> Message:
         try:
-            response: Message = await self._calls[rpc](
-                request, metadata=metadata, timeout=RPC_DEADLINE_SECONDS
-            )
+            with self.in_flight.tracking():
+                response: Message = await self._calls[rpc](
+                    request, metadata=metadata, timeout=RPC_DEADLINE_SECONDS
+                )
         except grpc.aio.AioRpcError as exc:
             trailing = tuple(exc.trailing_metadata() or ())
             raise RpcFailure(exc.code(), exc.details() or "", trailing) from None
+        except asyncio.CancelledError:
+            if not ended_by_grace():
+                raise
+            status = rpc_status.to_status(status_for(SHUTTING_DOWN))
+            raise RpcFailure(status.code, status.details, status.trailing_metadata) from None
         return response
 
     async def ready(self) -> bool:
@@ -128,6 +146,9 @@ class _LocalCall:
 
     def code(self) -> grpc.StatusCode:
         return self._code
+
+    def done(self) -> bool:
+        return False  # a call in process ends with its handler
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()

@@ -116,6 +116,19 @@ def _query(request: web.Request) -> dict[str, str]:
         if len(values) > 1:
             raise invalid(f"{name[:64]}: given more than once", "repeated_parameter")
         data[name] = values[0]
+    for name in ("phone_number", "phoneNumber"):
+        number = data.get(name)
+        if number is None or number.startswith("+"):
+            continue
+        if number[:1] == " " and number[1:2].isdigit():
+            # A + in a query string means a space: "?phone_number=+91..." sent unencoded.
+            data[name] = "+" + number[1:]
+        elif number:
+            raise invalid(
+                "phone_number: must be in E.164 form: a leading + (written %2B in a URL's "
+                "query) and country code, then digits",
+                "bad_phone_number",
+            )
     return data
 
 

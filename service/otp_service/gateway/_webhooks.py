@@ -259,7 +259,9 @@ def _report_from(payload: Any) -> DeliveryReport | str:
     report) or "malformed" (a report of ours that lacks what is needed)."""
     if not isinstance(payload, dict):
         return _malformed("not a JSON object")
-    state = _STATES.get(payload.get("type"))  # type: ignore[arg-type]
+    kind = payload.get("type")
+    # Any JSON may stand there: a list or an object is not a type of ours (nor hashable).
+    state = _STATES.get(kind) if isinstance(kind, str) else None
     if state is None:
         return "ignored"
     data = _object(payload.get("data"))

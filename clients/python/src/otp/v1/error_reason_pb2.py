@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19otp/v1/error_reason.proto\x12\x06otp.v1*\xed\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14INVALID_PHONE_NUMBER\x10\x01\x12\x10\n\x0cINVALID_CODE\x10\x02\x12\x13\n\x0fINVALID_REQUEST\x10\x03\x12\x1c\n\x18\x43\x41LLER_NOT_AUTHENTICATED\x10\x04\x12\x16\n\x12\x43OUNTRY_NOT_SERVED\x10\x05\x12\x13\n\x0fRESEND_COOLDOWN\x10\x06\x12\x13\n\x0fHOURLY_SEND_CAP\x10\x07\x12\x11\n\rNUMBER_LOCKED\x10\x08\x12\x16\n\x12\x43\x41LLER_SEND_BUDGET\x10\t\x12\x17\n\x13\x41\x43\x43OUNT_SEND_BUDGET\x10\n\x12\x1b\n\x17RECIPIENT_NOT_A_CONTACT\x10\x0b\x12\x1a\n\x16OUTSIDE_24_HOUR_WINDOW\x10\x0c\x12\x19\n\x15TEMPLATE_NOT_APPROVED\x10\r\x12\x19\n\x15PROVIDER_KEY_REJECTED\x10\x0e\x12\x14\n\x10PROVIDER_REFUSED\x10\x0f\x12\x18\n\x14PROVIDER_UNAVAILABLE\x10\x10\x12\x15\n\x11STORE_UNAVAILABLE\x10\x11\x12\x12\n\x0eINTERNAL_ERROR\x10\x12\x12\x1b\n\x17INVALID_IDEMPOTENCY_KEY\x10\x13\x12\x1a\n\x16IDEMPOTENCY_KEY_REUSED\x10\x14\x12\x14\n\x10SEND_IN_PROGRESS\x10\x15\x12\x19\n\x15PROVIDER_CIRCUIT_OPEN\x10\x16\x12\x10\n\x0cNO_CODE_SENT\x10\x17\x12\x15\n\x11\x44\x45LIVERY_IN_DOUBT\x10\x18\x42N\n\x13\x63om.minserve.otp.v1B\x10\x45rrorReasonProtoP\x01Z#otp-service/clients/go/otp/v1;otpv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19otp/v1/error_reason.proto\x12\x06otp.v1*\x87\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14INVALID_PHONE_NUMBER\x10\x01\x12\x10\n\x0cINVALID_CODE\x10\x02\x12\x13\n\x0fINVALID_REQUEST\x10\x03\x12\x1c\n\x18\x43\x41LLER_NOT_AUTHENTICATED\x10\x04\x12\x16\n\x12\x43OUNTRY_NOT_SERVED\x10\x05\x12\x13\n\x0fRESEND_COOLDOWN\x10\x06\x12\x13\n\x0fHOURLY_SEND_CAP\x10\x07\x12\x11\n\rNUMBER_LOCKED\x10\x08\x12\x16\n\x12\x43\x41LLER_SEND_BUDGET\x10\t\x12\x17\n\x13\x41\x43\x43OUNT_SEND_BUDGET\x10\n\x12\x1b\n\x17RECIPIENT_NOT_A_CONTACT\x10\x0b\x12\x1a\n\x16OUTSIDE_24_HOUR_WINDOW\x10\x0c\x12\x19\n\x15TEMPLATE_NOT_APPROVED\x10\r\x12\x19\n\x15PROVIDER_KEY_REJECTED\x10\x0e\x12\x14\n\x10PROVIDER_REFUSED\x10\x0f\x12\x18\n\x14PROVIDER_UNAVAILABLE\x10\x10\x12\x15\n\x11STORE_UNAVAILABLE\x10\x11\x12\x12\n\x0eINTERNAL_ERROR\x10\x12\x12\x1b\n\x17INVALID_IDEMPOTENCY_KEY\x10\x13\x12\x1a\n\x16IDEMPOTENCY_KEY_REUSED\x10\x14\x12\x14\n\x10SEND_IN_PROGRESS\x10\x15\x12\x19\n\x15PROVIDER_CIRCUIT_OPEN\x10\x16\x12\x10\n\x0cNO_CODE_SENT\x10\x17\x12\x15\n\x11\x44\x45LIVERY_IN_DOUBT\x10\x18\x12\x18\n\x14SERVER_SHUTTING_DOWN\x10\x19\x42N\n\x13\x63om.minserve.otp.v1B\x10\x45rrorReasonProtoP\x01Z#otp-service/clients/go/otp/v1;otpv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023com.minserve.otp.v1B\020ErrorReasonProtoP\001Z#otp-service/clients/go/otp/v1;otpv1'
   _globals['_ERRORREASON']._serialized_start=38
-  _globals['_ERRORREASON']._serialized_end=659
+  _globals['_ERRORREASON']._serialized_end=685
 # @@protoc_insertion_point(module_scope)

@@ -149,6 +149,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     repeat with the same idempotency_key answers this again and sends nothing.
     The retry delay is when a new code may be sent.
     """
+    SERVER_SHUTTING_DOWN: _ErrorReason.ValueType  # 25
+    """UNAVAILABLE, with google.rpc.RetryInfo: the server was stopping and the
+    call was still running at the end of its shutdown grace. Retry (another
+    replica answers); a send with the same idempotency key.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason says why a call failed, for a program to act on. Every error
@@ -292,5 +297,10 @@ arrive. Its code stays valid until it expires (single use, and counted
 like any send), GetOtpStatus shows what Interakt reports on it, and a
 repeat with the same idempotency_key answers this again and sends nothing.
 The retry delay is when a new code may be sent.
+"""
+SERVER_SHUTTING_DOWN: ErrorReason.ValueType  # 25
+"""UNAVAILABLE, with google.rpc.RetryInfo: the server was stopping and the
+call was still running at the end of its shutdown grace. Retry (another
+replica answers); a send with the same idempotency key.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -176,6 +176,12 @@ export enum ErrorReason {
    * The retry delay is when a new code may be sent.
    */
   DELIVERY_IN_DOUBT = 24,
+  /**
+   * SERVER_SHUTTING_DOWN - UNAVAILABLE, with google.rpc.RetryInfo: the server was stopping and the
+   * call was still running at the end of its shutdown grace. Retry (another
+   * replica answers); a send with the same idempotency key.
+   */
+  SERVER_SHUTTING_DOWN = 25,
   UNRECOGNIZED = -1,
 }
 
@@ -256,6 +262,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 24:
     case "DELIVERY_IN_DOUBT":
       return ErrorReason.DELIVERY_IN_DOUBT;
+    case 25:
+    case "SERVER_SHUTTING_DOWN":
+      return ErrorReason.SERVER_SHUTTING_DOWN;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -315,6 +324,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "NO_CODE_SENT";
     case ErrorReason.DELIVERY_IN_DOUBT:
       return "DELIVERY_IN_DOUBT";
+    case ErrorReason.SERVER_SHUTTING_DOWN:
+      return "SERVER_SHUTTING_DOWN";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

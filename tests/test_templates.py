@@ -20,7 +20,7 @@ from tests.conftest import (
     PHONE,
     MakeGateway,
     MakeService,
-    assert_no_code_left,
+    assert_no_code_but_counted,
     redis_snapshot,
     verify,
 )
@@ -72,10 +72,13 @@ async def test_a_template_without_its_button_value_is_refused_as_meta_refuses_it
     assert error_info(failed).reason == "TEMPLATE_NOT_APPROVED"
     assert "INTERAKT_TEMPLATE_BUTTON" in (failed.details() or "")
     assert "Button at index 0 of type Url requires a parameter" in (failed.details() or "")
-    assert_no_code_left(redis_db)
+    # Interakt answered: the send stays counted, as any refusal.
+    assert_no_code_but_counted(redis_db)
 
     # An old template without a button: sent without it, and refused with it.
-    old = await make_service(template_name="OldAuth", template_button=False)
+    old = await make_service(
+        template_name="OldAuth", template_button=False, resend_cooldown_seconds=0
+    )
     await send(old)
     assert "buttonValues" not in interakt.received[-1].body["template"]
     assert (await verify(old, interakt.received[-1].code)).verified
@@ -142,11 +145,25 @@ async def test_the_fallback_is_tried_once_and_a_default_that_is_missing_is_refus
     assert [language_sent(interakt, i) for i in range(2)] == ["en_GB", "en"]
     assert no_template("Auth", "en") in (failed.details() or "")
     assert error_info(failed).reason == "TEMPLATE_NOT_APPROVED"
-    assert_no_code_left(redis_db, UK_PHONE)
+    assert_no_code_but_counted(redis_db, UK_PHONE)
     # The default itself missing: no second try in the same language.
     interakt.received.clear()
     await refused(send(stub, US_PHONE), grpc.StatusCode.FAILED_PRECONDITION)
     assert len(interakt.received) == 1
+
+
+async def test_the_fallback_is_a_request_the_send_budgets_count_first(
+    make_service: MakeService, interakt: FakeInterakt
+) -> None:
+    """With one send a minute left for the caller, the second request is not made: the send
+    ends with Interakt's refusal of the first language."""
+    interakt.approved_templates = {("Auth", "en")}
+    stub = await make_service(
+        template_name="Auth", template_languages=(("44", "en_GB"),), caller_sends_per_minute=1
+    )
+    failed = await refused(send(stub, UK_PHONE), grpc.StatusCode.FAILED_PRECONDITION)
+    assert [language_sent(interakt, i) for i in range(len(interakt.received))] == ["en_GB"]
+    assert no_template("Auth", "en_GB") in (failed.details() or "")
 
 
 @pytest.mark.parametrize("locale", ["hi_IN", "english", "h", "hi-", "-IN", "hi-IN-" + "x" * 40])

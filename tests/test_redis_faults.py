@@ -161,18 +161,37 @@ async def test_a_withdrawal_that_reaches_redis_before_the_sends_late_command(
 
 
 async def test_a_verify_that_failed_says_it_may_have_run(
-    make_service: MakeService, silent_redis: SilentRedis
+    make_service: MakeService, private_redis: EmbeddedRedis
 ) -> None:
-    """Redis may have counted the attempt or used the code before the answer was lost: the
-    caller must not promise the user a free retry."""
-    stub = await make_service(redis_url=silent_redis.url, redis_timeout_seconds=0.2)
+    """Redis took the command and did not answer in time (DEBUG SLEEP): it may have counted the
+    attempt or used the code before the answer was lost, so the caller must not promise the user
+    a free retry."""
+    stub = await make_service(redis_url=private_redis.url, redis_timeout_seconds=0.2)
+    await verify(stub, "123456")  # connected, the scripts loaded: the next verify reaches Redis
+    sleeper = asyncio.create_task(
+        asyncio.to_thread(redis.Redis(port=private_redis.port).execute_command, "DEBUG", "SLEEP", 1)
+    )
+    await eventually(lambda: asleep(private_redis.port))
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await verify(stub, "123456")
+    await sleeper
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert failed.value.details() == (
         "storage is unavailable, try again shortly; the check may still have run, counting "
         "this attempt or using up the code"
     )
+
+
+async def test_a_verify_that_never_reached_redis_says_only_that(
+    make_service: MakeService, silent_redis: SilentRedis
+) -> None:
+    """A Redis that never finishes the connection's handshake: the verify was never sent, so
+    nothing was counted or used."""
+    stub = await make_service(redis_url=silent_redis.url, redis_timeout_seconds=0.2)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await verify(stub, "123456")
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failed.value.details() == "storage is unavailable, try again shortly"
 
 
 async def asleep(port: int) -> bool:

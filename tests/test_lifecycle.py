@@ -34,6 +34,7 @@ from tests.conftest import (
     TOKEN,
     WEBHOOK_SECRET,
     Bearer,
+    Gateway,
     MakeGateway,
     delta,
     digest,
@@ -640,26 +641,39 @@ async def test_gateway_command_fronts_a_remote_server(
     }
 
 
-async def test_gateway_command_is_unready_but_serving_during_the_shutdown_delay(
-    make_gateway: MakeGateway, http: aiohttp.ClientSession
-) -> None:
-    backend = await make_gateway()
+async def ready_gateway_process(
+    backend: Gateway, http: aiohttp.ClientSession, **env: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``otp-service gateway`` for ``backend``'s gRPC port, with ``env``, once /readyz is 200;
+    the process and its base URL."""
     http_port = free_port()
     process = await start_process(
         "gateway",
         f"--target=127.0.0.1:{backend.grpc_port}",
-        env={"OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}", "OTP_SHUTDOWN_DELAY_SECONDS": "3"},
+        env={"OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}", **env},
     )
     base_url = f"http://127.0.0.1:{http_port}"
+
+    async def ready() -> bool:
+        try:
+            return await http_status(http, base_url + "/readyz") == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
     try:
-
-        async def ready() -> bool:
-            try:
-                return await http_status(http, base_url + "/readyz") == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
         await eventually(ready)
+    except BaseException:
+        await stop_process(process)
+        raise
+    return process, base_url
+
+
+async def test_gateway_command_is_unready_but_serving_during_the_shutdown_delay(
+    make_gateway: MakeGateway, http: aiohttp.ClientSession
+) -> None:
+    backend = await make_gateway()
+    process, base_url = await ready_gateway_process(backend, http, OTP_SHUTDOWN_DELAY_SECONDS="3")
+    try:
         process.send_signal(signal.SIGTERM)
 
         async def not_ready() -> bool:
@@ -685,22 +699,8 @@ async def test_gateway_command_answers_a_call_longer_than_the_grace(
     backend = await make_gateway()
     never = asyncio.Event()
     interakt.answer(Answer(body={"result": True, "id": "late"}, hold=never))
-    http_port = free_port()
-    process = await start_process(
-        "gateway",
-        f"--target=127.0.0.1:{backend.grpc_port}",
-        env={"OTP_HTTP_ADDRESS": f"127.0.0.1:{http_port}", "OTP_SHUTDOWN_GRACE_SECONDS": "1"},
-    )
-    base_url = f"http://127.0.0.1:{http_port}"
+    process, base_url = await ready_gateway_process(backend, http, OTP_SHUTDOWN_GRACE_SECONDS="1")
     try:
-
-        async def ready() -> bool:
-            try:
-                return await http_status(http, base_url + "/readyz") == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await eventually(ready)
         rest = asyncio.create_task(
             http.post(base_url + "/api/v1/auth/send-otp", json={"phone_number": PHONE})
         )

@@ -215,6 +215,7 @@ def own_server(*, dev: bool = False) -> Iterator[Server]:
                 INTERAKT_WEBHOOK_SECRET=webhook_secret,
                 OTP_CLIENT_TOKENS=f"contract:{token}",
                 OTP_TEST_NUMBERS=",".join(f"{n}:{c}" for n, c in SCENARIO_NUMBERS),
+                OTP_ALLOW_TEST_NUMBERS="true",
             )
         command = [str(BIN / "otp-service"), "serve", *(["--dev"] if dev else [])]
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

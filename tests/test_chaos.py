@@ -30,9 +30,9 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from otp_service import store
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from otp_service.server import SERVICE_NAME
+from otp_service.store import redis_store as store
 from tests.conftest import (
     CALLER,
     PATIENCE_SECONDS,

@@ -54,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otp_service.config import parse_host_ports
-from otp_service.pipelined_redis import PipelinedRedis
+from otp_service.connections.pipelined_redis import PipelinedRedis
 from otp_service.store import RedisStore, ReplicaAcks, Rules
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")

@@ -1,6 +1,6 @@
 """How the store reaches Redis: one node, the primary Sentinel names, or a Cluster.
 
-The Lua scripts, the one source of each rule, are the same on every backend (store.py); only
+The Lua scripts, the one source of each rule, are the same on every backend (store/lua/); only
 the client differs:
 
 - ``redis://``, ``rediss://``, ``unix://``: PipelinedRedis, one connection pipelining every

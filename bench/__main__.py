@@ -39,7 +39,7 @@ from otp.v1 import otp_pb2
 from bench import load, report
 from bench.load import Sample, Shape, Target
 from bench.references import GRPC_METHOD, HTTP_PATH, VERIFY_METHOD, VERIFY_PATH
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from otp_service.store import SCRIPT_COMMANDS
 from tests.fake_interakt import API_KEY
 from tests.redis_deployments import RedisProcess, wait_until

@@ -43,7 +43,7 @@ from bench.__main__ import (
 )
 from bench.load import Target
 from bench.references import VERIFY_METHOD, VERIFY_PATH
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).parent.parent
 REQUESTS = 15_000

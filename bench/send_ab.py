@@ -36,7 +36,7 @@ from bench.__main__ import (
     wait_listening,
 )
 from bench.ab import ROOT, export
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from otp_service.store import SCRIPT_COMMANDS
 
 SENDS = 1_500

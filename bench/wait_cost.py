@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from otp_service.embedded_redis import EmbeddedRedis
-from otp_service.pipelined_redis import PipelinedRedis
-from otp_service.redis_backends import RedisTarget, open_store
+from otp_service.connections.embedded_redis import EmbeddedRedis
+from otp_service.connections.pipelined_redis import PipelinedRedis
+from otp_service.connections.redis_backends import RedisTarget, open_store
 from otp_service.store import RedisStore, Store
 from tests.redis_deployments import RedisProcess, wait_until
 from tests.test_store_contract import RULES as CONTRACT_RULES

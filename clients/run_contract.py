@@ -40,7 +40,7 @@ from typing import IO, TYPE_CHECKING, NoReturn
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 
 if TYPE_CHECKING:
     from tests.fake_interakt import FakeInterakt

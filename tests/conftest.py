@@ -22,10 +22,10 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from otp_service import OtpServer, Settings, build_deps, create_server
-from otp_service.embedded_redis import EmbeddedRedis, find_redis_server
+from otp_service.connections.embedded_redis import EmbeddedRedis, find_redis_server
+from otp_service.connections.redis_backends import RedisTarget
 from otp_service.gateway import WEBHOOK_PATH, HttpServer, InteraktWebhook, LocalBackend
 from otp_service.gateway._webhooks import QUEUE_CAPACITY
-from otp_service.redis_backends import RedisTarget
 from tests.fake_interakt import API_KEY, FakeInterakt
 from tests.redis_deployments import LocalCluster, LocalSentinel
 

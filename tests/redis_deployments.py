@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from otp_service.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 
 SENTINEL_MASTER = "otp"
 

@@ -11,7 +11,7 @@ from otp.v1 import otp_pb2, otp_pb2_grpc
 from prometheus_client import REGISTRY
 
 from otp_service import Settings
-from otp_service.embedded_redis import free_port
+from otp_service.connections.embedded_redis import free_port
 from otp_service.store import SCRIPT_COMMANDS
 from tests.conftest import (
     PHONE,

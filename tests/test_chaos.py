@@ -30,9 +30,9 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from otp_service import store
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from otp_service.server import SERVICE_NAME
+from otp_service.store import redis_store as store
 from tests.conftest import (
     CALLER,
     PATIENCE_SECONDS,
@@ -754,7 +754,7 @@ async def test_soak_two_replicas_stay_flat_and_every_delivered_code_verifies_onc
     # per request would be tens of thousands.
     for before, after in zip(fds, fds_end, strict=True):
         assert after <= before + 2, f"open files grew from {before} to {after}"
-    # Flat: what the store keeps (store.py's docstring lists its keys) under this load, whose
+    # Flat: what the store keeps (store/keys.py lists its keys) under this load, whose
     # sends all succeed (no withdrawal tombstones) and carry no idempotency key. Each number:
     # its sends and wrong codes of the hour, and its latest delivery record (which outlives a
     # verified code by the code's TTL). Each caller, in the middle of its cycle: the live code,

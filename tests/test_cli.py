@@ -18,7 +18,7 @@ import pytest
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service import ConfigError, Settings
-from otp_service.embedded_redis import free_port
+from otp_service.connections.embedded_redis import free_port
 from tests.conftest import PHONE
 
 OTP_SERVICE = str(Path(sys.executable).with_name("otp-service"))

@@ -18,10 +18,10 @@ import redis
 from otp.v1 import otp_pb2
 from redis.crc import key_slot
 
-from otp_service import store
 from otp_service.config import ConfigError, Settings
-from otp_service.embedded_redis import EmbeddedRedis
-from otp_service.redis_backends import cluster_client
+from otp_service.connections.embedded_redis import EmbeddedRedis
+from otp_service.connections.redis_backends import cluster_client
+from otp_service.store.scripts import SCRIPTS as LUA_SCRIPTS
 from tests.conftest import (
     PHONE,
     MakeGateway,
@@ -38,8 +38,6 @@ from tests.test_abuse_limits import OTHER_PHONES
 from tests.test_admin import admin_tokens_in, support_actions
 from tests.test_delivery_status import reporting, state_becomes
 from tests.test_idempotency import received, send_with
-
-LUA_SCRIPTS = {name: source for name, source in vars(store).items() if name.endswith("_SCRIPT")}
 
 
 def scripts_run_by(admin: redis.Redis, sha: str) -> Callable[[], Awaitable[bool]]:
@@ -84,7 +82,7 @@ async def test_each_script_touches_one_hash_slot(
     first = asyncio.ensure_future(send_with(stub, "key-1"))
     await eventually(received(interakt, 3))
     repeat = asyncio.ensure_future(send_with(stub, "key-1"))
-    await eventually(scripts_run_by(admin, _sha1(store._FIRST_ANSWER_SCRIPT)))
+    await eventually(scripts_run_by(admin, _sha1(LUA_SCRIPTS["first_answer"])))
     hold.set()
     assert await repeat == await first
     await support_actions(gateway.grpc_port)  # AdminService's show, unlock and cancel

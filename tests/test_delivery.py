@@ -13,7 +13,7 @@ import pytest
 import redis
 from otp.v1 import otp_pb2
 
-from otp_service.embedded_redis import free_port
+from otp_service.connections.embedded_redis import free_port
 from otp_service.sender import BACKOFF_BASE_SECONDS, MAX_RETRY_AFTER_SECONDS
 from tests.conftest import (
     PHONE,

@@ -20,7 +20,7 @@ import redis
 from otp.v1 import otp_pb2
 from prometheus_client import REGISTRY
 
-from otp_service.embedded_redis import EmbeddedRedis
+from otp_service.connections.embedded_redis import EmbeddedRedis
 from tests.conftest import (
     PATIENCE_SECONDS,
     PHONE,

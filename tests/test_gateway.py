@@ -21,7 +21,7 @@ from grpc_health.v1 import health
 from multidict import MultiDict
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from otp_service.embedded_redis import free_port
+from otp_service.connections.embedded_redis import free_port
 from otp_service.gateway import (
     ROUTES,
     Backend,

@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from otp.v1 import otp_pb2
 from prometheus_client import REGISTRY
 
-from otp_service.embedded_redis import EmbeddedRedis, free_port
-from otp_service.redis_backends import RedisTarget, described
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.redis_backends import RedisTarget, described
 from otp_service.store import describe, not_run
 from tests.conftest import (
     CALLER,

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
 from otp_service import ConfigError, Settings
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from otp_service.server import SERVICE_NAME
 from tests.conftest import (
     CALLER,

@@ -10,7 +10,7 @@ import pytest
 import redis
 from otp.v1 import otp_pb2
 
-from otp_service.embedded_redis import EmbeddedRedis
+from otp_service.connections.embedded_redis import EmbeddedRedis
 from tests.conftest import (
     CALLER,
     PHONE,

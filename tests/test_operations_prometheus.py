@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops.render_dashboard import render
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import (
     PATIENCE_SECONDS,
     Gateway,

@@ -19,8 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoPermissionError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from otp_service.embedded_redis import EmbeddedRedis
-from otp_service.pipelined_redis import PipelinedRedis, _packer
+from otp_service.connections.embedded_redis import EmbeddedRedis
+from otp_service.connections.pipelined_redis import PipelinedRedis, _packer
 from tests.conftest import MakeService, SilentRedis, eventually, verify
 from tests.redis_proxy import RedisProxy
 from tests.test_tls import Authority

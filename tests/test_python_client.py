@@ -35,7 +35,7 @@ from otp_client import (
 )
 from prometheus_client import REGISTRY
 
-from otp_service.embedded_redis import free_port
+from otp_service.connections.embedded_redis import free_port
 from otp_service.errors import SendInProgress
 from otp_service.servicer import Behavior, OtpServicer, abort, add_to_server, wrap_methods
 from tests.conftest import PHONE, TOKEN, MakeServer, SilentRedis, wrong_code

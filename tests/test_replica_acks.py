@@ -17,8 +17,8 @@ import grpc
 import pytest
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
+from otp_service.connections.redis_backends import RedisTarget, open_store
 from otp_service.errors import StoreUnavailable
-from otp_service.redis_backends import RedisTarget, open_store
 from otp_service.store import Stored
 from tests.conftest import PHONE, MakeService, eventually, send, verify, wrong_code
 from tests.fake_interakt import FakeInterakt, accepted

@@ -17,7 +17,7 @@ import redis
 from otp.v1 import otp_pb2
 
 from otp_service.config import ConfigError, Settings
-from otp_service.redis_backends import RedisTarget, open_store
+from otp_service.connections.redis_backends import RedisTarget, open_store
 from tests.conftest import PHONE, MakeService, code_sent_to, send, verify, wrong_code
 from tests.fake_interakt import FakeInterakt
 from tests.redis_deployments import SENTINEL_MASTER, LocalSentinel, RedisProcess, wait_until

@@ -15,8 +15,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from otp_service.connections.redis_backends import open_store
 from otp_service.errors import InvalidInput, LimitExceeded, StoreUnavailable
-from otp_service.redis_backends import open_store
 from otp_service.results import (
     Channel,
     Delivery,

@@ -12,7 +12,7 @@ from otp.v1 import otp_pb2
 from prometheus_client import REGISTRY
 
 from otp_service import ConfigError, Settings
-from otp_service.embedded_redis import free_port
+from otp_service.connections.embedded_redis import free_port
 from tests.conftest import PHONE, MakeService, send, verify
 from tests.fake_interakt import FakeInterakt
 from tests.test_cli import CLEAN_ENV, OTP_SERVICE, VALID, read_until

@@ -11,8 +11,8 @@ import redis
 from otp.v1 import otp_pb2
 from prometheus_client import REGISTRY
 
-from otp_service import store
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
+from otp_service.store import redis_store as store
 from tests.conftest import MakeService, eventually, send
 from tests.test_delivery_redis_faults import paused
 

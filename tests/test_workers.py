@@ -16,7 +16,7 @@ import pytest
 import redis
 from otp.v1 import otp_pb2, otp_pb2_grpc
 
-from otp_service.embedded_redis import EmbeddedRedis, free_port
+from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import CALLER, PHONE, SECRET, TOKEN
 from tests.fake_interakt import API_KEY
 

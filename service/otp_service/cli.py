@@ -24,8 +24,8 @@ from otp.admin.v1 import admin_pb2, admin_pb2_grpc
 from otp_service import metrics
 from otp_service.auth import Callers
 from otp_service.config import DEV_CALLER, DEV_TOKEN, ConfigError, Settings
+from otp_service.connections.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from otp_service.dev_report import STATES, ReportError, report
-from otp_service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from otp_service.errors import InvalidInput
 from otp_service.gateway import (
     WEBHOOK_PATH,

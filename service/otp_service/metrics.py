@@ -168,7 +168,7 @@ ADMIN_ACTIONS = Counter(
 WITHDRAWALS_WAITING = Gauge(
     "otp_send_withdrawals_waiting",
     "Failed sends whose withdrawal waits for Redis to take it (at most "
-    "store.MAX_WAITING_WITHDRAWALS).",
+    "store.redis_store.MAX_WAITING_WITHDRAWALS).",
 )
 WITHDRAWALS_GIVEN_UP = Counter(
     "otp_send_withdrawals_given_up_total",

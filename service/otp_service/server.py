@@ -20,12 +20,12 @@ from otp_service import admin, metrics
 from otp_service.auth import CallerAuth, Callers
 from otp_service.breaker import CircuitBreaker
 from otp_service.config import Settings
+from otp_service.connections.redis_backends import RedisTarget, open_store
 from otp_service.key_file import KeyFile
 from otp_service.languages import TemplateLanguages
 from otp_service.observability import Observability
 from otp_service.otp import OtpService
 from otp_service.readiness import RedisWatcher
-from otp_service.redis_backends import RedisTarget, open_store
 from otp_service.sender import InteraktSender, LogSender, Sender
 from otp_service.servicer import (
     SERVICE,

@@ -1,6 +1,6 @@
 """How the store reaches Redis: one node, the primary Sentinel names, or a Cluster.
 
-The Lua scripts, the one source of each rule, are the same on every backend (store.py); only
+The Lua scripts, the one source of each rule, are the same on every backend (store/lua/); only
 the client differs:
 
 - ``redis://``, ``rediss://``, ``unix://``: PipelinedRedis, one connection pipelining every
@@ -54,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otp_service.config import parse_host_ports
-from otp_service.pipelined_redis import PipelinedRedis
+from otp_service.connections.pipelined_redis import PipelinedRedis
 from otp_service.store import RedisStore, ReplicaAcks, Rules
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")

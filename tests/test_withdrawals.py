@@ -43,7 +43,10 @@ async def test_a_hung_redis_leaves_a_bounded_number_of_withdrawals_and_tombstone
 ) -> None:
     monkeypatch.setattr(store, "MAX_WAITING_WITHDRAWALS", 20)
     db = redis.Redis(port=private_redis.port)
-    stub = await make_service(redis_url=private_redis.url, redis_timeout_seconds=0.3)
+    # A Redis timeout long enough for all 80 sends to be written to the one connection before the
+    # first of them times out (which drops it: a send after that would find no connection, never
+    # reach Redis, and need no withdrawal), even on a loaded machine.
+    stub = await make_service(redis_url=private_redis.url, redis_timeout_seconds=1.5)
     await send(stub, "+917003848999")  # connected, scripts loaded: the late commands run
     waiting, given_up = sample(WAITING), sample(GIVEN_UP)
     with paused(private_redis):

@@ -279,7 +279,7 @@ class _BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._batch: list[str] = []
+        self._batch: list[str | _Deferred] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -288,8 +288,9 @@ class _BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
 
-    def write(self, line: str) -> None:
-        """Write one formatted line, within ``FLUSH_SECONDS``."""
+    def write(self, line: str | _Deferred) -> None:
+        """Write one line, within ``FLUSH_SECONDS``: formatted, or a request line's fields,
+        formatted with the rest of its batch (``log_request``)."""
         self._batch.append(line)
         if self._timer is not None:
             if len(self._batch) >= self.MAX_BATCH_LINES:
@@ -309,7 +310,8 @@ class _BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         if self._batch:
             batch, self._batch = self._batch, []
-            self.stream.write(self.terminator.join(batch) + self.terminator)
+            lines = [line if type(line) is str else _request_json(*line) for line in batch]
+            self.stream.write(self.terminator.join(lines) + self.terminator)
         super().flush()
 
 
@@ -333,6 +335,8 @@ def configure_logging(*, dev: bool, stream: TextIO | None = None) -> None:
     _direct = None if dev else handler
 
 
+# A request line's fields, its level's name and its time, until its batch is written.
+_Deferred = tuple[RequestLine, str, float]
 # The production handler, which request lines are written to directly; None: through logging.
 _direct: _BatchingHandler | None = None
 
@@ -349,10 +353,8 @@ def log_request(level: int, line: RequestLine) -> None:
     if handler is None:
         _requests_log.log(level, line)
     elif _requests_log.isEnabledFor(level):
-        try:
-            handler.write(_request_json(line, logging.getLevelName(level), time.time()))
-        except Exception:
-            _requests_log.log(level, line)  # through logging, which reports the failure
+        # Formatted when its batch is written: many lines in one go cost less than each alone.
+        handler.write((line, logging.getLevelName(level), time.time()))
 
 
 # (second, its formatted text): strftime runs once a second, not once a line.

@@ -85,6 +85,8 @@ class Observability:
         labels = ("unary", self._service, rpc)
         started = metrics.child(metrics.RPCS_STARTED, *labels)
         seconds = metrics.child(metrics.RPC_SECONDS, *labels)
+        # The handled counter's child by status, bound at a status's first call.
+        handled: dict[str, Any] = {}
         outcomes = _outcomes() if rpc == "VerifyOtp" else None
 
         async def observed(request: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -103,7 +105,10 @@ class Observability:
                 finished = True
                 elapsed = time.perf_counter() - start
                 seconds.observe(elapsed)
-                metrics.child(metrics.RPCS_HANDLED, *labels, status).inc()
+                counter = handled.get(status)
+                if counter is None:
+                    counter = handled[status] = metrics.child(metrics.RPCS_HANDLED, *labels, status)
+                counter.inc()
                 log_request(
                     _LEVELS.get(status, logging.INFO),
                     RequestLine(

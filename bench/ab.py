@@ -60,6 +60,17 @@ def export(revision: str, into: Path) -> Path:
     return into / "service"
 
 
+def known_to(source: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the service's variables that the revision at ``source`` does not read:
+    it refuses an unknown one, so a revision older than a variable could not be weighed."""
+    config = (source / "otp_service" / "config.py").read_text()
+    return {
+        name: value
+        for name, value in env.items()
+        if not name.startswith(("OTP_", "INTERAKT_")) or f'"{name}"' in config
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
     parser.add_argument("a")
@@ -94,6 +105,7 @@ def main() -> int:
                     f"127.0.0.1:{grpc_port}",
                     f"127.0.0.1:{http_port}" if args.rest else "",
                 )
+                env = known_to(source, env)
                 env["PYTHONPATH"] = os.pathsep.join([str(source), str(ROOT / "clients" / "python")])
                 command = [sys.executable, "-m", "otp_service", "serve"]
                 process = processes.start(f"v{len(versions)}", command, env)

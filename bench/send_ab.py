@@ -35,7 +35,7 @@ from bench.__main__ import (
     service_env,
     wait_listening,
 )
-from bench.ab import ROOT, export
+from bench.ab import ROOT, export, known_to
 from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
 from otp_service.store import SCRIPT_COMMANDS
 
@@ -77,7 +77,9 @@ def main() -> int:
             for index, name in enumerate((args.a, args.b)):
                 source = export(name, Path(tmp) / f"v{index}")
                 port = free_port()
-                env = service_env(server.url, interakt_url, f"127.0.0.1:{port}", "")
+                env = known_to(
+                    source, service_env(server.url, interakt_url, f"127.0.0.1:{port}", "")
+                )
                 env["PYTHONPATH"] = os.pathsep.join([str(source), str(ROOT / "clients" / "python")])
                 command = [sys.executable, "-m", "otp_service", "serve"]
                 process = processes.start(f"v{index}", command, env)

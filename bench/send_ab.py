@@ -24,14 +24,14 @@ from pathlib import Path
 
 import grpc
 import redis
-from otp.v1 import otp_pb2, otp_pb2_grpc
+from otp.v1 import otp_pb2_grpc
 
 from bench.__main__ import (
     AUTH,
     Processes,
     command_counts,
     cpu_seconds,
-    phone,
+    send_request,
     service_env,
     wait_listening,
 )
@@ -51,9 +51,7 @@ async def send_round(port: int, first: int, keys: bool) -> None:
 
         async def sender() -> None:
             for n in numbers:
-                key = f"bench-{n}" if keys else ""
-                request = otp_pb2.SendOtpRequest(phone_number=phone(n), idempotency_key=key)
-                await stub.SendOtp(request, metadata=AUTH, timeout=30)
+                await stub.SendOtp(send_request(n, keyed=keys), metadata=AUTH, timeout=30)
 
         await asyncio.gather(*(sender() for _ in range(IN_FLIGHT)))
 
@@ -72,7 +70,7 @@ def main() -> int:
         db = redis.Redis.from_url(server.url)
         processes = Processes(Path(tmp))
         try:
-            interakt_url, _ = processes.start_upstream()
+            interakt_url = processes.start_upstream().url
             served = []
             for index, name in enumerate((args.a, args.b)):
                 source = export(name, Path(tmp) / f"v{index}")

@@ -258,7 +258,9 @@ class Processes:
                 child.kill()
 
 
-def wait_listening(port: int, timeout: float = 20.0) -> None:
+def wait_listening(port: int, timeout: float = 60.0) -> None:
+    # A minute: a run starts nine Python servers at once, which on a busy 2-core machine (other
+    # test suites running) took more than 20 s.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):

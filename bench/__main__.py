@@ -292,13 +292,18 @@ def command_counts(db: redis.Redis) -> dict[str, int]:
     }
 
 
+# Not a request's: the INFO calls that count, and the PING of the servers' readiness check, once
+# a second whatever the load (otp_service.readiness).
+NOT_A_REQUESTS = frozenset({"info", "ping"})
+
+
 def round_trips(before: dict[str, int], after: dict[str, int]) -> int:
-    """Top-level commands run between two counts: not the INFO calls that took them, nor the
-    commands our scripts run inside Redis."""
+    """Top-level commands run between two counts: not the commands our scripts run inside
+    Redis, nor those of no request (``NOT_A_REQUESTS``)."""
     return sum(
         n - before.get(command, 0)
         for command, n in after.items()
-        if command != "info" and command not in SCRIPT_COMMANDS
+        if command not in NOT_A_REQUESTS and command not in SCRIPT_COMMANDS
     )
 
 
@@ -326,7 +331,7 @@ def record(contestant: Contestant) -> None:
         after = command_counts(db)
         delta = {k: after[k] - before.get(k, 0) for k in after}
         figure.redis_counted = True
-        figure.redis_calls += sum(delta.values())
+        figure.redis_calls += sum(v for k, v in delta.items() if k not in NOT_A_REQUESTS)
         figure.round_trip_calls += round_trips(before, after)
 
 

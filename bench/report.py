@@ -233,7 +233,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         "instead), with the service's keys and arguments: their Redis columns match the route's "
         "and their sampled answers must equal the service's.",
         "- Redis round trips count top-level commands (EVALSHA, SCRIPT LOAD, connection "
-        "set-up); the commands in brackets also count those our Lua scripts run inside Redis.",
+        "set-up), not the servers' readiness PING (once a second, whatever the load); the "
+        "commands in brackets also count those our Lua scripts run inside Redis.",
         "- REST verify goes through the JSON gateway inside the server process, which calls the "
         "same wrapped VerifyOtp method in process (so auth, logging and metrics are the gRPC "
         "path's own).",

@@ -31,13 +31,13 @@ from bench.__main__ import (
     Processes,
     command_counts,
     cpu_seconds,
+    round_trips,
     send_request,
     service_env,
     wait_listening,
 )
 from bench.ab import ROOT, export
 from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
-from otp_service.store import SCRIPT_COMMANDS
 
 SENDS = 1_500
 IN_FLIGHT = 32
@@ -94,12 +94,7 @@ def main() -> int:
                         memory[name].append(
                             (db.info("memory")["used_memory"] - before_bytes) / SENDS
                         )
-                        after_calls = command_counts(db)
-                        top = sum(
-                            n - before_calls.get(command, 0)
-                            for command, n in after_calls.items()
-                            if command not in SCRIPT_COMMANDS
-                        )
+                        top = round_trips(before_calls, command_counts(db))
                         cpu[name].append((cpu_seconds(pid) - before_cpu) / SENDS * 1e6)
                         trips[name].append(top / SENDS)
         finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import load, report
-from bench.__main__ import Figure, Ratio, send_request, time_split
+from bench.__main__ import Figure, Ratio, round_trips, send_request, time_split
 from bench.load import Sample
 
 ROOT = Path(__file__).parent.parent
@@ -227,3 +227,11 @@ def test_each_send_is_split_at_its_message_by_number() -> None:
         "after": [5000, 6000],
         "whole": [60000, 70000],
     }
+
+
+def test_round_trips_count_a_requests_top_level_commands_only() -> None:
+    before = {"evalsha": 10, "zadd": 4, "ping": 3}
+    # Two scripts run (their ZADDs are inside Redis), a SCRIPT LOAD, a readiness PING and the
+    # INFO that counted: two EVALSHAs and the SCRIPT LOAD are round trips.
+    after = {"evalsha": 12, "zadd": 6, "ping": 4, "info": 1, "script|load": 1}
+    assert round_trips(before, after) == 3

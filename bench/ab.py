@@ -94,7 +94,7 @@ def main() -> int:
     ):
         processes = Processes(Path(tmp))
         try:
-            interakt_url, _ = processes.start_upstream()
+            interakt_url = processes.start_upstream().url
             versions: list[Contestant] = []
             for name in (args.a, args.b):
                 source = export(name, Path(tmp) / f"v{len(versions)}")

@@ -13,7 +13,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -64,6 +64,9 @@ class Sample:
     seconds: float
     latencies_us: list[int]  # sorted
     failed: int
+    # The Python client's requests: each one's body, start and end (time.monotonic(), which is
+    # CLOCK_MONOTONIC: one clock for every process of the machine).
+    spans: list[tuple[bytes, float, float]] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
@@ -155,22 +158,27 @@ def python_client(
         seconds=end - start,
         latencies_us=latencies,
         failed=sum(p[3] for p in parts),
+        spans=[span for part in parts for span in part[4]],
     )
+
+
+_Part = tuple[float, float, list[int], int, list[tuple[bytes, float, float]]]
 
 
 def _client_process(
     target: Target, bodies: list[bytes], requests: int, in_flight: int, rate: float | None
-) -> tuple[float, float, list[int], int]:
+) -> _Part:
     return asyncio.run(_client(target, bodies, requests, in_flight, rate))
 
 
 async def _client(
     target: Target, bodies: list[bytes], requests: int, in_flight: int, rate: float | None
-) -> tuple[float, float, list[int], int]:
+) -> _Part:
     import aiohttp
     import grpc
 
     latencies: list[int] = []
+    spans: list[tuple[bytes, float, float]] = []
     failed = 0
     if target.grpc:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{target.port}")
@@ -183,7 +191,7 @@ async def _client(
     async def one(i: int) -> None:
         nonlocal failed
         body = bodies[i % len(bodies)]
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             if target.grpc:
                 await call(body, metadata=metadata, timeout=30)
@@ -194,7 +202,9 @@ async def _client(
                         failed += 1
         except (grpc.RpcError, aiohttp.ClientError):
             failed += 1
-        latencies.append(int((time.perf_counter() - started) * 1e6))
+        ended = time.monotonic()
+        latencies.append(int((ended - started) * 1e6))
+        spans.append((body, started, ended))
 
     begin = time.time()
     if rate:
@@ -216,4 +226,4 @@ async def _client(
         await channel.close()
     else:
         await session.close()
-    return begin, end, latencies, failed
+    return begin, end, latencies, failed, spans

@@ -24,20 +24,20 @@ from pathlib import Path
 
 import grpc
 import redis
-from otp.v1 import otp_pb2, otp_pb2_grpc
+from otp.v1 import otp_pb2_grpc
 
 from bench.__main__ import (
     AUTH,
     Processes,
     command_counts,
     cpu_seconds,
-    phone,
+    round_trips,
+    send_request,
     service_env,
     wait_listening,
 )
 from bench.ab import ROOT, export, known_to
 from otp_service.connections.embedded_redis import EmbeddedRedis, free_port
-from otp_service.store import SCRIPT_COMMANDS
 
 SENDS = 1_500
 IN_FLIGHT = 32
@@ -51,9 +51,7 @@ async def send_round(port: int, first: int, keys: bool) -> None:
 
         async def sender() -> None:
             for n in numbers:
-                key = f"bench-{n}" if keys else ""
-                request = otp_pb2.SendOtpRequest(phone_number=phone(n), idempotency_key=key)
-                await stub.SendOtp(request, metadata=AUTH, timeout=30)
+                await stub.SendOtp(send_request(n, keyed=keys), metadata=AUTH, timeout=30)
 
         await asyncio.gather(*(sender() for _ in range(IN_FLIGHT)))
 
@@ -72,7 +70,7 @@ def main() -> int:
         db = redis.Redis.from_url(server.url)
         processes = Processes(Path(tmp))
         try:
-            interakt_url, _ = processes.start_upstream()
+            interakt_url = processes.start_upstream().url
             served = []
             for index, name in enumerate((args.a, args.b)):
                 source = export(name, Path(tmp) / f"v{index}")
@@ -98,12 +96,7 @@ def main() -> int:
                         memory[name].append(
                             (db.info("memory")["used_memory"] - before_bytes) / SENDS
                         )
-                        after_calls = command_counts(db)
-                        top = sum(
-                            n - before_calls.get(command, 0)
-                            for command, n in after_calls.items()
-                            if command not in SCRIPT_COMMANDS
-                        )
+                        top = round_trips(before_calls, command_counts(db))
                         cpu[name].append((cpu_seconds(pid) - before_cpu) / SENDS * 1e6)
                         trips[name].append(top / SENDS)
         finally:

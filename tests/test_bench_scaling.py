@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.__main__ import cpu_seconds, tree_cpu_seconds
 from bench.scaling import randomized
+from tests.redis_deployments import wait_until
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -90,3 +93,27 @@ def test_a_send_is_randomized_in_every_key_and_argument_naming_its_number_or_id(
         "bench",
         "+91__rand_int__",
     )
+
+
+def test_a_servers_cpu_counts_the_workers_it_forked() -> None:
+    # A parent that forks a worker spinning on the CPU, as `serve --workers N` does.
+    script = (
+        "import os, sys, time\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    while True: pass\n"
+        "print(child, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            wait_until(lambda: cpu_seconds(child) > 0.2, "the worker spent some CPU")
+            spent = cpu_seconds(parent.pid) + cpu_seconds(child)
+            assert tree_cpu_seconds(parent.pid) >= spent
+        finally:
+            os.kill(child, signal.SIGKILL)
+            parent.kill()

@@ -78,6 +78,8 @@ RANDOM_RANGE = 1_000_000_000  # redis-benchmark -r: __rand_int__ takes values be
 
 @dataclass(frozen=True)
 class Sizes:
+    """How much one run does: the counts of a full run and of --smoke."""
+
     rounds: int
     warmup: int  # VerifyOtp requests per server before its first round
     verifies: int  # VerifyOtp requests per round

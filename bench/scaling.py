@@ -210,7 +210,8 @@ def one_redis(
     # The service's scripts as otp_service.store loads them: the same SHA1 the service sent.
     for name in (*VERIFY_SCRIPTS, *SEND_SCRIPTS):
         sha = db.script_load(SCRIPTS[name])
-        assert captured[name][1] == sha, f"{name}: the service sent another script"
+        if captured[name][1] != sha:
+            raise RuntimeError(f"{name}: the service sent another script than the loader's")
     commands = {
         # The number over its attempt budget, as in the VerifyOtp rounds: the same path each call.
         "verify": captured["verify"],

@@ -244,12 +244,12 @@ def cpu_seconds(pid: int) -> float:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU of a process and of its live children (``serve --workers N`` forks N) so far."""
-    children = []
+    total = cpu_seconds(pid)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):  # a process that ended meanwhile
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(stat.parent.name))
-    return cpu_seconds(pid) + sum(map(tree_cpu_seconds, children))
+                total += tree_cpu_seconds(int(stat.parent.name))
+    return total
 
 
 def rss_mib(pid: int) -> float:

@@ -275,6 +275,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and of its live children (``serve --workers N`` forks N) so far."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                total += tree_cpu_seconds(int(stat.parent.name))
+    return total
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -323,9 +333,9 @@ def record(contestant: Contestant) -> None:
     """Run one round, recording the server's CPU and, with ``db``, the Redis commands run."""
     figure, db = contestant.figure, contestant.db
     before = command_counts(db) if db else {}
-    cpu = cpu_seconds(contestant.pid)
+    cpu = tree_cpu_seconds(contestant.pid)
     sample = contestant.run_round()
-    figure.cpu_seconds.append(cpu_seconds(contestant.pid) - cpu)
+    figure.cpu_seconds.append(tree_cpu_seconds(contestant.pid) - cpu)
     figure.samples.append(sample)
     if db:
         after = command_counts(db)

@@ -247,7 +247,7 @@ def serving(workdir: Path) -> Iterator[tuple[redis.Redis, int, dict[int, Served]
     processes = Processes(workdir)
     with EmbeddedRedis() as redis_server:
         try:
-            base_url, _ = processes.start_upstream()
+            base_url = processes.start_upstream().url
             served = {}
             for workers in WORKERS:
                 port = free_port()

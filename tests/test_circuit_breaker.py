@@ -217,9 +217,12 @@ async def test_a_callers_short_deadline_does_not_open_it_for_everyone(
             await gateway.stub.SendOtp(otp_pb2.SendOtpRequest(phone_number=phone), timeout=0.15)
         assert cut.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert await circuit(http, gateway.url) == "closed"
-    # Another caller, with time to wait for Interakt, is served.
+    # Another caller, with time to wait for Interakt, is served. Which of the queued answers it
+    # gets depends on how many of the cut-short sends still had time to reach Interakt (one
+    # whose deadline is nearly spent is answered without a request, as it should be).
     sent = await send(gateway.stub, PHONE)
-    assert sent.message_id == "msg-20"
+    assert sent.message_id in {f"msg-{i}" for i in range(21)}
+    assert interakt.received[-1].body["phoneNumber"] == PHONE[3:]
 
 
 async def test_a_trial_cut_short_by_its_caller_neither_closes_nor_opens_it(

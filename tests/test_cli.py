@@ -300,9 +300,15 @@ def dev_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
         text=True,
     )
     yield port, process
+    # SIGTERM, as a supervisor would: the server stops its private Redis on the way out, which
+    # a SIGKILL would leave running (one more redis-server on the machine after every run).
     if process.poll() is None:
-        process.kill()
-        process.wait()
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     assert process.stdout is not None
     process.stdout.close()
 

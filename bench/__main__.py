@@ -570,10 +570,9 @@ def run(sizes: Sizes, use_h2load: bool, out: Path) -> dict[str, object]:
             return Server(route, target, body, running.pids[name], uses_redis)
 
         def one(target: Target, body: bytes, requests: int, shape: Shape) -> Sample:
-            """One round of the same request, by h2load or, without it, the Python client."""
-            if use_h2load:
-                return load.h2load(target, body, requests=requests, shape=shape)
-            return load.python_client(target, [body], requests=requests, shape=shape, processes=2)
+            return load.same_request(
+                target, body, requests=requests, shape=shape, use_h2load=use_h2load
+            )
 
         def warm_up(servers: list[Server], shape: Shape) -> None:
             for server in servers:
@@ -806,17 +805,23 @@ def main() -> int:
         args.out = Path(tempfile.mkdtemp(prefix="otp-bench-smoke-")) if args.smoke else RESULTS
     sizes = SMOKE if args.smoke else FULL
     if args.rounds:
-        sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
+        sizes = dataclasses.replace(sizes, rounds=args.rounds)
     use_h2load = load.have_h2load() and not args.python_client
     if not use_h2load:
         print("bench: h2load not found, using the Python load client", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(sizes, use_h2load, args.out)
-    print((args.out / "results.md").read_text())
-    print(f"bench: results written to {args.out}")
-    bad = {k: v for k, v in results["checks"].items() if any(c != "OK" for c in v)}  # type: ignore[union-attr]
+    return finish("bench", args.out / "results.md", args.out, results["checks"])  # type: ignore[arg-type]
+
+
+def finish(name: str, table: Path, written: Path, checks: dict[str, list[str]]) -> int:
+    """Print ``table`` and where the results went: 0 when every sampled answer was right, else 1
+    and the wrong ones on stderr (h2load counts HTTP 200, not a right answer)."""
+    print(table.read_text())
+    print(f"{name}: results written to {written}")
+    bad = {k: v for k, v in checks.items() if any(c != "OK" for c in v)}
     if bad:
-        print(f"bench: some sampled answers were wrong: {bad}", file=sys.stderr)
+        print(f"{name}: some sampled answers were wrong: {bad}", file=sys.stderr)
         return 1
     return 0
 

@@ -124,6 +124,16 @@ def h2load(target: Target, body: bytes, *, requests: int, shape: Shape) -> Sampl
     return Sample(requests=requests, seconds=seconds, latencies_us=latencies, failed=requests - ok)
 
 
+def same_request(
+    target: Target, body: bytes, *, requests: int, shape: Shape, use_h2load: bool
+) -> Sample:
+    """One round of the same request: by h2load or, without it, the Python client (two
+    processes, so that the client is not the bottleneck)."""
+    if use_h2load:
+        return h2load(target, body, requests=requests, shape=shape)
+    return python_client(target, [body], requests=requests, shape=shape, processes=2)
+
+
 def python_client(
     target: Target,
     bodies: list[bytes],

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from aiohttp import web
 
+from bench.__main__ import command_counts
 from tests.fake_interakt import FakeInterakt
 
 LATENCY_SECONDS = 0.05
@@ -39,7 +40,7 @@ class SlowInterakt(FakeInterakt):
     async def _message(self, request: web.Request) -> web.Response:
         arrived = time.monotonic()
         # Blocking, so nothing else runs in between; a send waits on its answer meanwhile.
-        commands = _calls(self._redis) if self._redis and self.count_commands else None
+        commands = command_counts(self._redis) if self._redis and self.count_commands else None
         await asyncio.sleep(LATENCY_SECONDS)
         response = await super()._message(request)
         body = await request.json()  # aiohttp keeps the body read: no second read
@@ -76,14 +77,8 @@ class SlowInterakt(FakeInterakt):
         self.count_commands = (await request.text()).strip() == "1"
         if self.count_commands:
             # Connected now: redis-py's connection set-up (CLIENT SETINFO) is no send's command.
-            _calls(self._redis)
+            command_counts(self._redis)
         return web.Response(status=204)
-
-
-def _calls(db: redis.Redis) -> dict[str, int]:
-    """Calls so far by command, as ``INFO commandstats`` counts them."""
-    stats = db.info("commandstats")
-    return {key.removeprefix("cmdstat_"): value["calls"] for key, value in stats.items()}
 
 
 async def main() -> None:

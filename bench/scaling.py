@@ -424,8 +424,8 @@ def write(results: dict[str, Any]) -> str:
         "Two workers over one, round by round (median [min-max]); by CPU: one worker's CPU "
         "per request over two workers':",
         "",
-        "| ratio | load | req/s ratio | by CPU per request | | |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| ratio | load | req/s ratio | by CPU per request |",
+        "| --- | --- | --- | --- |",
         *report.ratio_rows(
             {"figures": figures, "ratios": ratios, "peak_loads": [PEAK.name, SEND_FULL.name]}
         ),

@@ -48,11 +48,15 @@ def test_smoke_run_measures_both_worker_counts_and_every_script(tmp_path: Path) 
         row = next(r for r in table.splitlines() if r.startswith(f"| {route} | {load} |"))
         # Redis CPU and its core share measured; no call failed.
         assert re.search(r"\| [\d.]+ \| [\d.]+% \[[\d.]+%-[\d.]+%\] \| [\d.]+ \| 0 \|$", row), row
+    header = next(r for r in table.splitlines() if r.startswith("| ratio | load |"))
     for ratio in (
         "| VerifyOtp, 2 workers / VerifyOtp, 1 worker | c16 m8 |",
         "| SendOtp, 2 workers / SendOtp, 1 worker | full |",
     ):
         assert ratio in table
+        # Each ratio row has its header's columns.
+        row = next(r for r in table.splitlines() if r.startswith(ratio))
+        assert row.count("|") == header.count("|"), (header, row)
 
     if shutil.which("redis-benchmark") is None:
         assert "Not measured: redis-benchmark is not installed" in table
